@@ -1,0 +1,182 @@
+"""One config dataclass per tower, filled from a checkpoint's config.json.
+
+Only the fields a released checkpoint needs. Defaults are those of the released checkpoints
+(Salesforce/blip2-opt-2.7b, -flan-t5-xl), so a config.json that omits a field means what it means there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CheckpointError
+
+
+def _from_dict(cls, data: dict[str, Any] | None, **renames: str):
+    """Build dataclass `cls` from `data`, ignoring unknown keys; `renames` maps field -> json key."""
+    data = dict(data or {})
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = renames.get(f.name, f.name)
+        if key in data and data[key] is not None:
+            kwargs[f.name] = data[key]
+    return cls(**kwargs)
+
+
+@dataclass
+class VisionConfig:
+    hidden_size: int = 1408
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 39
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    hidden_act: str = "gelu"
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> VisionConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass
+class QFormerConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    cross_attention_frequency: int = 2
+    encoder_hidden_size: int = 1408
+    use_qformer_text_input: bool = False
+    hidden_act: str = "gelu"
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> QFormerConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass
+class OPTConfig:
+    vocab_size: int = 50272
+    hidden_size: int = 2560
+    num_hidden_layers: int = 32
+    ffn_dim: int = 10240
+    num_attention_heads: int = 32
+    max_position_embeddings: int = 2048
+    do_layer_norm_before: bool = True
+    word_embed_proj_dim: int | None = None
+    activation_function: str = "relu"
+    layer_norm_elementwise_affine: bool = True
+    enable_bias: bool = True
+    remove_final_layer_norm: bool = False
+    tie_word_embeddings: bool = True
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: int = 2
+
+    def __post_init__(self):
+        if self.word_embed_proj_dim is None:
+            self.word_embed_proj_dim = self.hidden_size
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> OPTConfig:
+        return _from_dict(cls, data, remove_final_layer_norm="_remove_final_layer_norm")
+
+
+@dataclass
+class T5Config:
+    vocab_size: int = 32128
+    d_model: int = 2048
+    d_kv: int = 64
+    d_ff: int = 5120
+    num_layers: int = 24
+    num_decoder_layers: int | None = None
+    num_heads: int = 32
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+    tie_word_embeddings: bool = False
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+
+    def __post_init__(self):
+        if self.num_decoder_layers is None:
+            self.num_decoder_layers = self.num_layers
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def act(self) -> str:
+        """The activation's name: 'gated-gelu' means the tanh approximation (HF's gelu_new)."""
+        name = self.feed_forward_proj.split("-")[-1]
+        return "gelu_new" if name == "gelu" and self.is_gated else name
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> T5Config:
+        return _from_dict(cls, data)
+
+
+LanguageConfig = OPTConfig | T5Config
+
+
+@dataclass
+class Blip2Config:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    text: OPTConfig | T5Config | None = field(default_factory=OPTConfig)
+    num_query_tokens: int = 32
+    image_text_hidden_size: int = 256
+    image_token_index: int | None = None
+    model_type: str = "blip-2"
+
+    @property
+    def text_model_type(self) -> str | None:
+        if self.text is None:
+            return None
+        return "t5" if isinstance(self.text, T5Config) else "opt"
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return isinstance(self.text, T5Config)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Blip2Config:
+        model_type = data.get("model_type", "blip-2")
+        if model_type not in ("blip-2", "instructblip"):
+            raise CheckpointError(f"config.json has model_type {model_type!r}; blip2 loads 'blip-2' checkpoints")
+        vision = VisionConfig.from_dict(data.get("vision_config"))
+        qformer = QFormerConfig.from_dict(data.get("qformer_config"))
+        qformer.encoder_hidden_size = vision.hidden_size  # as the reference: always the vision width
+        text_data = data.get("text_config")
+        text: OPTConfig | T5Config | None
+        if text_data is None:
+            text = None  # retrieval checkpoints have no language model
+        else:
+            text_type = text_data.get("model_type", "opt")
+            if text_type == "opt":
+                text = OPTConfig.from_dict(text_data)
+            elif text_type == "t5":
+                text = T5Config.from_dict(text_data)
+            else:
+                raise CheckpointError(
+                    f"text_config.model_type {text_type!r} is not supported (supported: 'opt', 't5')"
+                )
+        return cls(
+            vision=vision,
+            qformer=qformer,
+            text=text,
+            num_query_tokens=data.get("num_query_tokens", 32),
+            image_text_hidden_size=data.get("image_text_hidden_size", 256),
+            image_token_index=data.get("image_token_index", data.get("image_token_id")),
+            model_type=model_type,
+        )

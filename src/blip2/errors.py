@@ -1,0 +1,22 @@
+"""One small hierarchy of errors, so that the CLI and the service can turn any of them into a clear message."""
+
+
+class Blip2Error(Exception):
+    """Base class of every error blip2 raises on purpose."""
+
+
+class ImageError(Blip2Error):
+    """An image could not be read or decoded. The message names the image."""
+
+    def __init__(self, source: str, reason: str):
+        self.source = source
+        self.reason = reason
+        super().__init__(f"{source}: {reason}")
+
+
+class CheckpointError(Blip2Error):
+    """A checkpoint is missing, incomplete or does not fit the model built from its config."""
+
+
+class InputError(Blip2Error, ValueError):
+    """An argument to the API is wrong (empty, mismatched lengths, unsupported option)."""
