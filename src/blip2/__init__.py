@@ -1,3 +1,21 @@
-"""blip2: fast, exact BLIP-2 inference in plain PyTorch."""
+"""blip2: fast, exact BLIP-2 inference in plain PyTorch.
+
+    import blip2
+    model = blip2.load("Salesforce/blip2-opt-2.7b")
+    model.caption("photo.jpg")
+    model.ask("photo.jpg", "what is the man holding?")
+"""
+
+from .errors import Blip2Error, CheckpointError, ImageError, InputError
 
 __version__ = "0.1.0"
+__all__ = ["load", "Blip2", "Blip2Error", "CheckpointError", "ImageError", "InputError", "__version__"]
+
+
+def __getattr__(name: str):
+    # torch is imported on first use, so `import blip2` (and `blip2 --help`) stays fast.
+    if name in ("load", "Blip2"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'blip2' has no attribute {name!r}")

@@ -106,10 +106,15 @@ class T5Config:
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
+    # Original T5 scales the decoder output by d_model**-0.5 before the head; T5 v1.1 / Flan-T5 do not.
+    # Old configs said so through tie_word_embeddings=False; transformers 5 writes scale_decoder_outputs.
+    scale_decoder_outputs: bool | None = None
 
     def __post_init__(self):
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
+        if self.scale_decoder_outputs is None:
+            self.scale_decoder_outputs = self.tie_word_embeddings
 
     @property
     def is_gated(self) -> bool:

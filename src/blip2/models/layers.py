@@ -1,0 +1,51 @@
+"""Small pieces shared by the towers: activations and attention-mask helpers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU, tanh approximation (T5's gated-gelu, HF's `gelu_new`), written as the reference writes it."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu,  # exact (erf) GELU
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r} (supported: {sorted(ACTIVATIONS)})") from None
+
+
+def padding_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """(B, S) 1/0 key mask -> additive (B, 1, 1, S) mask for scaled_dot_product_attention, or None."""
+    if mask is None or bool(mask.all()):
+        return None
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    additive = additive.masked_fill(mask == 0, torch.finfo(dtype).min)
+    return additive[:, None, None, :]
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, T, H*D) -> (B, H, T, D)"""
+    b, t, _ = x.shape
+    return x.view(b, t, num_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, H, T, D) -> (B, T, H*D)"""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)

@@ -1,0 +1,171 @@
+"""The OPT decoder-only language model of BLIP-2 (OPTForCausalLM in the reference).
+
+Learned absolute positions (offset by 2, counted over the non-pad tokens of each row), pre-LN blocks
+(post-LN for opt-350m style checkpoints), queries scaled before the dot product as the reference does.
+Parameter names follow the Hugging Face checkpoint layout so its weights load key for key.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import OPTConfig
+from ..generation.cache import KVCache
+from .layers import activation, merge_heads, split_heads
+
+# OPT reserves the first two rows of its position table (a fairseq padding_idx leftover).
+POSITION_OFFSET = 2
+
+
+def position_ids(attention_mask: Tensor, past: int) -> Tensor:
+    """(B, S) 1/0 mask over all positions so far -> (B, S - past) position ids of the new ones.
+
+    Positions count non-pad tokens only, so a left-padded row starts at 0 at its first real token;
+    pad positions get -1 (they land on a real but irrelevant row of the table).
+    """
+    mask = attention_mask.long()
+    return (mask.cumsum(1) * mask - 1)[:, past:]
+
+
+def causal_mask(attention_mask: Tensor, past: int) -> Tensor:
+    """(B, S) 1/0 key mask -> (B, 1, T, S) boolean mask (True = attend) for the T = S - past new queries.
+
+    A query sees the non-pad keys up to itself. It always sees itself too: that changes nothing for real
+    tokens, and gives a left-padded row's pad queries something harmless to attend to instead of NaN.
+    """
+    s = attention_mask.shape[1]
+    k_pos = torch.arange(s, device=attention_mask.device)  # (S,)
+    q_pos = k_pos[past:, None]  # (T, 1)
+    allowed = (k_pos <= q_pos) & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+    return allowed | (k_pos == q_pos)
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, config: OPTConfig, layer: int):
+        super().__init__()
+        c, bias = config.hidden_size, config.enable_bias
+        self.layer = layer
+        self.num_heads = config.num_attention_heads
+        self.scaling = (c // self.num_heads) ** -0.5
+        self.q_proj = nn.Linear(c, c, bias=bias)
+        self.k_proj = nn.Linear(c, c, bias=bias)
+        self.v_proj = nn.Linear(c, c, bias=bias)
+        self.out_proj = nn.Linear(c, c, bias=bias)
+
+    def forward(self, x: Tensor, mask: Tensor, cache: KVCache | None) -> Tensor:
+        # The reference scales q before the product (not inside the attention), and so do we.
+        q = split_heads(self.q_proj(x) * self.scaling, self.num_heads)  # (B, H, T, D)
+        k = split_heads(self.k_proj(x), self.num_heads)
+        v = split_heads(self.v_proj(x), self.num_heads)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, H, S, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (B, H, T, D)
+        return self.out_proj(merge_heads(y))
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, config: OPTConfig, layer: int):
+        super().__init__()
+        c, affine = config.hidden_size, config.layer_norm_elementwise_affine
+        self.pre_ln = config.do_layer_norm_before
+        self.self_attn = OPTAttention(config, layer)
+        self.self_attn_layer_norm = nn.LayerNorm(c, elementwise_affine=affine)
+        self.fc1 = nn.Linear(c, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = nn.Linear(config.ffn_dim, c, bias=config.enable_bias)
+        self.final_layer_norm = nn.LayerNorm(c, elementwise_affine=affine)
+        self.act = activation(config.activation_function)
+
+    def mlp(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+    def forward(self, x: Tensor, mask: Tensor, cache: KVCache | None) -> Tensor:
+        if self.pre_ln:  # 125m, 1.3b, 2.7b, 6.7b, ...
+            x = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache)
+            x = x + self.mlp(self.final_layer_norm(x))
+        else:  # 350m: layer norm after each residual sum
+            x = self.self_attn_layer_norm(x + self.self_attn(x, mask, cache))
+            x = self.final_layer_norm(x + self.mlp(x))
+        return x
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        c, e = config.hidden_size, config.word_embed_proj_dim
+        self.embed_tokens = nn.Embedding(config.vocab_size, e)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, c)
+        # opt-350m embeds words in a narrower space than the blocks.
+        self.project_in = nn.Linear(e, c, bias=False) if e != c else None
+        self.project_out = nn.Linear(c, e, bias=False) if e != c else None
+        self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        # Post-LN models, and checkpoints fine-tuned before the reference's v4.20.1, have no final norm.
+        has_final = config.do_layer_norm_before and not config.remove_final_layer_norm
+        affine = config.layer_norm_elementwise_affine
+        self.final_layer_norm = nn.LayerNorm(c, elementwise_affine=affine) if has_final else None
+
+    def forward(
+        self, x: Tensor, attention_mask: Tensor, cache: KVCache | None, last_only: bool = False
+    ) -> Tensor:
+        """(B, T, E) embeddings of the new positions -> (B, T or 1, E) hidden states."""
+        past = 0 if cache is None else cache.length
+        if self.project_in is not None:
+            x = self.project_in(x)
+        x = x + self.embed_positions(position_ids(attention_mask, past) + POSITION_OFFSET)  # (B, T, C)
+        mask = causal_mask(attention_mask, past)  # (B, 1, T, past + T)
+        for block in self.layers:
+            x = block(x, mask, cache)
+        if last_only:
+            x = x[:, -1:]  # everything below is per position
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        return x
+
+
+class OPTModel(nn.Module):
+    """Holds the decoder only so that parameter names carry the reference's `model.decoder.` prefix."""
+
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        self.decoder = OPTDecoder(config)
+
+
+class OPTForCausalLM(nn.Module):
+    # Checkpoints of tied models may omit lm_head.weight; the loader then calls tie_weights().
+    tied_weights = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        self.config = config
+        self.model = OPTModel(config)
+        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Make lm_head.weight the very Parameter of the token embeddings, when the config ties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.decoder.embed_tokens.weight
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """(B, T) token ids -> (B, T, word_embed_proj_dim) token embeddings (no positions)."""
+        return self.model.decoder.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Logits (B, T or 1, V) in the model's dtype for the new positions.
+
+        inputs_embeds: (B, T, E) embeddings of the new positions only.
+        attention_mask: (B, past + T) 1/0 over every position so far, cached and new.
+        cache: filled with the new keys and values when given.
+        last_only: apply the head at the last position only (prefill before decoding).
+        """
+        h = self.model.decoder(inputs_embeds, attention_mask, cache, last_only)
+        return self.lm_head(h)

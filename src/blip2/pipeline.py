@@ -1,0 +1,265 @@
+"""The object `blip2.load()` returns: captions and answers from images, with preprocessing, the model and
+the decoding loops tied together.
+
+Images are decoded, preprocessed and encoded once per call, whatever is asked of them: one image with
+several questions runs the vision tower and the Q-Former once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import images as image_io
+from .config import Blip2Config, T5Config
+from .errors import CheckpointError, InputError
+from .generation import GenerationOptions, generate
+from .generation.steppers import DecoderOnlyStepper, EncoderDecoderStepper
+from .models.blip2 import Blip2ForConditionalGeneration
+from .text import PROMPT_TEMPLATES, TextProcessor
+
+# Defaults in the spirit of LAVIS: beam search for both; short answers favoured by a negative length penalty.
+CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=1)
+ASK_DEFAULTS = dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
+
+ImageInput = Any  # a path, bytes, a PIL image or a numpy array
+
+
+class Blip2:
+    """A loaded BLIP-2 checkpoint. Build it with `blip2.load(name_or_path)`."""
+
+    def __init__(
+        self,
+        model: Blip2ForConditionalGeneration,
+        config: Blip2Config,
+        text: TextProcessor,
+        image_config: image_io.ImageProcessorConfig,
+        device: torch.device,
+        name: str = "",
+    ):
+        self.model = model
+        self.config = config
+        self.text = text
+        self.image_config = image_config
+        self.device = device
+        self.name = name
+        self.family = "t5" if isinstance(config.text, T5Config) else "opt"
+        self.template = PROMPT_TEMPLATES[self.family]
+
+    def __repr__(self) -> str:
+        return f"Blip2({self.name!r}, language_model={self.family}, device={self.device})"
+
+    # -- images ---------------------------------------------------------------------------------------------
+    def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
+        """Image(s) -> pixel tensor (B, 3, H, W), float32, as the reference BlipImageProcessor makes it
+        (plus EXIF orientation and correct 16-bit conversion)."""
+        return image_io.preprocess(_as_list(images, "images"), self.image_config)
+
+    @torch.inference_mode()
+    def encode(self, pixels: Tensor) -> Tensor:
+        """Pixels (B, 3, H, W) -> the language model's image prefix (B, Q, D)."""
+        dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
+        return self.model.image_prefix(pixels.to(self.device, dtype))
+
+    # -- tasks ----------------------------------------------------------------------------------------------
+    def caption(
+        self, images: ImageInput | Sequence[ImageInput], prompt: str | Sequence[str] | None = None, **options
+    ) -> str | list[str]:
+        """Caption one image (-> str) or a list (-> list of str).
+
+        `prompt` is one text for all images or one per image; the caption continues it. Options are those of
+        `GenerationOptions` (num_beams, max_new_tokens, min_new_tokens, length_penalty, repetition_penalty,
+        no_repeat_ngram_size, do_sample, temperature, top_k, top_p, seed, early_stopping); the defaults are
+        beam search with 5 beams and at most 30 new tokens.
+        """
+        single = not _is_list(images)
+        items = _as_list(images, "images")
+        prompts = _broadcast(prompt if prompt is not None else "", len(items), "prompt")
+        texts = self.generate_text(self.preprocess(items), list(range(len(items))), prompts,
+                                   {**CAPTION_DEFAULTS, **options})
+        return texts[0] if single else texts
+
+    def ask(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        questions: str | Sequence[str],
+        template: str | None = None,
+        **options,
+    ) -> str | list[str]:
+        """Answer questions about images.
+
+        One image and one question -> str. One image and several questions -> a list (the image is encoded
+        once). Several images and one question -> one answer per image. Several of each, the same number ->
+        answers pairwise. `template` wraps each question (default "Question: {} Answer:" for OPT, "Question:
+        {} Short answer:" for Flan-T5). Defaults: 5 beams, at most 10 new tokens, length_penalty -1.
+        """
+        template = template or self.template
+        if "{}" not in template:
+            raise InputError(f"template {template!r} has no '{{}}' where the question goes")
+        image_list = _as_list(images, "images")
+        question_list = _as_list(questions, "questions")
+        for q in question_list:
+            if not isinstance(q, str) or not q.strip():
+                raise InputError(f"questions must be non-empty strings, got {q!r}")
+        single = not _is_list(images) and not _is_list(questions)
+        if len(image_list) == 1:
+            rows = [0] * len(question_list)
+        elif len(question_list) == 1:
+            rows = list(range(len(image_list)))
+            question_list = question_list * len(image_list)
+        elif len(image_list) == len(question_list):
+            rows = list(range(len(image_list)))
+        else:
+            raise InputError(
+                f"{len(image_list)} images and {len(question_list)} questions: give one image, one question, "
+                "or the same number of each"
+            )
+        prompts = [template.format(q.strip()) for q in question_list]
+        answers = self.generate_text(self.preprocess(image_list), rows, prompts, {**ASK_DEFAULTS, **options})
+        return answers[0] if single else answers
+
+    # -- the engine -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_text(self, pixels: Tensor, rows: list[int], prompts: list[str], options: dict) -> list[str]:
+        """Generate one text per (image row, prompt): `rows[i]` indexes `pixels` for `prompts[i]`.
+        With num_return_sequences > 1, each prompt's texts follow one another."""
+        opts = make_options(options)
+        prefix = self.encode(pixels)  # (B, Q, D): each image once
+        prefix = prefix.index_select(0, torch.tensor(rows, device=prefix.device))
+        ids = self.generate_ids(prefix, prompts, opts)
+        return [self.text.decode(row) for row in ids.tolist()]
+
+    def generate_ids(self, prefix: Tensor, prompts: list[str], opts: GenerationOptions) -> Tensor:
+        """Image prefix (N, Q, D) and N prompts -> new token ids (N * num_return_sequences, L)."""
+        lm = self.model.language_model
+        q = prefix.shape[1]
+        side = "right" if self.family == "t5" else "left"
+        batch = self.text.batch(prompts, padding_side=side)
+        ids, mask = batch.ids.to(self.device), batch.mask.to(self.device)
+        embeds = torch.cat([prefix.to(lm.embed(ids[:1, :1]).dtype), lm.embed(ids)], dim=1)
+        mask = torch.cat([mask.new_ones(len(prompts), q), mask], dim=1)
+        placeholder = self.config.image_token_index
+        text_cfg = self.config.text
+        if isinstance(text_cfg, T5Config):
+            stepper = EncoderDecoderStepper(lm, embeds, mask, text_cfg.decoder_start_token_id,
+                                            text_cfg.num_decoder_layers)
+            history = torch.full((len(prompts), 1), text_cfg.decoder_start_token_id, device=self.device)
+        else:
+            stepper = DecoderOnlyStepper(lm, embeds, mask, text_cfg.num_hidden_layers)
+            # What the reference's logits processors see as input_ids: the placeholders, then the text.
+            if placeholder is not None:
+                history = torch.cat([ids.new_full((len(prompts), q), placeholder), ids], dim=1)
+            else:
+                history = ids
+        return generate(stepper, history, opts, eos_token_id=text_cfg.eos_token_id,
+                        pad_token_id=text_cfg.pad_token_id)
+
+
+def make_options(options: dict) -> GenerationOptions:
+    names = {f.name for f in dataclasses.fields(GenerationOptions)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise InputError(f"unknown generation option(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    opts = GenerationOptions(**options)
+    opts.validate()
+    return opts
+
+
+def _is_list(x) -> bool:
+    return isinstance(x, (list, tuple))
+
+
+def _as_list(x, what: str) -> list:
+    items = list(x) if _is_list(x) else [x]
+    if not items:
+        raise InputError(f"{what}: the list is empty")
+    return items
+
+
+def _broadcast(value: str | Sequence[str], n: int, what: str) -> list[str]:
+    if isinstance(value, str):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise InputError(f"{what}: {len(values)} given for {n} images; give one, or one per image")
+    for v in values:
+        if not isinstance(v, str):
+            raise InputError(f"{what}: expected strings, got {type(v).__name__}")
+    return values
+
+
+# -- loading ----------------------------------------------------------------------------------------------------
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise InputError(f"dtype {dtype} is not supported (float32, float16, bfloat16)")
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise InputError(f"dtype {dtype!r} is not supported (float32, float16, bfloat16)") from None
+
+
+def load(name_or_path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Blip2:
+    """Load a BLIP-2 checkpoint: a local directory in the Hugging Face layout, or a Hub repo id.
+
+    device: "cpu", "cuda", "cuda:1", ... (default: CUDA when available). dtype: float32 (default on CPU),
+    float16 (default on GPU) or bfloat16. The Q-Former stays in float32, as in the reference; a Flan-T5
+    language model asked for in float16 is kept in bfloat16, because T5 overflows in float16.
+    """
+    from .hub import resolve
+    from .weights import assign_weights, checkpoint_files, dtype_plan, lm_dtype, read_tensors
+
+    directory = resolve(name_or_path)
+    device = torch.device(device) if device is not None else _default_device()
+    dtype = parse_dtype(dtype, device)
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{directory / 'config.json'}: cannot be read ({e})") from None
+    config = Blip2Config.from_dict(raw)
+    if config.text is None:
+        raise CheckpointError(f"{name_or_path} has no language model (an image-text retrieval checkpoint?)")
+    if lm_dtype(config, dtype) != dtype:
+        import warnings
+
+        warnings.warn("Flan-T5 overflows in float16: its language model is loaded in bfloat16 instead", stacklevel=2)
+    with torch.device("meta"):
+        model = Blip2ForConditionalGeneration(config)
+    assign_weights(model, read_tensors(checkpoint_files(directory), device), dtype_plan(config, dtype))
+    model.eval().requires_grad_(False)
+    image_config = image_io.ImageProcessorConfig.from_dict(_image_settings(directory))
+    return Blip2(model, config, TextProcessor.from_dir(directory), image_config, device, str(name_or_path))
+
+
+def _image_settings(directory: Path) -> dict:
+    """The image processor's settings: preprocessor_config.json, or the processor_config.json that newer
+    transformers versions write instead."""
+    legacy = directory / "preprocessor_config.json"
+    if legacy.is_file():
+        return json.loads(legacy.read_text())
+    combined = directory / "processor_config.json"
+    if combined.is_file():
+        settings = json.loads(combined.read_text()).get("image_processor")
+        if settings:
+            return settings
+    raise CheckpointError(f"{directory} has no preprocessor_config.json (image size, mean and std)")
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,149 @@
+"""Tiny BLIP-2 checkpoints for tests and benchmarks, written by transformers' own `save_pretrained`.
+
+Needs the `test` extra (transformers is our oracle, never a runtime dependency). The weights are random but
+widened (transformers' default init gives near-uniform logits, where token choices are near-ties), the
+tokenizer is a byte-level BPE (OPT) or a Unigram (T5) trained on a few sentences, and the processor files are
+those a real checkpoint has: config.json, model.safetensors (or shards + index), tokenizer.json,
+tokenizer_config.json, preprocessor_config.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CORPUS = [
+    "a photo of a cat sitting on a red couch\n",
+    "two dogs playing with a ball in the park\n",
+    "Question: what is in the picture? Answer: a cat\n",
+    "Question: how many dogs are there? Short answer: two\n",
+    "a man riding a bike down the street next to a bus\n",
+    "the kitchen has a white stove and a wooden table\n",
+    "a plate of food with broccoli, rice and chicken\n",
+    "an airplane flying over the city on a sunny day\n",
+    "a group of people standing around a large clock tower\n",
+    "Describe the image in detail. The image shows a beach with boats.\n",
+]
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   image_size=32, patch_size=8)
+TINY_QFORMER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                    cross_attention_frequency=2, max_position_embeddings=64, vocab_size=120)
+TINY_OPT = dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+TINY_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+               relative_attention_num_buckets=8, relative_attention_max_distance=16)
+
+
+def opt_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE with OPT's special tokens (<s>=0, <pad>=1, </s>=2, <unk>=3), BOS '</s>' prepended."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import GPT2Tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
+                                                       special_tokens=[("</s>", 2)])
+    return GPT2Tokenizer(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", unk_token="<unk>",
+                         pad_token="<pad>", add_prefix_space=False)
+
+
+def t5_tokenizer(vocab_size: int = 200):
+    """A Unigram tokenizer with T5's special tokens (<pad>=0, </s>=1, <unk>=2) and '</s>' appended."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.Replace("\n", " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", show_progress=False)
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
+def widen_(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> None:
+    """Re-draw every parameter so activations and logits are far from uniform (no near-ties)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if "norm" in name.lower() and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(std * noise)
+
+
+def build_checkpoint(
+    path: str | Path,
+    language_model: str = "opt",
+    *,
+    sharded: bool = False,
+    num_query_tokens: int = 6,
+    vision: dict[str, Any] | None = None,
+    qformer: dict[str, Any] | None = None,
+    text: dict[str, Any] | None = None,
+    std: float = 0.3,
+    seed: int = 0,
+):
+    """Write a random BLIP-2 checkpoint in the Hugging Face layout to `path` and return the path.
+
+    Tests load the oracle from the same files (`transformers.Blip2ForConditionalGeneration.from_pretrained`).
+    """
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+
+    path = Path(path)
+    tokenizer = opt_tokenizer() if language_model == "opt" else t5_tokenizer()
+    vision = {**TINY_VISION, **(vision or {})}
+    image_processor = BlipImageProcessor(size={"height": vision["image_size"], "width": vision["image_size"]})
+    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
+    image_token_index = tokenizer.convert_tokens_to_ids("<image>")
+    vocab = len(tokenizer) + 8  # padded beyond the tokenizer, as the real checkpoints are
+    if language_model == "opt":
+        newline = tokenizer.convert_tokens_to_ids("Ċ")
+        text_config = {"model_type": "opt", **TINY_OPT, "vocab_size": vocab, "eos_token_id": newline,
+                       "bos_token_id": 2, "pad_token_id": 1, **(text or {})}
+    else:
+        text_config = {"model_type": "t5", **TINY_T5, "vocab_size": vocab, "feed_forward_proj": "gated-gelu",
+                       "tie_word_embeddings": False, "decoder_start_token_id": 0, "pad_token_id": 0,
+                       "eos_token_id": 1, **(text or {})}
+    config = Blip2Config(
+        vision_config=vision,
+        qformer_config={**TINY_QFORMER, **(qformer or {})},
+        text_config=text_config,
+        num_query_tokens=num_query_tokens,
+        image_token_index=image_token_index,
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    widen_(model, std=std, seed=seed)
+    processor.save_pretrained(path)
+    model.save_pretrained(path)
+    if language_model == "t5":
+        _untie_t5_head(path, std, seed)  # Flan-T5 has its own lm_head (transformers 5 ties it by default)
+    if sharded:
+        model = Blip2ForConditionalGeneration.from_pretrained(path)
+        (path / "model.safetensors").unlink()
+        model.save_pretrained(path, max_shard_size="20KB")
+    return path
+
+
+def _untie_t5_head(path: Path, std: float, seed: int) -> None:
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    state = load_file(file)
+    shared = state["language_model.shared.weight"]
+    gen = torch.Generator().manual_seed(seed + 1)
+    state["language_model.lm_head.weight"] = std * torch.randn(shared.shape, generator=gen)
+    save_file(state, file, metadata={"format": "pt"})

@@ -1,0 +1,88 @@
+"""Tokenizer wrapper and prompt construction, built exactly as the reference processor builds them.
+
+Decoder-only (OPT): `[image]*Q  [pad]*k  </s> prompt...` — the query placeholders first, then the left
+padding the tokenizer put before the BOS, so a batch of prompts of different lengths gives the same output
+as each alone. Encoder-decoder (Flan-T5): `[image]*Q  prompt... </s>  [pad]*k` (right padding).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import CheckpointError
+
+PROMPT_TEMPLATES = {
+    "opt": "Question: {} Answer:",
+    "t5": "Question: {} Short answer:",
+}
+
+
+@dataclass
+class Prompts:
+    """A batch of tokenized prompts, laid out for the language model (query placeholders excluded)."""
+
+    ids: Tensor  # (N, T) text ids, padded
+    mask: Tensor  # (N, T) 1 for tokens, 0 for padding
+
+
+class TextProcessor:
+    def __init__(self, tokenizer, *, bos_token: str | None, pad_token: str | None, add_bos: bool):
+        self.tokenizer = tokenizer
+        self.bos_id = tokenizer.token_to_id(bos_token) if bos_token else None
+        self.pad_id = tokenizer.token_to_id(pad_token) if pad_token else None
+        self.add_bos = add_bos
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> TextProcessor:
+        from tokenizers import Tokenizer
+
+        file = directory / "tokenizer.json"
+        if not file.is_file():
+            raise CheckpointError(f"{directory} has no tokenizer.json (the fast tokenizer file the checkpoints ship)")
+        settings = _read_json(directory / "tokenizer_config.json")
+        settings.update({k: v for k, v in _read_json(directory / "special_tokens_map.json").items() if k not in settings})
+        return cls(
+            Tokenizer.from_file(str(file)),
+            bos_token=_token(settings.get("bos_token")),
+            pad_token=_token(settings.get("pad_token")),
+            add_bos=bool(settings.get("add_bos_token", False)),
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids with the special tokens the reference tokenizer adds (OPT: a leading </s>; T5: a final </s>)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+        if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def batch(self, texts: list[str], padding_side: str) -> Prompts:
+        """Tokenize and pad `texts`; padding on the left for decoder-only models, on the right otherwise."""
+        encoded = [self.encode(t) for t in texts]
+        width = max(len(e) for e in encoded)
+        pad = self.pad_id if self.pad_id is not None else 0
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            span = slice(width - len(e), width) if padding_side == "left" else slice(0, len(e))
+            ids[row, span] = torch.tensor(e, dtype=torch.long)
+            mask[row, span] = 1
+        return Prompts(ids, mask)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _token(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value

@@ -1,0 +1,222 @@
+"""blip2.models.t5 against transformers' T5ForConditionalGeneration on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from blip2.config import T5Config  # noqa: E402
+from blip2.generation.cache import KVCache  # noqa: E402
+from blip2.models.t5 import T5ForConditionalGeneration, relative_position_bucket  # noqa: E402
+
+TINY = dict(
+    vocab_size=120,
+    d_model=48,
+    d_kv=12,
+    d_ff=64,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+)
+S = 24  # encoder length, past max_distance so the far (clamped) buckets are used
+DECODER_IDS = torch.tensor([[0, 5, 17, 99, 3, 42, 8], [0, 61, 2, 7, 110, 30, 12]])  # start token + 6
+
+
+def make_pair(dtype=torch.float32, std=0.4, **overrides):
+    """A widened random transformers T5 and ours with its weights loaded strictly."""
+    kwargs = {**TINY, **overrides}
+    torch.manual_seed(0)
+    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**kwargs)).eval()
+    if not kwargs["tie_word_embeddings"]:
+        # transformers 5 always ties lm_head to shared (tie_word_embeddings only picks the scaling): untie
+        hf.lm_head.weight = torch.nn.Parameter(hf.shared.weight.detach().clone())
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "layer_norm" not in name:  # its init is near-uniform: widen so logits are not near-ties
+                p.normal_(0.0, std)
+            else:
+                p.uniform_(0.5, 1.5)
+    hf = hf.to(dtype)
+    ours = T5ForConditionalGeneration(T5Config(**kwargs)).to(dtype).eval()
+    ours.load_state_dict(drop_aliases(hf.state_dict(), ours), strict=True)
+    return hf, ours
+
+
+def drop_aliases(state: dict, model) -> dict:
+    return {k: v for k, v in state.items() if k not in model.key_aliases}
+
+
+def inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    embeds = torch.randn(2, S, TINY["d_model"], generator=g).to(dtype)
+    mask = torch.ones(2, S, dtype=torch.long)
+    mask[1, 17:] = 0  # right padding in row 1
+    return embeds, mask
+
+
+def hf_logits(hf, embeds, mask, decoder_ids=DECODER_IDS):
+    return hf(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+
+
+def max_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def test_relative_position_bucket_matches_reference():
+    ref = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket
+    rel = torch.arange(-40, 41)[None, :] - torch.arange(0, 5)[:, None]
+    for bidirectional in (True, False):
+        ours = relative_position_bucket(rel, bidirectional, num_buckets=8, max_distance=16)
+        theirs = ref(rel, bidirectional=bidirectional, num_buckets=8, max_distance=16)
+        assert torch.equal(ours, theirs)
+    assert relative_position_bucket(rel, True, 8, 16).max() == 7  # far buckets reached
+
+
+@torch.no_grad()
+def test_encoder_matches_with_padding():
+    hf, ours = make_pair()
+    embeds, mask = inputs()
+    ref = hf.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    out = ours.encode(embeds, mask)
+    assert out.shape == (2, S, TINY["d_model"])
+    keep = mask.bool()
+    assert max_diff(out[keep], ref[keep]) < 1e-5
+
+
+def hf_incremental_logits(hf, embeds, mask, decoder_ids=DECODER_IDS):
+    """transformers' own cached decoding, one token at a time -> (B, T, V)."""
+    encoder_outputs = hf.encoder(inputs_embeds=embeds, attention_mask=mask)
+    cache, steps = None, []
+    for t in range(decoder_ids.shape[1]):
+        out = hf(
+            encoder_outputs=encoder_outputs,
+            attention_mask=mask,
+            decoder_input_ids=decoder_ids[:, t : t + 1],
+            cache=cache,
+            use_cache=True,
+        )
+        cache = out.cache
+        steps.append(out.logits)
+    return torch.cat(steps, dim=1)
+
+
+def our_incremental_logits(ours, embeds, mask, decoder_ids=DECODER_IDS):
+    enc = ours.encode(embeds, mask)
+    cache, steps = KVCache(len(ours.decoder.block)), []
+    for t in range(decoder_ids.shape[1]):
+        steps.append(ours.decode(decoder_ids[:, t : t + 1], enc, mask, cache=cache, last_only=True))  # (B, 1, V)
+        assert cache.length == t + 1
+    return torch.cat(steps, dim=1)
+
+
+VARIANTS = pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"num_layers": 3, "num_decoder_layers": 2},
+        {"feed_forward_proj": "relu"},
+        {"tie_word_embeddings": True},
+    ],
+    ids=["gated-gelu", "enc3-dec2", "relu", "tied"],
+)
+
+
+@VARIANTS
+@torch.no_grad()
+def test_decoding_matches_reference(overrides):
+    hf, ours = make_pair(**overrides)
+    embeds, mask = inputs()
+    ref = hf_logits(hf, embeds, mask)  # (B, 7, V)
+    assert ref.std() > 0.3  # logits are spread, not near-ties (the tied head scales them by d_model**-0.5)
+
+    enc = ours.encode(embeds, mask)
+    full = ours.decode(DECODER_IDS, enc, mask)
+    assert full.shape == ref.shape
+    assert max_diff(full, ref) < 1e-5
+    assert max_diff(ours.decode(DECODER_IDS, enc, mask, last_only=True), ref[:, -1:]) < 1e-5
+    # cached decoding: one query row takes other float32 kernels than seven, in both implementations alike
+    assert max_diff(our_incremental_logits(ours, embeds, mask), hf_incremental_logits(hf, embeds, mask)) < 1e-5
+
+
+@VARIANTS
+@torch.no_grad()
+def test_incremental_equals_full_sequence(overrides):
+    """In float64, so that kernel rounding (~1e-5 relative in float32 here) cannot hide a masking slip."""
+    hf, ours = make_pair(torch.float64, **overrides)
+    embeds, mask = inputs(torch.float64)
+    ref = hf_logits(hf, embeds, mask)
+    assert max_diff(our_incremental_logits(ours, embeds, mask), ref) < 1e-10
+    assert max_diff(ours.decode(DECODER_IDS, ours.encode(embeds, mask), mask), ref) < 1e-10
+
+
+def test_meta_build_and_assign_load():
+    hf, _ = make_pair(tie_word_embeddings=True)
+    config = T5Config(**{**TINY, "tie_word_embeddings": True})
+    with torch.device("meta"):
+        ours = T5ForConditionalGeneration(config)
+    assert ours.tied_weights == {"lm_head.weight": "shared.weight"}
+    state = drop_aliases(hf.state_dict(), ours)
+    ours.load_state_dict(state, strict=True, assign=True)
+    ours.tie_weights()
+    assert ours.lm_head.weight is ours.shared.weight
+    assert not any(t.is_meta for t in [*ours.parameters(), *ours.buffers()])
+    embeds, mask = inputs()
+    with torch.no_grad():
+        out = ours.decode(DECODER_IDS, ours.encode(embeds, mask), mask)
+        assert max_diff(out, hf_logits(hf, embeds, mask)) < 1e-5
+
+
+def test_untied_model_has_no_tied_weights():
+    ours = T5ForConditionalGeneration(T5Config(**TINY))
+    assert ours.tied_weights == {}
+    assert ours.lm_head.weight is not ours.shared.weight
+    assert set(ours.state_dict()) == set(drop_aliases(make_pair()[0].state_dict(), ours))
+
+
+@torch.no_grad()
+def test_bfloat16_close_to_reference():
+    hf, ours = make_pair(torch.bfloat16)
+    embeds, mask = inputs(torch.bfloat16)
+    ref = hf_logits(hf, embeds, mask)
+    enc = ours.encode(embeds, mask)
+    full = ours.decode(DECODER_IDS, enc, mask)
+    assert full.dtype == torch.bfloat16
+    # the same ops in the same order: expected identical; allow one bfloat16 ulp at the logit scale
+    assert max_diff(full, ref) <= 0.01 * ref.float().abs().max().item()
+    cache = KVCache(len(ours.decoder.block))
+    for t in range(DECODER_IDS.shape[1]):
+        step = ours.decode(DECODER_IDS[:, t : t + 1], enc, mask, cache=cache, last_only=True)
+        assert max_diff(step[:, 0], ref[:, t]) <= 0.02 * ref.float().abs().max().item()
+
+
+@torch.no_grad()
+def test_float16_overflow_behaves_like_reference():
+    """Widened weights overflow float16; report where, and check we fail (or not) where transformers does."""
+    hf, ours = make_pair(torch.float16, std=2.0)
+    embeds, mask = inputs(torch.float16)
+    embeds = embeds * 30
+    ref_enc = hf.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    enc = ours.encode(embeds, mask)
+    ref = hf_logits(hf, embeds, mask)
+    out = ours.decode(DECODER_IDS, enc, mask)
+    report = {
+        "encoder nan (ours, hf)": (enc.isnan().any().item(), ref_enc.isnan().any().item()),
+        "encoder inf (ours, hf)": (enc.isinf().any().item(), ref_enc.isinf().any().item()),
+        "logits nan (ours, hf)": (out.isnan().any().item(), ref.isnan().any().item()),
+        "logits inf (ours, hf)": (out.isinf().any().item(), ref.isinf().any().item()),
+    }
+    print(report)
+    for ours_flag, hf_flag in report.values():
+        assert ours_flag == hf_flag
+    finite = out.isfinite() & ref.isfinite()
+    assert torch.equal(out.isfinite(), ref.isfinite())
+    assert max_diff(out[finite], ref[finite]) <= 0.01 * ref[finite].float().abs().max().item()
