@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ MAX_PIXELS = 178_956_970
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
 # What Pillow raises for files it cannot decode; plugins differ, so the list is long.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError)
@@ -56,7 +56,7 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Inde
 def source_name(source: object) -> str:
     """The name an `ImageError` uses for `source`: its path, or a placeholder for in-memory inputs."""
     if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source) if not isinstance(source, bytes) else "<bytes>"
+        return os.fsdecode(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return "<bytes>"
     if isinstance(source, Image.Image):
@@ -91,7 +91,9 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
         return _decode(io.BytesIO(data), name, limit)
     if isinstance(source, (str, os.PathLike)):
         return _decode(_checked_path(Path(os.fspath(source)), name), name, limit)
-    raise ImageError(name, f"unsupported input type {type(source).__name__}; give a path, bytes, a PIL image or an array")
+    raise ImageError(
+        name, f"unsupported input type {type(source).__name__}; give a path, bytes, a PIL image or an array"
+    )
 
 
 def _checked_path(path: Path, name: str) -> Path:
@@ -130,6 +132,8 @@ def _as_image_error(name: str) -> Iterator[None]:
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(name, f"too many pixels, refused as a possible decompression bomb ({e})") from e
+    except PermissionError as e:
+        raise ImageError(name, "permission denied") from e
     except UnidentifiedImageError as e:
         raise ImageError(name, "not an image, or an image format Pillow cannot read") from e
     except _DECODE_ERRORS as e:
@@ -205,7 +209,8 @@ def _array_to_image(array: np.ndarray, name: str, limit: int) -> Image.Image:
         array = array[..., 0]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))) or 0 in array.shape:
         raise ImageError(
-            name, f"array of shape {array.shape} is not an image; expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
+            name,
+            f"array of shape {array.shape} is not an image; expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)",
         )
     _check_pixels((array.shape[1], array.shape[0]), name, limit)
     return Image.fromarray(np.ascontiguousarray(_array_to_uint8(array, name)))
@@ -220,7 +225,9 @@ def _array_to_uint8(array: np.ndarray, name: str) -> np.ndarray:
         return _sixteen_to_eight(array)
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
-            raise ImageError(name, f"float array values must lie in [0, 1], got [{array.min()}, {array.max()}]")
+            raise ImageError(
+                name, f"float array values must lie in [0, 1], got [{array.min()}, {array.max()}]"
+            )
         return np.round(array.astype(np.float64) * 255.0).astype(np.uint8)
     if np.issubdtype(array.dtype, np.integer):
         if array.min() < 0 or array.max() > 255:
@@ -228,11 +235,15 @@ def _array_to_uint8(array: np.ndarray, name: str) -> np.ndarray:
                 name, f"{array.dtype} array values must lie in [0, 255], got [{array.min()}, {array.max()}]"
             )
         return array.astype(np.uint8)
-    raise ImageError(name, f"unsupported array dtype {array.dtype}; use uint8, uint16, bool or float in [0, 1]")
+    raise ImageError(
+        name, f"unsupported array dtype {array.dtype}; use uint8, uint16, bool or float in [0, 1]"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Configuration
+
+_SCALAR_KEYS = ("resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")
 
 
 @dataclass(frozen=True)
@@ -273,7 +284,7 @@ class ImageProcessorConfig:
     def from_dict(cls, config: Mapping[str, Any]) -> ImageProcessorConfig:
         """Build from a preprocessor_config.json dict; keys this package does not use are ignored."""
         fields: dict[str, Any] = dict(_parse_size(config.get("size"), config.get("default_to_square", True)))
-        for key in ("resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb"):
+        for key in _SCALAR_KEYS:
             if config.get(key) is not None:
                 fields[key] = config[key]
         for key in ("image_mean", "image_std"):
@@ -308,8 +319,14 @@ def _parse_size(size: Any, default_to_square: bool) -> dict[str, Any]:
         if keys == {"height", "width"}:
             return {"size": (int(size["height"]), int(size["width"]))}
         if keys in ({"shortest_edge"}, {"shortest_edge", "longest_edge"}):
-            return {"size": None, "shortest_edge": size["shortest_edge"], "longest_edge": size.get("longest_edge")}
-    raise InputError(f"unsupported image size {size!r}; use an int, [height, width], {{height, width}} or {{shortest_edge}}")
+            return {
+                "size": None,
+                "shortest_edge": size["shortest_edge"],
+                "longest_edge": size.get("longest_edge"),
+            }
+    raise InputError(
+        f"unsupported image size {size!r}; use an int, [height, width], {{height, width}} or {{shortest_edge}}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,5 +398,7 @@ def preprocess(images: ImageSource | Sequence[ImageSource], config: ImageProcess
     tensors = [preprocess_one(image, config) for image in batch]
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:
-        raise InputError(f"images resize to different shapes {sorted(shapes)}; use a fixed size to batch them")
+        raise InputError(
+            f"images resize to different shapes {sorted(shapes)}; use a fixed size to batch them"
+        )
     return torch.stack(tensors)

@@ -135,9 +135,11 @@ def assign_weights(
 
 
 def _tied_keys(model: nn.Module) -> dict[str, str]:
-    """All `tied_weights` maps of submodules, with full key prefixes."""
+    """All `tied_weights` maps of submodules whose config ties them, with full key prefixes."""
     tied = {}
     for prefix, module in model.named_modules():
+        if not getattr(getattr(module, "config", None), "tie_word_embeddings", True):
+            continue
         for key, source in getattr(module, "tied_weights", {}).items():
             p = f"{prefix}." if prefix else ""
             tied[p + key] = p + source

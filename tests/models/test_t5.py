@@ -182,41 +182,52 @@ def test_untied_model_has_no_tied_weights():
     assert set(ours.state_dict()) == set(drop_aliases(make_pair()[0].state_dict(), ours))
 
 
+@pytest.mark.parametrize("wo_float32", [False, True], ids=["all-bf16", "wo-fp32"])
 @torch.no_grad()
-def test_bfloat16_close_to_reference():
+def test_bfloat16_matches_reference(wo_float32):
+    """bfloat16, also with wo kept in float32 as transformers' _keep_in_fp32_modules does for T5.
+
+    Same ops in the same order, so the logits agree bit for bit today; the bound allowed is one bfloat16
+    ulp at the logit scale (2**-7 relative). For scale: these widened models in bfloat16 are ~6 away from
+    their own float32 logits, so the bound still catches any real divergence.
+    """
     hf, ours = make_pair(torch.bfloat16)
+    if wo_float32:
+        for model in (hf, ours):
+            for name, module in model.named_modules():
+                if name.endswith(".wo"):
+                    module.float()
     embeds, mask = inputs(torch.bfloat16)
     ref = hf_logits(hf, embeds, mask)
-    enc = ours.encode(embeds, mask)
-    full = ours.decode(DECODER_IDS, enc, mask)
-    assert full.dtype == torch.bfloat16
-    # the same ops in the same order: expected identical; allow one bfloat16 ulp at the logit scale
-    assert max_diff(full, ref) <= 0.01 * ref.float().abs().max().item()
-    cache = KVCache(len(ours.decoder.block))
-    for t in range(DECODER_IDS.shape[1]):
-        step = ours.decode(DECODER_IDS[:, t : t + 1], enc, mask, cache=cache, last_only=True)
-        assert max_diff(step[:, 0], ref[:, t]) <= 0.02 * ref.float().abs().max().item()
+    out = ours.decode(DECODER_IDS, ours.encode(embeds, mask), mask)
+    assert out.dtype == ref.dtype
+    tol = ref.float().abs().max().item() * 2**-7
+    assert max_diff(out, ref) <= tol
+    assert max_diff(our_incremental_logits(ours, embeds, mask), hf_incremental_logits(hf, embeds, mask)) <= tol
 
 
+@pytest.mark.parametrize("std", [8.0, 32.0])
 @torch.no_grad()
-def test_float16_overflow_behaves_like_reference():
-    """Widened weights overflow float16; report where, and check we fail (or not) where transformers does."""
-    hf, ours = make_pair(torch.float16, std=2.0)
+def test_float16_overflow_as_reference(std):
+    """float16 on over-widened weights. std 8: the sub-layers overflow to inf inside, the clamp after each
+    sub-layer saves the residual stream and the logits are finite. std 32: inf - inf gives NaN, which no clamp
+    removes; encoder and logits are NaN. Either way ours has the same NaN pattern and values as transformers.
+    """
+    hf, ours = make_pair(torch.float16, std=std)
     embeds, mask = inputs(torch.float16)
-    embeds = embeds * 30
+    overflowed = []
+    for module in ours.modules():
+        if type(module).__name__ == "T5LayerFF":
+            module.register_forward_hook(lambda m, i, out: overflowed.append(bool(out.isinf().any())))
     ref_enc = hf.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     enc = ours.encode(embeds, mask)
     ref = hf_logits(hf, embeds, mask)
     out = ours.decode(DECODER_IDS, enc, mask)
-    report = {
-        "encoder nan (ours, hf)": (enc.isnan().any().item(), ref_enc.isnan().any().item()),
-        "encoder inf (ours, hf)": (enc.isinf().any().item(), ref_enc.isinf().any().item()),
-        "logits nan (ours, hf)": (out.isnan().any().item(), ref.isnan().any().item()),
-        "logits inf (ours, hf)": (out.isinf().any().item(), ref.isinf().any().item()),
-    }
-    print(report)
-    for ours_flag, hf_flag in report.values():
-        assert ours_flag == hf_flag
-    finite = out.isfinite() & ref.isfinite()
-    assert torch.equal(out.isfinite(), ref.isfinite())
-    assert max_diff(out[finite], ref[finite]) <= 0.01 * ref[finite].float().abs().max().item()
+    print(f"std {std}: sub-layer overflow {any(overflowed)}, NaN logits {out.isnan().float().mean():.0%}")
+    assert any(overflowed)
+    assert torch.equal(enc.isnan(), ref_enc.isnan()) and torch.equal(out.isnan(), ref.isnan())
+    assert not out.isinf().any()
+    assert out.isnan().any() == (std == 32.0)
+    finite = out.isfinite()
+    if finite.any():
+        assert max_diff(out[finite], ref[finite]) <= ref[finite].float().abs().max().item() * 2**-10

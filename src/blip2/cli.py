@@ -1,0 +1,202 @@
+"""The `blip2` command: thin commands over the library API.
+
+Bad images never stop a run: each gets a one-line error naming the file (or a JSON error line with
+--json), the others are still processed, and the exit code is 1. Nothing prints a traceback unless
+BLIP2_DEBUG=1 is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+
+import click
+
+from .errors import Blip2Error, InputError
+
+DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
+PROGRESS_THRESHOLD = 8  # show a progress bar from this many images on
+
+
+def _generation_options(func):
+    """The decoding options shared by the commands; unset ones keep the command's defaults."""
+    options = [
+        click.option("--max-new-tokens", type=click.IntRange(min=1), help="Most tokens to generate."),
+        click.option("--min-new-tokens", type=click.IntRange(min=0), help="Fewest tokens to generate."),
+        click.option("--beams", "num_beams", type=click.IntRange(min=1), help="Beam width (1 = greedy)."),
+        click.option("--length-penalty", type=float, help="Beam score length exponent (<0 favours short)."),
+        click.option("--repetition-penalty", type=float, help="Penalty (>1) on tokens already present."),
+        click.option("--no-repeat-ngram-size", type=click.IntRange(min=0), help="Ban repeated n-grams."),
+        click.option("--sample", "do_sample", is_flag=True, default=None, help="Sample instead of search."),
+        click.option("--temperature", type=float, help="Sampling temperature."),
+        click.option("--top-k", type=click.IntRange(min=0), help="Sample from the k most likely tokens."),
+        click.option("--top-p", type=float, help="Sample from the smallest set with this much probability."),
+        click.option("--seed", type=int, help="Random seed for sampling."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _model_options(func):
+    options = [
+        click.option("--model", "-m", envvar="BLIP2_MODEL", default=DEFAULT_MODEL, show_default=True,
+                     help="Checkpoint directory or Hub repo id (env BLIP2_MODEL)."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+        click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 on CPU)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Images per forward pass."),
+        click.option("--json", "as_json", is_flag=True, help="One JSON line per input image on stdout."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="blip2")
+def cli():
+    """BLIP-2 from the command line: caption images and answer questions about them."""
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("--prompt", "-p", default=None, help="Text the caption continues (e.g. 'a photo of').")
+@_model_options
+@_generation_options
+def caption(images, prompt, model, device, dtype, batch_size, as_json, **generation):
+    """Caption IMAGES (files). Defaults: 5 beams, at most 30 new tokens."""
+    pipe = _load(model, device, dtype)
+    options = {k: v for k, v in generation.items() if v is not None}
+
+    def run(pixels, count):
+        return pipe.generate_text(pixels, list(range(count)), [prompt or ""] * count,
+                                  {**_defaults("caption"), **options})
+
+    failed = False
+    for path, result in _per_image(pipe, images, batch_size, run):
+        failed |= _emit(path, result, as_json, lambda text: {"caption": text}, len(images) > 1)
+    sys.exit(1 if failed else 0)
+
+
+@cli.command()
+@click.argument("image")
+@click.argument("questions", nargs=-1, required=True)
+@click.option("--template", default=None, help="Prompt template with {} for the question.")
+@_model_options
+@_generation_options
+def ask(image, questions, template, model, device, dtype, batch_size, as_json, **generation):
+    """Answer QUESTIONS about IMAGE. Defaults: 5 beams, at most 10 new tokens, length penalty -1."""
+    for q in questions:
+        if not q.strip():
+            raise click.BadParameter("a question is empty", param_hint="QUESTIONS")
+    pipe = _load(model, device, dtype)
+    template = template or pipe.template
+    if "{}" not in template:
+        raise click.BadParameter(f"{template!r} has no '{{}}' for the question", param_hint="--template")
+    options = {k: v for k, v in generation.items() if v is not None}
+    prompts = [template.format(q.strip()) for q in questions]
+
+    def run(pixels, count):
+        return [pipe.generate_text(pixels, [0] * len(prompts), prompts, {**_defaults("ask"), **options})]
+
+    failed = False
+    for path, result in _per_image(pipe, [image], 1, run):
+        if isinstance(result, Exception):
+            failed |= _emit(path, result, as_json, None, False)
+            continue
+        if as_json:
+            answers = [{"question": q, "answer": a} for q, a in zip(questions, result)]
+            click.echo(json.dumps({"image": path, "answers": answers}, ensure_ascii=False))
+        else:
+            for q, a in zip(questions, result):
+                click.echo(f"{q}\t{a}" if len(questions) > 1 else a)
+    sys.exit(1 if failed else 0)
+
+
+def _defaults(task: str) -> dict:
+    from .pipeline import ASK_DEFAULTS, CAPTION_DEFAULTS
+
+    return dict(CAPTION_DEFAULTS if task == "caption" else ASK_DEFAULTS)
+
+
+def _load(model: str, device: str | None, dtype: str | None):
+    from .pipeline import load
+
+    return load(model, device=device, dtype=dtype)
+
+
+def _per_image(pipe, paths, batch_size: int, run: Callable) -> Iterator[tuple[str, object]]:
+    """Yield (path, result or exception) in input order; a bad image fails alone."""
+    import torch
+    from tqdm import tqdm
+
+    from .images import preprocess_one
+
+    bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=len(paths) < PROGRESS_THRESHOLD)
+    try:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            results: list[object] = []
+            good: list[tuple[int, torch.Tensor]] = []
+            for i, path in enumerate(chunk):
+                try:
+                    good.append((i, preprocess_one(path, pipe.image_config)))
+                    results.append(None)
+                except Blip2Error as e:
+                    results.append(e)
+            if good:
+                texts = run(torch.stack([t for _, t in good]), len(good))
+                for (i, _), text in zip(good, texts):
+                    results[i] = text
+            for path, result in zip(chunk, results):
+                yield path, result
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
+def _emit(path: str, result, as_json: bool, fields, show_path: bool) -> bool:
+    """Print one result line; return True when it is an error."""
+    if isinstance(result, Exception):
+        if as_json:
+            click.echo(json.dumps({"image": path, "error": str(result)}, ensure_ascii=False))
+        else:
+            click.echo(f"blip2: error: {result}", err=True)
+        return True
+    if as_json:
+        click.echo(json.dumps({"image": path, **fields(result)}, ensure_ascii=False))
+    else:
+        click.echo(f"{path}\t{result}" if show_path else result)
+    return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning every error into one line on stderr."""
+    try:
+        cli.main(args=argv, prog_name="blip2", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("blip2: aborted", err=True)
+        sys.exit(130)
+    except InputError as e:
+        click.echo(f"blip2: error: {e}", err=True)
+        sys.exit(2)
+    except Blip2Error as e:
+        click.echo(f"blip2: error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("blip2: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # never a raw traceback, unless asked for
+        if os.environ.get("BLIP2_DEBUG"):
+            raise
+        click.echo(f"blip2: internal error: {type(e).__name__}: {e} (set BLIP2_DEBUG=1 for the traceback)",
+                   err=True)
+        sys.exit(3)
