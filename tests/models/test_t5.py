@@ -31,6 +31,15 @@ S = 24  # encoder length, past max_distance so the far (clamped) buckets are use
 DECODER_IDS = torch.tensor([[0, 5, 17, 99, 3, 42, 8], [0, 61, 2, 7, 110, 30, 12]])  # start token + 6
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: intra-op threads only spin, badly so on a loaded machine (30 ms per linear seen on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_pair(dtype=torch.float32, std=0.4, **overrides):
     """A widened random transformers T5 and ours with its weights loaded strictly."""
     kwargs = {**TINY, **overrides}
@@ -113,7 +122,9 @@ def our_incremental_logits(ours, embeds, mask, decoder_ids=DECODER_IDS):
     enc = ours.encode(embeds, mask)
     cache, steps = KVCache(len(ours.decoder.block)), []
     for t in range(decoder_ids.shape[1]):
-        steps.append(ours.decode(decoder_ids[:, t : t + 1], enc, mask, cache=cache, last_only=True))  # (B, 1, V)
+        steps.append(
+            ours.decode(decoder_ids[:, t : t + 1], enc, mask, cache=cache, last_only=True)
+        )  # (B, 1, V)
         assert cache.length == t + 1
     return torch.cat(steps, dim=1)
 
@@ -144,7 +155,9 @@ def test_decoding_matches_reference(overrides):
     assert max_diff(full, ref) < 1e-5
     assert max_diff(ours.decode(DECODER_IDS, enc, mask, last_only=True), ref[:, -1:]) < 1e-5
     # cached decoding: one query row takes other float32 kernels than seven, in both implementations alike
-    assert max_diff(our_incremental_logits(ours, embeds, mask), hf_incremental_logits(hf, embeds, mask)) < 1e-5
+    assert (
+        max_diff(our_incremental_logits(ours, embeds, mask), hf_incremental_logits(hf, embeds, mask)) < 1e-5
+    )
 
 
 @VARIANTS
@@ -203,7 +216,9 @@ def test_bfloat16_matches_reference(wo_float32):
     assert out.dtype == ref.dtype
     tol = ref.float().abs().max().item() * 2**-7
     assert max_diff(out, ref) <= tol
-    assert max_diff(our_incremental_logits(ours, embeds, mask), hf_incremental_logits(hf, embeds, mask)) <= tol
+    assert (
+        max_diff(our_incremental_logits(ours, embeds, mask), hf_incremental_logits(hf, embeds, mask)) <= tol
+    )
 
 
 @pytest.mark.parametrize("std", [8.0, 32.0])

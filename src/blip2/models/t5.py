@@ -91,7 +91,9 @@ class T5Attention(nn.Module):
         self.v = nn.Linear(config.d_model, inner, bias=False)
         self.o = nn.Linear(inner, config.d_model, bias=False)
         if has_relative_attention_bias:
-            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+            self.relative_attention_bias = nn.Embedding(
+                config.relative_attention_num_buckets, config.num_heads
+            )
 
     def heads(self, x: Tensor, proj: nn.Linear) -> Tensor:
         B, T, _ = x.shape
@@ -128,7 +130,9 @@ class T5LayerCrossAttention(nn.Module):
         self.EncDecAttention = T5Attention(config)
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
-    def forward(self, x: Tensor, encoder_hidden: Tensor, bias: Tensor, cache: KVCache | None, index: int) -> Tensor:
+    def forward(
+        self, x: Tensor, encoder_hidden: Tensor, bias: Tensor, cache: KVCache | None, index: int
+    ) -> Tensor:
         attn = self.EncDecAttention
         if cache is None:
             k, v = attn.kv(encoder_hidden)
@@ -211,7 +215,14 @@ class T5Stack(nn.Module):
         )
         return table(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, H, q_len, k_len)
 
-    def forward(self, x: Tensor, bias: Tensor, encoder_hidden=None, cross_bias=None, cache=None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        bias: Tensor,
+        encoder_hidden: Tensor | None = None,
+        cross_bias: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
         for i, block in enumerate(self.block):
             x = block(x, bias, encoder_hidden, cross_bias, cache, i)
         return self.final_layer_norm(x)
@@ -219,8 +230,11 @@ class T5Stack(nn.Module):
 
 class T5ForConditionalGeneration(nn.Module):
     # transformers' checkpoints store the shared embedding under these names too; the loader drops them
-    key_aliases = {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight"}
-    tied_weights: dict[str, str] = {}
+    key_aliases = {
+        "encoder.embed_tokens.weight": "shared.weight",
+        "decoder.embed_tokens.weight": "shared.weight",
+    }
+    tied_weights: dict[str, str]  # per instance: {"lm_head.weight": "shared.weight"} when tied
 
     def __init__(self, config: T5Config):
         super().__init__()
@@ -229,9 +243,8 @@ class T5ForConditionalGeneration(nn.Module):
         self.encoder = T5Stack(config, is_decoder=False)
         self.decoder = T5Stack(config, is_decoder=True)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.tied_weights = {"lm_head.weight": "shared.weight"}
-            self.tie_weights()
+        self.tied_weights = {"lm_head.weight": "shared.weight"} if config.tie_word_embeddings else {}
+        self.tie_weights()
 
     def tie_weights(self) -> None:
         """Share the embedding with the head again (needed after load_state_dict(assign=True))."""
@@ -261,7 +274,9 @@ class T5ForConditionalGeneration(nn.Module):
         past = cache.length if cache is not None else 0
         x = self.shared(decoder_input_ids)  # (B, T, d_model)
         device = x.device
-        causal = torch.arange(past + T, device=device)[None, :] <= torch.arange(T, device=device)[:, None] + past
+        causal = (
+            torch.arange(past + T, device=device)[None, :] <= torch.arange(T, device=device)[:, None] + past
+        )
         bias = _masked(self.decoder.position_bias(T, past + T, past), causal)  # (1, H, T, past + T)
         # cross-attention has no position bias, only the encoder padding mask
         zero = torch.zeros((), dtype=bias.dtype, device=device)
@@ -270,5 +285,6 @@ class T5ForConditionalGeneration(nn.Module):
         if last_only:
             h = h[:, -1:]
         if self.config.tie_word_embeddings:
-            h = h * self.config.d_model**-0.5  # original T5 rescales before the tied head; T5 v1.1/Flan do not
+            # original T5 rescales before its tied head; T5 v1.1 / Flan-T5 (untied) do not
+            h = h * self.config.d_model**-0.5
         return self.lm_head(h)

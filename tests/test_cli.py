@@ -1,0 +1,119 @@
+"""The real `blip2` command on tiny checkpoints: output format, bad images, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import blip2
+from blip2.cli import main
+
+
+def run(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def bad_images(tmp_path_factory, photos):
+    root = tmp_path_factory.mktemp("bad")
+    data = photos[0].read_bytes()
+    files = {
+        "truncated.jpg": data[: len(data) // 3],
+        "empty.jpg": b"",
+        "notes.jpg": b"this is not an image at all\n",
+        "random.png": os.urandom(2048),
+    }
+    for name, content in files.items():
+        (root / name).write_bytes(content)
+    return {name: str(root / name) for name in files} | {"missing.jpg": str(root / "missing.jpg")}
+
+
+def test_caption_json_one_line_per_image_in_order(capsys, checkpoints, photos, bad_images):
+    good = [str(p) for p in photos[:2]]
+    inputs = [good[0], bad_images["truncated.jpg"], bad_images["empty.jpg"], bad_images["notes.jpg"],
+              bad_images["random.png"], bad_images["missing.jpg"], good[1]]
+    code, out, err = run(capsys, "caption", *inputs, "--model", str(checkpoints["opt"]), "--json",
+                         "--beams", "2", "--max-new-tokens", "8")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 1
+    assert [line["image"] for line in lines] == inputs
+    assert "caption" in lines[0] and "caption" in lines[-1]
+    for line in lines[1:-1]:
+        assert set(line) == {"image", "error"} and os.path.basename(line["image"]) in line["error"]
+    assert "Traceback" not in err
+
+
+def test_caption_matches_library(capsys, checkpoints, photos):
+    model = blip2.load(checkpoints["opt"])
+    expected = model.caption([str(p) for p in photos[:3]], prompt="a photo of", num_beams=3, max_new_tokens=8)
+    code, out, _ = run(capsys, "caption", *map(str, photos[:3]), "-m", str(checkpoints["opt"]),
+                       "--prompt", "a photo of", "--beams", "3", "--max-new-tokens", "8", "--batch-size", "2")
+    assert code == 0
+    assert [line.split("\t", 1)[1] for line in out.splitlines()] == expected
+
+
+def test_plain_errors_go_to_stderr_one_line(capsys, checkpoints, photos, bad_images):
+    code, out, err = run(capsys, "caption", str(photos[0]), bad_images["truncated.jpg"],
+                         "-m", str(checkpoints["t5"]), "--beams", "1", "--max-new-tokens", "5")
+    assert code == 1
+    assert len(out.splitlines()) == 1 and out.startswith(str(photos[0]))
+    assert err.count("\n") == 1 and "truncated.jpg" in err and "Traceback" not in err
+
+
+def test_ask_json(capsys, checkpoints, photos):
+    model = blip2.load(checkpoints["opt"])
+    questions = ["what is it?", "how many dogs are there?"]
+    expected = model.ask(str(photos[0]), questions)
+    code, out, _ = run(capsys, "ask", str(photos[0]), *questions, "-m", str(checkpoints["opt"]), "--json")
+    assert code == 0
+    (line,) = [json.loads(x) for x in out.splitlines()]
+    assert line == {"image": str(photos[0]), "answers": [{"question": q, "answer": a}
+                                                         for q, a in zip(questions, expected)]}
+
+
+def test_ask_bad_image(capsys, checkpoints, bad_images):
+    code, out, err = run(capsys, "ask", bad_images["notes.jpg"], "what?", "-m", str(checkpoints["opt"]))
+    assert code == 1 and out == "" and "notes.jpg" in err and "Traceback" not in err
+
+
+def test_model_from_environment(capsys, checkpoints, photos, monkeypatch):
+    monkeypatch.setenv("BLIP2_MODEL", str(checkpoints["t5"]))
+    code, out, _ = run(capsys, "caption", str(photos[0]), "--json", "--beams", "1", "--max-new-tokens", "4")
+    assert code == 0 and "caption" in json.loads(out)
+
+
+def test_missing_model_is_one_clear_line(capsys, photos, tmp_path):
+    code, out, err = run(capsys, "caption", str(photos[0]), "-m", str(tmp_path / "nowhere"))
+    assert code == 1 and out == ""
+    assert "nowhere" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_offline_repo_id_says_how_to_get_it(capsys, photos, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    code, _, err = run(capsys, "caption", str(photos[0]), "-m", "Salesforce/blip2-opt-2.7b")
+    assert code == 1
+    assert "Salesforce/blip2-opt-2.7b" in err and "--local-dir" in err and "Traceback" not in err
+
+
+def test_bad_option_values(capsys, checkpoints, photos):
+    code, _, err = run(capsys, "caption", str(photos[0]), "-m", str(checkpoints["opt"]), "--top-p", "3",
+                       "--sample")
+    assert code == 2 and "top_p" in err and "Traceback" not in err
+    code, _, err = run(capsys, "caption", str(photos[0]), "--beams", "0")
+    assert code == 2 and "Traceback" not in err
+
+
+def test_python_dash_m(checkpoints, photos):
+    result = subprocess.run([sys.executable, "-m", "blip2", "caption", str(photos[0]), "-m",
+                             str(checkpoints["opt"]), "--json", "--beams", "1", "--max-new-tokens", "4"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["image"] == str(photos[0])
