@@ -60,7 +60,8 @@ def ours(source, config: dict = BLIP2_CONFIG) -> torch.Tensor:
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL) -> None:
     assert actual.shape == expected.shape
     assert actual.dtype == torch.float32
-    torch.testing.assert_close(actual, expected.to(torch.float32), atol=atol, rtol=0)
+    # A plain max-difference: torch.testing.assert_close is slow enough here to dominate the suite.
+    assert (actual - expected).abs().max().item() <= atol
 
 
 def save(image: Image.Image, path: Path, **kwargs) -> Path:

@@ -24,6 +24,8 @@ from .errors import CheckpointError
 HF_KEY_RULES: list[tuple[str, str | None]] = [
     (r"^language_model\.(encoder|decoder)\.embed_tokens\.weight$", None),  # T5: the same tensor as `shared`
     (r"\.position_ids$", None),  # buffers some exporters save
+    # Older T5 exports carry a cross-attention position bias that T5 never uses (the reference ignores it too).
+    (r"EncDecAttention\.relative_attention_bias\.weight$", None),
 ]
 
 

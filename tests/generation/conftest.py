@@ -104,10 +104,9 @@ class Case:
 
     def reference(self, **kwargs) -> torch.Tensor:
         """transformers' generate, with the prompt (or decoder start token) stripped."""
+        kwargs = {"eos_token_id": self.eos, "pad_token_id": self.pad} | kwargs
         with torch.no_grad():
-            out = self.model.generate(
-                input_ids=self.ids, attention_mask=self.mask, eos_token_id=self.eos, pad_token_id=self.pad, **kwargs
-            )
+            out = self.model.generate(input_ids=self.ids, attention_mask=self.mask, **kwargs)
         return out[:, self.history.shape[1] :]
 
 

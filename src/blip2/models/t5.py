@@ -284,7 +284,7 @@ class T5ForConditionalGeneration(nn.Module):
         h = self.decoder(x, bias, encoder_hidden, cross_bias, cache)  # (B, T, d_model)
         if last_only:
             h = h[:, -1:]
-        if self.config.tie_word_embeddings:
-            # original T5 rescales before its tied head; T5 v1.1 / Flan-T5 (untied) do not
+        if self.config.scale_decoder_outputs:
+            # original T5 rescales before its head; T5 v1.1 / Flan-T5 do not (see T5Config)
             h = h * self.config.d_model**-0.5
         return self.lm_head(h)

@@ -1,0 +1,135 @@
+"""Captioning throughput: our engine against transformers on identical (random) weights.
+
+    python benchmarks/caption_speed.py --size mid --batches 1 8 64            # CPU, a mid-size model
+    python benchmarks/caption_speed.py --size opt-2.7b --device cuda --dtype float16
+    python benchmarks/caption_speed.py --size flan-t5-xl --device cuda --dtype bfloat16
+
+Greedy decoding of exactly --new-tokens tokens (min = max, so random weights cannot stop early and both
+engines do the same work), images already preprocessed. Prints one line per batch size and a markdown table
+for benchmarks/RESULTS.md. Needs the `test` extra (transformers) to write the checkpoint and run the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import blip2
+from blip2.pipeline import make_options
+from blip2.testing import build_checkpoint
+
+SIZES = {
+    # A model small enough for a 2-core CPU, with the real model's shape ratios (ViT-g at 224, 32 queries).
+    "mid-opt": dict(lm="opt", num_query_tokens=32,
+                    vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
+                                image_size=224, patch_size=14),
+                    qformer=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+                    text=dict(hidden_size=512, ffn_dim=2048, num_hidden_layers=6, num_attention_heads=8,
+                              vocab_size=8192, max_position_embeddings=512)),
+    "mid-t5": dict(lm="t5", num_query_tokens=32,
+                   vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
+                               image_size=224, patch_size=14),
+                   qformer=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+                   text=dict(d_model=512, d_kv=64, d_ff=1024, num_layers=6, num_decoder_layers=6, num_heads=8,
+                             vocab_size=8192, relative_attention_num_buckets=32,
+                             relative_attention_max_distance=128)),
+    # The released sizes (random weights): for a GPU.
+    "opt-2.7b": dict(lm="opt", num_query_tokens=32,
+                     vision=dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,
+                                 num_attention_heads=16, image_size=224, patch_size=14),
+                     qformer=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                  num_attention_heads=12, max_position_embeddings=512, vocab_size=30522),
+                     text=dict(hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
+                               vocab_size=50304, max_position_embeddings=2048)),
+    "flan-t5-xl": dict(lm="t5", num_query_tokens=32,
+                       vision=dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,
+                                   num_attention_heads=16, image_size=224, patch_size=14),
+                       qformer=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                    num_attention_heads=12, max_position_embeddings=512, vocab_size=30522),
+                       text=dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24,
+                                 num_heads=32, vocab_size=32128, relative_attention_num_buckets=32,
+                                 relative_attention_max_distance=128)),
+}
+
+
+def time_call(fn, repeats: int) -> float:
+    fn()  # warm-up
+    _sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="mid-opt")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--new-tokens", type=int, default=30)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--checkpoint", type=Path, help="reuse a checkpoint directory written before")
+    args = parser.parse_args()
+
+    from transformers import Blip2ForConditionalGeneration
+
+    spec = SIZES[args.size]
+    directory = args.checkpoint or Path(tempfile.mkdtemp()) / args.size
+    if not (directory / "config.json").exists():
+        build_checkpoint(directory, spec["lm"], num_query_tokens=spec["num_query_tokens"], vision=spec["vision"],
+                         qformer=spec["qformer"], text=spec["text"], std=0.02)
+    dtype = blip2.pipeline.parse_dtype(args.dtype, torch.device(args.device))
+    ours = blip2.load(directory, device=args.device, dtype=dtype)
+    hf = Blip2ForConditionalGeneration.from_pretrained(directory, dtype=dtype).to(args.device).eval()
+    q = spec["num_query_tokens"]
+    options = make_options(dict(num_beams=1, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens))
+
+    rows = []
+    print(f"# {args.size}, {args.dtype}, {args.device}: {_machine(args.device)}, torch {torch.__version__}")
+    for batch in args.batches:
+        size = spec["vision"]["image_size"]
+        pixels = torch.randn(batch, 3, size, size, device=args.device)
+        prompts = [""] * batch
+        ids = ours.text.batch(prompts, "left" if spec["lm"] == "opt" else "right")
+        input_ids = torch.cat([torch.full((batch, q), ours.config.image_token_index), ids.ids], 1).to(args.device)
+        mask = torch.cat([torch.ones(batch, q, dtype=torch.long), ids.mask], 1).to(args.device)
+
+        def run_ours():
+            with torch.inference_mode():
+                return ours.generate_ids(ours.encode(pixels), prompts, options)
+
+        def run_hf():
+            with torch.inference_mode():
+                return hf.generate(pixel_values=pixels.to(dtype), input_ids=input_ids, attention_mask=mask,
+                                   do_sample=False, num_beams=1, max_new_tokens=args.new_tokens,
+                                   min_new_tokens=args.new_tokens)
+
+        t_ours, t_hf = time_call(run_ours, args.repeats), time_call(run_hf, args.repeats)
+        rows.append((batch, batch / t_ours, batch / t_hf))
+        print(f"batch {batch:3d}: ours {batch / t_ours:8.2f} img/s   transformers {batch / t_hf:8.2f} img/s   "
+              f"ratio {t_hf / t_ours:5.2f}x", flush=True)
+    print("\n| batch | ours (img/s) | transformers (img/s) | ratio |\n|---|---|---|---|")
+    for batch, a, b in rows:
+        print(f"| {batch} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+
+
+def _machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+if __name__ == "__main__":
+    main()
