@@ -142,7 +142,8 @@ class Blip2:
         side = "right" if self.family == "t5" else "left"
         batch = self.text.batch(prompts, padding_side=side)
         ids, mask = batch.ids.to(self.device), batch.mask.to(self.device)
-        embeds = torch.cat([prefix.to(lm.embed(ids[:1, :1]).dtype), lm.embed(ids)], dim=1)
+        text_embeds = lm.embed(ids)  # (N, T, D)
+        embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], dim=1)  # (N, Q + T, D)
         mask = torch.cat([mask.new_ones(len(prompts), q), mask], dim=1)
         placeholder = self.config.image_token_index
         text_cfg = self.config.text
