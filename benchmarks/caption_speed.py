@@ -72,6 +72,28 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def measure(ours, hf, spec, batch, args, dtype, options) -> tuple[float, float]:
+    """Images/s of both engines captioning `batch` preprocessed images with an empty prompt."""
+    q, size = spec["num_query_tokens"], spec["vision"]["image_size"]
+    pixels = torch.randn(batch, 3, size, size, device=args.device)
+    prompts = [""] * batch
+    ids = ours.text.batch(prompts, "left" if spec["lm"] == "opt" else "right")
+    input_ids = torch.cat([torch.full((batch, q), ours.config.image_token_index), ids.ids], 1).to(args.device)
+    mask = torch.cat([torch.ones(batch, q, dtype=torch.long), ids.mask], 1).to(args.device)
+
+    def run_ours():
+        with torch.inference_mode():
+            return ours.generate_ids(ours.encode(pixels), prompts, options)
+
+    def run_hf():
+        with torch.inference_mode():
+            return hf.generate(pixel_values=pixels.to(dtype), input_ids=input_ids, attention_mask=mask,
+                               do_sample=False, num_beams=1, max_new_tokens=args.new_tokens,
+                               min_new_tokens=args.new_tokens)
+
+    return batch / time_call(run_ours, args.repeats), batch / time_call(run_hf, args.repeats)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="mid-opt")
@@ -93,33 +115,15 @@ def main():
     dtype = blip2.pipeline.parse_dtype(args.dtype, torch.device(args.device))
     ours = blip2.load(directory, device=args.device, dtype=dtype)
     hf = Blip2ForConditionalGeneration.from_pretrained(directory, dtype=dtype).to(args.device).eval()
-    q = spec["num_query_tokens"]
     options = make_options(dict(num_beams=1, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens))
 
     rows = []
     print(f"# {args.size}, {args.dtype}, {args.device}: {_machine(args.device)}, torch {torch.__version__}")
     for batch in args.batches:
-        size = spec["vision"]["image_size"]
-        pixels = torch.randn(batch, 3, size, size, device=args.device)
-        prompts = [""] * batch
-        ids = ours.text.batch(prompts, "left" if spec["lm"] == "opt" else "right")
-        input_ids = torch.cat([torch.full((batch, q), ours.config.image_token_index), ids.ids], 1).to(args.device)
-        mask = torch.cat([torch.ones(batch, q, dtype=torch.long), ids.mask], 1).to(args.device)
-
-        def run_ours():
-            with torch.inference_mode():
-                return ours.generate_ids(ours.encode(pixels), prompts, options)
-
-        def run_hf():
-            with torch.inference_mode():
-                return hf.generate(pixel_values=pixels.to(dtype), input_ids=input_ids, attention_mask=mask,
-                                   do_sample=False, num_beams=1, max_new_tokens=args.new_tokens,
-                                   min_new_tokens=args.new_tokens)
-
-        t_ours, t_hf = time_call(run_ours, args.repeats), time_call(run_hf, args.repeats)
-        rows.append((batch, batch / t_ours, batch / t_hf))
-        print(f"batch {batch:3d}: ours {batch / t_ours:8.2f} img/s   transformers {batch / t_hf:8.2f} img/s   "
-              f"ratio {t_hf / t_ours:5.2f}x", flush=True)
+        rate_ours, rate_hf = measure(ours, hf, spec, batch, args, dtype, options)
+        rows.append((batch, rate_ours, rate_hf))
+        print(f"batch {batch:3d}: ours {rate_ours:8.2f} img/s   transformers {rate_hf:8.2f} img/s   "
+              f"ratio {rate_ours / rate_hf:5.2f}x", flush=True)
     print("\n| batch | ours (img/s) | transformers (img/s) | ratio |\n|---|---|---|---|")
     for batch, a, b in rows:
         print(f"| {batch} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
