@@ -151,15 +151,17 @@ class Blip2:
             stepper = EncoderDecoderStepper(lm, embeds, mask, text_cfg.decoder_start_token_id,
                                             text_cfg.num_decoder_layers)
             history = torch.full((len(prompts), 1), text_cfg.decoder_start_token_id, device=self.device)
+            history_mask = None
         else:
             stepper = DecoderOnlyStepper(lm, embeds, mask, text_cfg.num_hidden_layers)
-            # What the reference's logits processors see as input_ids: the placeholders, then the text.
+            # What the reference's logits processors see as input_ids: the placeholders, then the text
+            # (checkpoints without image_token_index: the text alone, as transformers 4 did).
             if placeholder is not None:
-                history = torch.cat([ids.new_full((len(prompts), q), placeholder), ids], dim=1)
+                history, history_mask = torch.cat([ids.new_full((len(prompts), q), placeholder), ids], 1), mask
             else:
-                history = ids
+                history, history_mask = ids, batch.mask.to(self.device)
         return generate(stepper, history, opts, eos_token_id=text_cfg.eos_token_id,
-                        pad_token_id=text_cfg.pad_token_id)
+                        pad_token_id=text_cfg.pad_token_id, attention_mask=history_mask)
 
 
 def make_options(options: dict) -> GenerationOptions:

@@ -52,14 +52,18 @@ class T5Stepper:
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         self.model, self.mask = model, attention_mask
         with torch.no_grad():
-            self.encoded = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            self.encoded = model.get_encoder()(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state
         start = model.generation_config.decoder_start_token_id
         self.ids = torch.full((input_ids.shape[0], 1), start, dtype=torch.long)
         self.steps = 0
 
     @torch.no_grad()
     def _logits(self) -> torch.Tensor:
-        out = self.model(encoder_outputs=(self.encoded,), attention_mask=self.mask, decoder_input_ids=self.ids)
+        out = self.model(
+            encoder_outputs=(self.encoded,), attention_mask=self.mask, decoder_input_ids=self.ids
+        )
         return out.logits[:, -1].float()
 
     def prefill(self) -> torch.Tensor:
@@ -91,6 +95,11 @@ class Case:
     def __init__(self, name, model, stepper_class, ids, mask, eos, pad):
         self.name, self.model, self.stepper_class = name, model, stepper_class
         self.ids, self.mask, self.eos, self.pad = ids, mask, eos, pad
+
+    def subset(self, rows: list[int]) -> Case:
+        return Case(
+            self.name, self.model, self.stepper_class, self.ids[rows], self.mask[rows], self.eos, self.pad
+        )
 
     def stepper(self):
         return self.stepper_class(self.model, self.ids, self.mask)

@@ -141,3 +141,34 @@ def test_options_are_hf_defaults():
     for field in dataclasses.fields(GenerationOptions):
         if field.name not in ("seed", "max_new_tokens"):
             assert field.default == defaults[field.name], field.name
+
+
+EARLY_ROWS = {"opt": [1, 2, 3], "t5": [0, 1]}  # prompts whose best hypotheses end within a few tokens
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(num_beams=3),
+        dict(num_beams=3, early_stopping=True),
+        dict(num_beams=3, early_stopping="never"),
+        dict(num_beams=3, early_stopping="never", length_penalty=0.0),
+        dict(num_beams=4, length_penalty=-1.0, num_return_sequences=2),
+    ],
+    ids=["greedy", "beam3", "beam3-early", "beam3-never", "beam3-never-lp0", "beam4-lp-1-return2"],
+)
+def test_stops_when_transformers_stops(case, kwargs):
+    """Same tokens, and as many model calls as transformers makes (prefill + one per step), also when the
+    search ends before max_new_tokens."""
+    case = case.subset(EARLY_ROWS[case.name])
+    options = GenerationOptions(max_new_tokens=20, **kwargs)
+    ours, stepper = _ours(case, options)
+    calls = []
+    hook = case.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        expected = case.reference(**_hf_kwargs(options))
+    finally:
+        hook.remove()
+    assert torch.equal(ours, expected), (ours, expected)
+    assert stepper.steps + 1 == len(calls)

@@ -31,8 +31,14 @@ class GenerationOptions:
 
     def validate(self) -> None:
         """Raise `InputError` naming the first option that is out of range or unsupported."""
-        _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1")
-        _check(_is_int(self.min_new_tokens) and self.min_new_tokens >= 0, "min_new_tokens must be an integer >= 0")
+        _check(
+            _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+            "max_new_tokens must be an integer >= 1",
+        )
+        _check(
+            _is_int(self.min_new_tokens) and self.min_new_tokens >= 0,
+            "min_new_tokens must be an integer >= 0",
+        )
         _check(_is_int(self.num_beams) and self.num_beams >= 1, "num_beams must be an integer >= 1")
         _check(
             _is_int(self.num_return_sequences) and self.num_return_sequences >= 1,
@@ -48,7 +54,9 @@ class GenerationOptions:
             f"early_stopping must be True, False or 'never', not {self.early_stopping!r}",
         )
         if self.do_sample:
-            _check(self.temperature > 0, "temperature must be > 0 when sampling (use do_sample=False for greedy)")
+            _check(
+                self.temperature > 0, "temperature must be > 0 when sampling (use do_sample=False for greedy)"
+            )
             _check(_is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 turns it off)")
             _check(0 < self.top_p <= 1, "top_p must be in (0, 1]")
             _check(not self.is_beam_search, "sampling with num_beams > 1 (beam sampling) is not supported")

@@ -39,17 +39,25 @@ def generate(
     """
     options.validate()
     if history.dim() != 2 or history.shape[0] == 0:
-        raise InputError(f"history must be a non-empty (N, T) tensor of token ids, got shape {tuple(history.shape)}")
+        raise InputError(
+            f"history must be a non-empty (N, T) tensor of token ids, got shape {tuple(history.shape)}"
+        )
     if attention_mask is not None and attention_mask.shape != history.shape:
-        raise InputError(f"attention_mask {tuple(attention_mask.shape)} does not match history {tuple(history.shape)}")
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=history.device)
+        raise InputError(
+            f"attention_mask {tuple(attention_mask.shape)} does not match history {tuple(history.shape)}"
+        )
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     if eos.numel() == 0:
         raise InputError("eos_token_id must name at least one token")
+    logits = stepper.prefill()  # (N, V)
+    if logits.shape[0] != history.shape[0]:
+        raise InputError(f"the stepper has {logits.shape[0]} rows but history has {history.shape[0]}")
+    # Work where the logits are; the output comes back there too.
+    history, eos = history.to(logits.device), eos.to(logits.device)
     # Number of left-padding positions per row: transformers' `prompt_ignore_length`.
-    padding = None if attention_mask is None else (attention_mask != 0).int().argmax(dim=1)
-    if options.is_beam_search:
-        return _beam_search(stepper, history, options, eos, pad_token_id, padding)
-    return _greedy_or_sample(stepper, history, options, eos, pad_token_id, padding)
+    padding = None if attention_mask is None else (attention_mask != 0).int().argmax(dim=1).to(logits.device)
+    loop = _beam_search if options.is_beam_search else _greedy_or_sample
+    return loop(stepper, logits, history, options, eos, pad_token_id, padding)
 
 
 def _expand(stepper: Stepper, logits: Tensor, tensors: list[Tensor | None], copies: int):
@@ -58,14 +66,19 @@ def _expand(stepper: Stepper, logits: Tensor, tensors: list[Tensor | None], copi
         return logits, tensors
     rows = torch.arange(logits.shape[0], device=logits.device).repeat_interleave(copies)
     stepper.select(rows)
-    return logits[rows], [None if t is None else t[rows.to(t.device)] for t in tensors]
+    return logits[rows], [None if t is None else t[rows] for t in tensors]
 
 
 def _greedy_or_sample(
-    stepper: Stepper, history: Tensor, options: GenerationOptions, eos: Tensor, pad: int, padding: Tensor | None
+    stepper: Stepper,
+    logits: Tensor,
+    history: Tensor,
+    options: GenerationOptions,
+    eos: Tensor,
+    pad: int,
+    padding: Tensor | None,
 ) -> Tensor:
     prompt_length = history.shape[1]
-    logits = stepper.prefill()
     logits, (tokens, padding) = _expand(stepper, logits, [history, padding], options.num_return_sequences)
     generator = None
     if options.do_sample and options.seed is not None:
@@ -77,7 +90,7 @@ def _greedy_or_sample(
             chosen = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
         else:
             chosen = scores.argmax(dim=-1)
-        chosen = torch.where(running, chosen.to(tokens.device), pad)  # finished rows get padding
+        chosen = torch.where(running, chosen, pad)  # finished rows get padding
         tokens = torch.cat([tokens, chosen[:, None]], dim=1)
         running &= ~torch.isin(chosen, eos)
         if not running.any() or step == options.max_new_tokens - 1:
@@ -123,7 +136,13 @@ def _init_beams(history: Tensor, num_beams: int, max_length: int, fill: int) -> 
 
 
 def _beam_search(
-    stepper: Stepper, history: Tensor, options: GenerationOptions, eos: Tensor, pad: int, padding: Tensor | None
+    stepper: Stepper,
+    logits: Tensor,
+    history: Tensor,
+    options: GenerationOptions,
+    eos: Tensor,
+    pad: int,
+    padding: Tensor | None,
 ) -> Tensor:
     batch, prompt_length = history.shape
     num_beams = options.num_beams
@@ -131,15 +150,16 @@ def _beam_search(
     # transformers fills with `pad_token_id or eos[0]`, so a pad id of 0 reads as "no pad id".
     fill = pad if pad != 0 else int(eos[0])
     beams = _init_beams(history, num_beams, max_length, fill)
-    logits = stepper.prefill()
     logits, (padding,) = _expand(stepper, logits, [padding], num_beams)
     # Keep (EOS ids + 1) * K candidates, so that K of them are still live even if the best ones end.
     num_candidates = max(2, 1 + eos.numel()) * num_beams
     for length in range(prompt_length, max_length):
         flat_history = beams.running[:, :, :length].reshape(batch * num_beams, length)
-        log_probs = process(F.log_softmax(logits.float(), dim=-1), flat_history, options, prompt_length, eos, padding)
+        log_probs = process(
+            F.log_softmax(logits.float(), dim=-1), flat_history, options, prompt_length, eos, padding
+        )
         scores, sequences, rows = _candidates(beams, log_probs, length, num_candidates)
-        ended = torch.isin(sequences[:, :, length], eos) | (length + 1 >= max_length)  # (B, 2K)
+        ended = torch.isin(sequences[:, :, length], eos) | (length + 1 >= max_length)  # (B, C)
         _keep_running(beams, scores, sequences, rows, ended)
         _keep_finished(beams, scores, sequences, ended, length + 1 - prompt_length, options)
         _update_improvable(beams, length + 1 - prompt_length, options)
@@ -174,7 +194,12 @@ def _keep_running(beams: _Beams, scores: Tensor, sequences: Tensor, rows: Tensor
 
 
 def _keep_finished(
-    beams: _Beams, scores: Tensor, sequences: Tensor, ended: Tensor, new_length: int, options: GenerationOptions
+    beams: _Beams,
+    scores: Tensor,
+    sequences: Tensor,
+    ended: Tensor,
+    new_length: int,
+    options: GenerationOptions,
 ) -> None:
     """Merge the candidates that just ended among the K best into the finished set, keeping the K best by
     length-normalised score. The additions mirror transformers' float32 arithmetic, which decides ties."""

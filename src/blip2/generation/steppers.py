@@ -36,7 +36,12 @@ class EncoderDecoderStepper:
     """For T5: encode once, then decode from the decoder start token with self- and cross-attention caches."""
 
     def __init__(
-        self, lm: nn.Module, inputs_embeds: Tensor, attention_mask: Tensor, start_token_id: int, num_layers: int
+        self,
+        lm: nn.Module,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor,
+        start_token_id: int,
+        num_layers: int,
     ):
         self.lm = lm
         self.embeds = inputs_embeds
