@@ -137,21 +137,8 @@ def test_ask_template_per_family(ours, photos):
 
 
 def _first_step_logits(model, prefix, prompts):
-    captured = {}
-
-    def stop(stepper, history, options, eos_token_id, pad_token_id):
-        captured["logits"] = stepper.prefill()
-        return torch.zeros(1, 1, dtype=torch.long)
-
-    import blip2.pipeline as pipeline
-
-    original = pipeline.generate
-    pipeline.generate = stop
-    try:
-        model.generate_ids(prefix, prompts, make_options({}))
-    finally:
-        pipeline.generate = original
-    return captured["logits"]
+    stepper, _, _ = model.stepper(prefix, prompts)
+    return stepper.prefill()
 
 
 def _pil(path):

@@ -137,31 +137,35 @@ class Blip2:
 
     def generate_ids(self, prefix: Tensor, prompts: list[str], opts: GenerationOptions) -> Tensor:
         """Image prefix (N, Q, D) and N prompts -> new token ids (N * num_return_sequences, L)."""
+        stepper, history, history_mask = self.stepper(prefix, prompts)
+        text_cfg = self.config.text
+        return generate(stepper, history, opts, eos_token_id=text_cfg.eos_token_id,
+                        pad_token_id=text_cfg.pad_token_id, attention_mask=history_mask)
+
+    def stepper(self, prefix: Tensor, prompts: list[str]):
+        """The language model's input for (image prefix, prompt) rows, as a decoding Stepper.
+
+        Returns (stepper, history, history_mask): `history` is what the reference's logits processors see
+        as input_ids (decoder-only: the query placeholders, then the padded prompt; encoder-decoder: the
+        decoder start token), and `history_mask` its attention mask (None for encoder-decoder, as there).
+        """
         lm = self.model.language_model
-        q = prefix.shape[1]
-        side = "right" if self.family == "t5" else "left"
-        batch = self.text.batch(prompts, padding_side=side)
-        ids, mask = batch.ids.to(self.device), batch.mask.to(self.device)
+        n, q = prefix.shape[:2]
+        text_cfg = self.config.text
+        batch = self.text.batch(prompts, padding_side="right" if self.family == "t5" else "left")
+        ids, text_mask = batch.ids.to(self.device), batch.mask.to(self.device)
         text_embeds = lm.embed(ids)  # (N, T, D)
         embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], dim=1)  # (N, Q + T, D)
-        mask = torch.cat([mask.new_ones(len(prompts), q), mask], dim=1)
-        placeholder = self.config.image_token_index
-        text_cfg = self.config.text
+        mask = torch.cat([text_mask.new_ones(n, q), text_mask], dim=1)
         if isinstance(text_cfg, T5Config):
             stepper = EncoderDecoderStepper(lm, embeds, mask, text_cfg.decoder_start_token_id,
                                             text_cfg.num_decoder_layers)
-            history = torch.full((len(prompts), 1), text_cfg.decoder_start_token_id, device=self.device)
-            history_mask = None
-        else:
-            stepper = DecoderOnlyStepper(lm, embeds, mask, text_cfg.num_hidden_layers)
-            # What the reference's logits processors see as input_ids: the placeholders, then the text
-            # (checkpoints without image_token_index: the text alone, as transformers 4 did).
-            if placeholder is not None:
-                history, history_mask = torch.cat([ids.new_full((len(prompts), q), placeholder), ids], 1), mask
-            else:
-                history, history_mask = ids, batch.mask.to(self.device)
-        return generate(stepper, history, opts, eos_token_id=text_cfg.eos_token_id,
-                        pad_token_id=text_cfg.pad_token_id, attention_mask=history_mask)
+            return stepper, ids.new_full((n, 1), text_cfg.decoder_start_token_id), None
+        stepper = DecoderOnlyStepper(lm, embeds, mask, text_cfg.num_hidden_layers)
+        placeholder = self.config.image_token_index
+        if placeholder is None:  # checkpoints without placeholders: the text alone, as transformers 4 did
+            return stepper, ids, text_mask
+        return stepper, torch.cat([ids.new_full((n, q), placeholder), ids], dim=1), mask
 
 
 def make_options(options: dict) -> GenerationOptions:
