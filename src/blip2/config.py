@@ -131,6 +131,48 @@ class T5Config:
         return _from_dict(cls, data)
 
 
+@dataclass
+class LlamaConfig:
+    """LLaMA / Vicuna v1.1 (InstructBLIP-Vicuna). Defaults are instructblip-vicuna-7b's text_config."""
+
+    vocab_size: int = 32001  # LLaMA's 32000 + the [PAD] token InstructBLIP added
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: one key/value head per query head (no GQA)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    # instructblip-vicuna's text_config was converted from decapoda-research/llama-7b-hf and keeps its ids
+    # (bos 0, eos 1, pad -1), which are not the tokenizer's (<s> 1, </s> 2, [PAD] 32000).
+    pad_token_id: int = -1
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> LlamaConfig:
+        data = dict(data or {})
+        # transformers 5 writes {"rope_theta": ..., "rope_type": "default"} as rope_parameters; older
+        # configs have a top-level rope_theta (or none: 10000) and rope_scaling, null for LLaMA-1.
+        rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise CheckpointError(f"rope type {rope_type!r} is not supported (supported: 'default')")
+        if rope.get("rope_theta") is not None:
+            data["rope_theta"] = rope["rope_theta"]
+        return _from_dict(cls, data)
+
+
 LanguageConfig = OPTConfig | T5Config
 
 
@@ -146,9 +188,8 @@ class Blip2Config:
 
     @property
     def text_model_type(self) -> str | None:
-        if self.text is None:
-            return None
-        return "t5" if isinstance(self.text, T5Config) else "opt"
+        """'opt', 't5' or 'llama'; None for retrieval checkpoints."""
+        return None if self.text is None else TEXT_MODEL_TYPES[type(self.text)]
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -185,3 +226,6 @@ class Blip2Config:
             image_token_index=data.get("image_token_index", data.get("image_token_id")),
             model_type=model_type,
         )
+
+
+TEXT_MODEL_TYPES = {OPTConfig: "opt", T5Config: "t5"}

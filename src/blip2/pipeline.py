@@ -28,6 +28,9 @@ from .text import PROMPT_TEMPLATES, TextProcessor
 CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=1)
 ASK_DEFAULTS = dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
 
+# InstructBLIP is instruction-tuned: without a prompt it is asked for a caption in words.
+INSTRUCT_CAPTION_PROMPT = "A short image caption:"
+
 ImageInput = Any  # a path, bytes, a PIL image or a numpy array
 
 
@@ -42,6 +45,7 @@ class Blip2:
         image_config: image_io.ImageProcessorConfig,
         device: torch.device,
         name: str = "",
+        qformer_text: TextProcessor | None = None,
     ):
         self.model = model
         self.config = config
@@ -49,8 +53,13 @@ class Blip2:
         self.image_config = image_config
         self.device = device
         self.name = name
-        self.family = "t5" if isinstance(config.text, T5Config) else "opt"
-        self.template = PROMPT_TEMPLATES[self.family]
+        self.family = config.text_model_type  # "opt", "t5" or "llama"
+        # InstructBLIP: the instruction is read by the Q-Former too, through its own BERT tokenizer.
+        self.qformer_text = qformer_text
+        self.qformer_max_length = config.qformer.max_position_embeddings
+        self.instruct = config.model_type == "instructblip"
+        self.template = "{}" if self.instruct else PROMPT_TEMPLATES[self.family]
+        self.caption_prompt = INSTRUCT_CAPTION_PROMPT if self.instruct else ""
 
     def __repr__(self) -> str:
         return f"Blip2({self.name!r}, language_model={self.family}, device={self.device})"
@@ -62,10 +71,23 @@ class Blip2:
         return image_io.preprocess(_as_list(images, "images"), self.image_config)
 
     @torch.inference_mode()
-    def encode(self, pixels: Tensor) -> Tensor:
-        """Pixels (B, 3, H, W) -> the language model's image prefix (B, Q, D)."""
+    def encode(self, pixels: Tensor, rows: Sequence[int] | None = None, prompts: Sequence[str] | None = None) -> Tensor:
+        """Pixels (B, 3, H, W) -> the language model's image prefix (N, Q, D), one row per entry of `rows`
+        (indices into the images; default one row per image). The vision tower runs once per image.
+
+        InstructBLIP also reads the prompt in its Q-Former, so there the prefix depends on `prompts`
+        (one per row) and the Q-Former runs once per row; BLIP-2 runs it once per image.
+        """
         dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
-        return self.model.image_prefix(pixels.to(self.device, dtype))
+        image_embeds = self.model.encode_images(pixels.to(self.device, dtype))  # (B, 257, C)
+        index = torch.tensor(list(range(len(pixels))) if rows is None else list(rows), device=self.device)
+        if self.qformer_text is None:
+            return self.model.project(self.model.query(image_embeds)).index_select(0, index)
+        prompts = list(prompts) if prompts is not None else [""] * len(index)
+        instruction = self.qformer_text.batch(prompts, padding_side="right", max_length=self.qformer_max_length)
+        query = self.model.query(image_embeds.index_select(0, index), instruction.ids.to(self.device),
+                                 instruction.mask.to(self.device))
+        return self.model.project(query)
 
     # -- tasks ----------------------------------------------------------------------------------------------
     def caption(
@@ -80,7 +102,7 @@ class Blip2:
         """
         single = not _is_list(images)
         items = _as_list(images, "images")
-        prompts = _broadcast(prompt if prompt is not None else "", len(items), "prompt")
+        prompts = _broadcast(prompt if prompt is not None else self.caption_prompt, len(items), "prompt")
         texts = self.generate_text(self.preprocess(items), list(range(len(items))), prompts,
                                    {**CAPTION_DEFAULTS, **options})
         return texts[0] if single else texts
@@ -130,8 +152,7 @@ class Blip2:
         """Generate one text per (image row, prompt): `rows[i]` indexes `pixels` for `prompts[i]`.
         With num_return_sequences > 1, each prompt's texts follow one another."""
         opts = make_options(options)
-        prefix = self.encode(pixels)  # (B, Q, D): each image once
-        prefix = prefix.index_select(0, torch.tensor(rows, device=prefix.device))
+        prefix = self.encode(pixels, rows, prompts)  # (N, Q, D)
         ids = self.generate_ids(prefix, prompts, opts)
         return [self.text.decode(row) for row in ids.tolist()]
 
@@ -152,7 +173,7 @@ class Blip2:
         lm = self.model.language_model
         n, q = prefix.shape[:2]
         text_cfg = self.config.text
-        batch = self.text.batch(prompts, padding_side="right" if self.family == "t5" else "left")
+        batch = self.text.batch(prompts, padding_side="right" if self.config.is_encoder_decoder else "left")
         ids, text_mask = batch.ids.to(self.device), batch.mask.to(self.device)
         text_embeds = lm.embed(ids)  # (N, T, D)
         embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], dim=1)  # (N, Q + T, D)

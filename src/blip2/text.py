@@ -63,9 +63,10 @@ class TextProcessor:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def batch(self, texts: list[str], padding_side: str) -> Prompts:
-        """Tokenize and pad `texts`; padding on the left for decoder-only models, on the right otherwise."""
-        encoded = [self.encode(t) for t in texts]
+    def batch(self, texts: list[str], padding_side: str, max_length: int | None = None) -> Prompts:
+        """Tokenize and pad `texts`; padding on the left for decoder-only models, on the right otherwise.
+        With `max_length`, longer texts are truncated, keeping a final special token ([SEP], </s>)."""
+        encoded = [self.truncate(self.encode(t), max_length) for t in texts]
         width = max(len(e) for e in encoded)
         pad = self.pad_id if self.pad_id is not None else 0
         ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -75,6 +76,17 @@ class TextProcessor:
             ids[row, span] = torch.tensor(e, dtype=torch.long)
             mask[row, span] = 1
         return Prompts(ids, mask)
+
+    def truncate(self, ids: list[int], max_length: int | None) -> list[int]:
+        if max_length is None or len(ids) <= max_length:
+            return ids
+        if ids[-1] in self.special_ids:
+            return ids[: max_length - 1] + ids[-1:]
+        return ids[:max_length]
+
+    @property
+    def special_ids(self) -> set[int]:
+        return {i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special}
 
 
 def _read_json(path: Path) -> dict:
