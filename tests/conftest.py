@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from blip2.testing import build_checkpoint
+from blip2.testing import build_checkpoint, build_instructblip_checkpoint
 
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
@@ -22,6 +22,13 @@ def checkpoints(tmp_path_factory):
         "t5": build_checkpoint(root / "t5", "t5"),
         "t5-sharded": build_checkpoint(root / "t5-sharded", "t5", sharded=True, seed=1),
     }
+
+
+@pytest.fixture(scope="session")
+def instruct_checkpoints(tmp_path_factory):
+    """Tiny InstructBLIP checkpoints with OPT, Flan-T5 and LLaMA (Vicuna) language models."""
+    root = tmp_path_factory.mktemp("instructblip")
+    return {lm: build_instructblip_checkpoint(root / lm, lm) for lm in ("opt", "t5", "llama")}
 
 
 @pytest.fixture(scope="session")

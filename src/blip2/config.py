@@ -173,14 +173,11 @@ class LlamaConfig:
         return _from_dict(cls, data)
 
 
-LanguageConfig = OPTConfig | T5Config
-
-
 @dataclass
 class Blip2Config:
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
-    text: OPTConfig | T5Config | None = field(default_factory=OPTConfig)
+    text: OPTConfig | T5Config | LlamaConfig | None = field(default_factory=OPTConfig)
     num_query_tokens: int = 32
     image_text_hidden_size: int = 256
     image_token_index: int | None = None
@@ -204,19 +201,17 @@ class Blip2Config:
         qformer = QFormerConfig.from_dict(data.get("qformer_config"))
         qformer.encoder_hidden_size = vision.hidden_size  # as the reference: always the vision width
         text_data = data.get("text_config")
-        text: OPTConfig | T5Config | None
+        text: OPTConfig | T5Config | LlamaConfig | None
         if text_data is None:
             text = None  # retrieval checkpoints have no language model
         else:
             text_type = text_data.get("model_type", "opt")
-            if text_type == "opt":
-                text = OPTConfig.from_dict(text_data)
-            elif text_type == "t5":
-                text = T5Config.from_dict(text_data)
-            else:
+            parsers = {name: cls for cls, name in TEXT_MODEL_TYPES.items()}
+            if text_type not in parsers:
                 raise CheckpointError(
-                    f"text_config.model_type {text_type!r} is not supported (supported: 'opt', 't5')"
+                    f"text_config.model_type {text_type!r} is not supported (supported: {', '.join(parsers)})"
                 )
+            text = parsers[text_type].from_dict(text_data)
         return cls(
             vision=vision,
             qformer=qformer,
@@ -228,4 +223,4 @@ class Blip2Config:
         )
 
 
-TEXT_MODEL_TYPES = {OPTConfig: "opt", T5Config: "t5"}
+TEXT_MODEL_TYPES = {OPTConfig: "opt", T5Config: "t5", LlamaConfig: "llama"}

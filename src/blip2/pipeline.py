@@ -182,7 +182,7 @@ class Blip2:
             stepper = EncoderDecoderStepper(lm, embeds, mask, text_cfg.decoder_start_token_id,
                                             text_cfg.num_decoder_layers)
             return stepper, ids.new_full((n, 1), text_cfg.decoder_start_token_id), None
-        stepper = DecoderOnlyStepper(lm, embeds, mask, text_cfg.num_hidden_layers)
+        stepper = DecoderOnlyStepper(lm, embeds, mask, text_cfg.num_hidden_layers)  # OPT, LLaMA
         placeholder = self.config.image_token_index
         if placeholder is None:  # checkpoints without placeholders: the text alone, as transformers 4 did
             return stepper, ids, text_mask
@@ -272,7 +272,11 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None, dty
     assign_weights(model, read_tensors(checkpoint_files(directory), device), dtype_plan(config, dtype))
     model.eval().requires_grad_(False)
     image_config = image_io.ImageProcessorConfig.from_dict(_image_settings(directory))
-    return Blip2(model, config, TextProcessor.from_dir(directory), image_config, device, str(name_or_path))
+    qformer_text = None
+    if config.model_type == "instructblip":
+        qformer_text = TextProcessor.from_dir(directory / "qformer_tokenizer")
+    return Blip2(model, config, TextProcessor.from_dir(directory), image_config, device, str(name_or_path),
+                 qformer_text=qformer_text)
 
 
 def _image_settings(directory: Path) -> dict:

@@ -24,6 +24,9 @@ from .errors import CheckpointError
 HF_KEY_RULES: list[tuple[str, str | None]] = [
     (r"^language_model\.(encoder|decoder)\.embed_tokens\.weight$", None),  # T5: the same tensor as `shared`
     (r"\.position_ids$", None),  # buffers some exporters save
+    # InstructBLIP keeps the instruction's embeddings and the Q-Former's input LayerNorm in one module.
+    (r"^qformer\.embeddings\.layernorm\.", "qformer.layernorm."),
+    (r"^qformer\.embeddings\.(word_embeddings|position_embeddings)\.", r"embeddings.\1."),
     # Older T5 exports carry a cross-attention position bias that T5 never uses (the reference ignores it too).
     (r"EncDecAttention\.relative_attention_bias\.weight$", None),
 ]
@@ -76,12 +79,15 @@ def read_tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str,
 
 def dtype_plan(config: Blip2Config, dtype: torch.dtype) -> Callable[[str], torch.dtype]:
     """The dtype of each parameter, as the reference does it: Q-Former and query tokens in float32, the
-    vision tower, projection and language model in `dtype`. Flan-T5 overflows in float16 (its authors use
+    vision tower, projection and language model in `dtype` (InstructBLIP keeps only the query tokens in
+    float32, as its reference does). Flan-T5 overflows in float16 (its authors use
     bfloat16), so its language model is kept in bfloat16 when float16 is asked for (see `lm_dtype`)."""
     lm = lm_dtype(config, dtype)
 
+    float32_prefixes = ("query_tokens",) if config.model_type == "instructblip" else ("qformer.", "query_tokens")
+
     def plan(key: str) -> torch.dtype:
-        if key.startswith(("qformer.", "query_tokens")):
+        if key.startswith(float32_prefixes):
             return torch.float32
         if key.startswith("language_model."):
             return lm

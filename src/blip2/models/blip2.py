@@ -1,7 +1,11 @@
 """BLIP-2 wired together: vision tower -> Q-Former (learned queries) -> projection -> language model.
 
+InstructBLIP is the same with one difference: the instruction is also read by the Q-Former (its tokens
+follow the queries in self-attention), so the queries extract what the instruction asks about.
+
 Pure modules: no files, tokenizers or generation policy here. Parameter names follow the Hugging Face
-checkpoint layout (`vision_model.*`, `query_tokens`, `qformer.*`, `language_projection.*`, `language_model.*`).
+checkpoint layout (`vision_model.*`, `query_tokens`, `qformer.*`, `language_projection.*`, `language_model.*`;
+InstructBLIP's `qformer.embeddings.*` are renamed to `embeddings.*` / `qformer.layernorm` by the loader).
 """
 
 from __future__ import annotations
@@ -9,16 +13,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..config import Blip2Config, OPTConfig, T5Config
-from .qformer import QFormer
+from ..config import Blip2Config, LlamaConfig, OPTConfig, T5Config
+from .qformer import QFormer, TextEmbeddings
 from .vision import VisionModel
 
 
-def build_language_model(config: OPTConfig | T5Config) -> nn.Module:
+def build_language_model(config: OPTConfig | T5Config | LlamaConfig) -> nn.Module:
     if isinstance(config, T5Config):
         from .t5 import T5ForConditionalGeneration
 
         return T5ForConditionalGeneration(config)
+    if isinstance(config, LlamaConfig):
+        from .llama import LlamaForCausalLM
+
+        return LlamaForCausalLM(config)
     from .opt import OPTForCausalLM
 
     return OPTForCausalLM(config)
@@ -31,7 +39,10 @@ class Blip2ForConditionalGeneration(nn.Module):
         q = config.qformer
         self.vision_model = VisionModel(config.vision)
         self.query_tokens = nn.Parameter(torch.empty(1, config.num_query_tokens, q.hidden_size))
-        self.qformer = QFormer(q)
+        instruct = config.model_type == "instructblip"
+        self.qformer = QFormer(q, text_ffn=instruct or q.use_qformer_text_input)
+        if instruct:
+            self.embeddings = TextEmbeddings(q)
         self.language_projection = nn.Linear(q.hidden_size, _lm_width(config.text))
         self.language_model = build_language_model(config.text)
 
@@ -39,10 +50,16 @@ class Blip2ForConditionalGeneration(nn.Module):
         """pixels (B, 3, H, W) -> image embeddings (B, 257, 1408) in the vision tower's dtype."""
         return self.vision_model(pixels)
 
-    def query(self, image_embeds: Tensor) -> Tensor:
-        """Image embeddings -> Q-Former query outputs (B, 32, 768), float32."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(queries, image_embeds, num_queries=queries.shape[1])
+    def query(self, image_embeds: Tensor, text_ids: Tensor | None = None, text_mask: Tensor | None = None) -> Tensor:
+        """Image embeddings (B, 257, C) [+ instruction ids and mask (B, L)] -> query outputs (B, 32, 768)."""
+        b, q = image_embeds.shape[0], self.query_tokens.shape[1]
+        queries = self.query_tokens.expand(b, -1, -1)
+        if text_ids is None:
+            return self.qformer(queries, image_embeds, num_queries=q)
+        text = self.embeddings(text_ids)  # (B, L, 768)
+        x = torch.cat([queries.to(text.dtype), text], dim=1)
+        mask = torch.cat([text_mask.new_ones(b, q), text_mask], dim=1)
+        return self.qformer(x, image_embeds, num_queries=q, attention_mask=mask)[:, :q]
 
     def project(self, query_output: Tensor) -> Tensor:
         """Q-Former outputs -> language-model input embeddings (B, 32, D), in the projection's dtype."""
@@ -53,5 +70,5 @@ class Blip2ForConditionalGeneration(nn.Module):
         return self.project(self.query(self.encode_images(pixels)))
 
 
-def _lm_width(text: OPTConfig | T5Config) -> int:
+def _lm_width(text: OPTConfig | T5Config | LlamaConfig) -> int:
     return text.d_model if isinstance(text, T5Config) else text.hidden_size
