@@ -147,3 +147,134 @@ def _untie_t5_head(path: Path, std: float, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed + 1)
     state["language_model.lm_head.weight"] = std * torch.randn(shared.shape, generator=gen)
     save_file(state, file, metadata={"format": "pt"})
+
+
+def bert_tokenizer(vocab_size: int = 150):
+    """A lowercasing WordPiece tokenizer with BERT's special tokens ([PAD]=0, [UNK], [CLS], [SEP], [MASK]),
+    '[CLS] text [SEP]', and the '[DEC]' BOS token the BLIP-2 retrieval checkpoints add (unused by ITC/ITM)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer = BertTokenizer(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                              cls_token="[CLS]", mask_token="[MASK]")
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    return tokenizer
+
+
+def build_retrieval_checkpoint(
+    path: str | Path,
+    *,
+    image_token_index: bool = False,
+    num_query_tokens: int = 6,
+    vision: dict[str, Any] | None = None,
+    qformer: dict[str, Any] | None = None,
+    std: float = 0.3,
+    seed: int = 0,
+) -> Path:
+    """Write a random `Blip2ForImageTextRetrieval` checkpoint (as Salesforce/blip2-itm-vit-g) to `path`.
+
+    With `image_token_index`, the config names the '<image>' token and the processor puts `num_query_tokens`
+    of them before the text when given images, as newer Hugging Face checkpoints do; the reference model then
+    drops the first `num_query_tokens` ids. Without, neither. There is no language model.
+    """
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2Processor, BlipImageProcessor
+
+    path = Path(path)
+    tokenizer = bert_tokenizer()
+    vision = {**TINY_VISION, **(vision or {})}
+    image_processor = BlipImageProcessor(size={"height": vision["image_size"], "width": vision["image_size"]})
+    processor = Blip2Processor(image_processor, tokenizer,
+                               num_query_tokens=num_query_tokens if image_token_index else None)
+    qformer_config = {**TINY_QFORMER, "vocab_size": len(tokenizer) + 8, "use_qformer_text_input": True,
+                      **(qformer or {})}
+    config = Blip2Config(
+        vision_config=vision,
+        qformer_config=qformer_config,
+        num_query_tokens=num_query_tokens,
+        image_text_hidden_size=16,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>") if image_token_index else None,
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForImageTextRetrieval(config).eval()
+    widen_(model, std=std, seed=seed)
+    processor.save_pretrained(path)
+    model.save_pretrained(path)
+    return path
+
+
+def llama_tokenizer(vocab_size: int = 300):
+    """A byte-fallback-free BPE with LLaMA's special tokens (<unk>=0, <s>=1, </s>=2), '<s>' prepended, and the
+    '<pad>' token Vicuna's InstructBLIP tokenizer adds at the end of the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
+
+
+def build_instructblip_checkpoint(
+    path: str | Path,
+    language_model: str = "opt",
+    *,
+    num_query_tokens: int = 6,
+    std: float = 0.3,
+    seed: int = 0,
+) -> Path:
+    """Write a random InstructBLIP checkpoint (OPT, Flan-T5 or LLaMA/Vicuna language model) to `path`, with the
+    Q-Former's own BERT tokenizer in `qformer_tokenizer/`, as the released ones have."""
+    from transformers import (
+        BlipImageProcessor,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+    )
+
+    path = Path(path)
+    tokenizer = {"opt": opt_tokenizer, "t5": t5_tokenizer, "llama": llama_tokenizer}[language_model]()
+    qformer_tokenizer = bert_tokenizer()
+    image_processor = BlipImageProcessor(size={"height": TINY_VISION["image_size"], "width": TINY_VISION["image_size"]})
+    processor = InstructBlipProcessor(image_processor, tokenizer, qformer_tokenizer, num_query_tokens=num_query_tokens)
+    vocab = len(tokenizer) + 8
+    if language_model == "opt":
+        text = {"model_type": "opt", **TINY_OPT, "eos_token_id": tokenizer.convert_tokens_to_ids("Ċ"),
+                "bos_token_id": 2, "pad_token_id": 1}
+    elif language_model == "t5":
+        text = {"model_type": "t5", **TINY_T5, "feed_forward_proj": "gated-gelu", "decoder_start_token_id": 0,
+                "pad_token_id": 0, "eos_token_id": 1}
+    else:
+        text = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "max_position_embeddings": 128, "bos_token_id": 1, "eos_token_id": 2,
+                "pad_token_id": tokenizer.pad_token_id, "tie_word_embeddings": False}
+    config = InstructBlipConfig(
+        vision_config=TINY_VISION,
+        qformer_config={**TINY_QFORMER, "vocab_size": len(qformer_tokenizer) + 8},
+        text_config={**text, "vocab_size": vocab},
+        num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    model = InstructBlipForConditionalGeneration(config).eval()
+    widen_(model, std=std, seed=seed)
+    processor.save_pretrained(path)
+    model.save_pretrained(path)
+    if language_model == "t5":
+        _untie_t5_head(path, std, seed)
+    return path

@@ -103,6 +103,23 @@ class QFormerEncoder(nn.Module):
         )
 
 
+class TextEmbeddings(nn.Module):
+    """Token ids (B, L) -> word + position embeddings (B, L, 768), for text read by the Q-Former (ITC, ITM).
+
+    No LayerNorm here: the Q-Former's `layernorm` normalises queries and text together. Positions count
+    from 0 at the first text token (the queries take none) and are made on the fly, not kept as a buffer.
+    """
+
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        return self.word_embeddings(ids) + self.position_embeddings(positions)[None]
+
+
 class QFormer(nn.Module):
     """(query tokens [+ text embeddings], image embeddings) -> hidden states (B, Q [+ L], 768).
 
