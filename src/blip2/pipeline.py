@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import images as image_io
+from . import matching
 from .config import Blip2Config, T5Config
 from .errors import CheckpointError, InputError
 from .generation import GenerationOptions, generate
@@ -58,8 +60,16 @@ class Blip2:
         self.qformer_text = qformer_text
         self.qformer_max_length = config.qformer.max_position_embeddings
         self.instruct = config.model_type == "instructblip"
-        self.template = "{}" if self.instruct else PROMPT_TEMPLATES[self.family]
+        self.template = "{}" if self.instruct else PROMPT_TEMPLATES.get(self.family)
         self.caption_prompt = INSTRUCT_CAPTION_PROMPT if self.instruct else ""
+
+    # Matching and embeddings (ITM, ITC, features, zero-shot labels): see matching.py.
+    match = matching.match
+    similarity = matching.similarity
+    classify = matching.classify
+    embed_images = matching.embed_images
+    embed_texts = matching.embed_texts
+    embed_multimodal = matching.embed_multimodal
 
     def __repr__(self) -> str:
         return f"Blip2({self.name!r}, language_model={self.family}, device={self.device})"
@@ -151,6 +161,11 @@ class Blip2:
     def generate_text(self, pixels: Tensor, rows: list[int], prompts: list[str], options: dict) -> list[str]:
         """Generate one text per (image row, prompt): `rows[i]` indexes `pixels` for `prompts[i]`.
         With num_return_sequences > 1, each prompt's texts follow one another."""
+        if self.config.text is None:
+            raise CheckpointError(
+                f"{self.name} is an image-text retrieval checkpoint with no language model: it cannot caption or "
+                "answer; use match, similarity, classify or embed_images / embed_texts"
+            )
         opts = make_options(options)
         prefix = self.encode(pixels, rows, prompts)  # (N, Q, D)
         ids = self.generate_ids(prefix, prompts, opts)
@@ -246,36 +261,52 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
 def load(name_or_path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Blip2:
     """Load a BLIP-2 checkpoint: a local directory in the Hugging Face layout, or a Hub repo id.
 
+    Captioning / VQA checkpoints (BLIP-2 with OPT or Flan-T5, InstructBLIP with Flan-T5 or Vicuna) and the
+    image-text retrieval checkpoints (blip2-itm-vit-g: match, similarity, classify, embeddings).
+
     device: "cpu", "cuda", "cuda:1", ... (default: CUDA when available). dtype: float32 (default on CPU),
     float16 (default on GPU) or bfloat16. The Q-Former stays in float32, as in the reference; a Flan-T5
     language model asked for in float16 is kept in bfloat16, because T5 overflows in float16.
     """
     from .hub import resolve
-    from .weights import assign_weights, checkpoint_files, dtype_plan, lm_dtype, read_tensors
 
     directory = resolve(name_or_path)
     device = torch.device(device) if device is not None else _default_device()
-    dtype = parse_dtype(dtype, device)
+    return load_directory(directory, device, parse_dtype(dtype, device), str(name_or_path))
+
+
+def load_directory(directory: Path, device: torch.device, dtype: torch.dtype, name: str = "") -> Blip2:
+    """Build the pipeline object for a local checkpoint directory (see `load`)."""
+    from .models.retrieval import Blip2ForImageTextRetrieval
+    from .weights import assign_weights, checkpoint_files, dtype_plan, lm_dtype, read_tensors
+
     try:
         raw = json.loads((directory / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{directory / 'config.json'}: cannot be read ({e})") from None
     config = Blip2Config.from_dict(raw)
-    if config.text is None:
-        raise CheckpointError(f"{name_or_path} has no language model (an image-text retrieval checkpoint?)")
-    if lm_dtype(config, dtype) != dtype:
-        import warnings
-
-        warnings.warn("Flan-T5 overflows in float16: its language model is loaded in bfloat16 instead", stacklevel=2)
+    if matching.is_retrieval(raw):
+        # Their config.json carries a default text_config although there is no language model.
+        config = dataclasses.replace(config, text=None)
+        if not config.qformer.use_qformer_text_input:
+            raise CheckpointError(f"{directory}: a retrieval checkpoint needs qformer_config.use_qformer_text_input")
+        model_class = Blip2ForImageTextRetrieval
+    elif config.text is None:
+        raise CheckpointError(f"{directory}: config.json has no text_config (no language model)")
+    else:
+        model_class = Blip2ForConditionalGeneration
+        if lm_dtype(config, dtype) != dtype:
+            warnings.warn("Flan-T5 overflows in float16: its language model is loaded in bfloat16 instead",
+                          stacklevel=3)
     with torch.device("meta"):
-        model = Blip2ForConditionalGeneration(config)
+        model = model_class(config)
     assign_weights(model, read_tensors(checkpoint_files(directory), device), dtype_plan(config, dtype))
     model.eval().requires_grad_(False)
     image_config = image_io.ImageProcessorConfig.from_dict(_image_settings(directory))
     qformer_text = None
     if config.model_type == "instructblip":
         qformer_text = TextProcessor.from_dir(directory / "qformer_tokenizer")
-    return Blip2(model, config, TextProcessor.from_dir(directory), image_config, device, str(name_or_path),
+    return Blip2(model, config, TextProcessor.from_dir(directory), image_config, device, name or str(directory),
                  qformer_text=qformer_text)
 
 

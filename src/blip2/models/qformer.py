@@ -112,7 +112,9 @@ class TextEmbeddings(nn.Module):
 
     def __init__(self, config: QFormerConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.word_embeddings = nn.Embedding(
+            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+        )
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
     def forward(self, ids: Tensor) -> Tensor:

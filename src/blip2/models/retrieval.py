@@ -1,0 +1,89 @@
+"""BLIP-2's first-stage model for image-text retrieval: ITC (contrastive similarity) and ITM (matching).
+
+The vision tower and the learned queries read the image as in captioning; the Q-Former also reads text, alone
+(unimodal: its [CLS] output, projected, is the text embedding for ITC) or after the queries, which then see the
+text in self-attention and the image in cross-attention (multimodal: the ITM head reads the query outputs).
+Parameter names follow the Hugging Face checkpoint layout of `Blip2ForImageTextRetrieval` (`vision_model.*`,
+`query_tokens`, `embeddings.*`, `qformer.*`, `vision_projection.*`, `text_projection.*`, `itm_head.*`);
+`Salesforce/blip2-itm-vit-g` and `-coco` have no language model.
+
+Text ids here are text only ([CLS] text [SEP], right-padded): no image placeholders, whatever the config's
+`image_token_index` says (the reference drops the first `num_query_tokens` ids when it is set, expecting its
+processor to have put placeholders there).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import Blip2Config
+from .qformer import QFormer, TextEmbeddings
+from .vision import VisionModel
+
+
+class Blip2ForImageTextRetrieval(nn.Module):
+    def __init__(self, config: Blip2Config):
+        super().__init__()
+        self.config = config
+        q = config.qformer
+        self.vision_model = VisionModel(config.vision)
+        self.query_tokens = nn.Parameter(torch.empty(1, config.num_query_tokens, q.hidden_size))
+        self.embeddings = TextEmbeddings(q)
+        self.qformer = QFormer(q, text_ffn=True)
+        self.vision_projection = nn.Linear(q.hidden_size, config.image_text_hidden_size)
+        self.text_projection = nn.Linear(q.hidden_size, config.image_text_hidden_size)
+        self.itm_head = nn.Linear(q.hidden_size, 2)
+
+    # -- image ----------------------------------------------------------------------------------------------
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        """pixels (B, 3, H, W) -> image embeddings (B, 257, 1408) in the vision tower's dtype."""
+        return self.vision_model(pixels)
+
+    def query(self, image_embeds: Tensor) -> Tensor:
+        """Image embeddings (B, 257, 1408) -> Q-Former query outputs, the image features (B, Q, 768), float32."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(queries, image_embeds, num_queries=queries.shape[1])
+
+    def image_features(self, pixels: Tensor) -> Tensor:
+        """pixels (B, 3, H, W) -> image features (B, Q, 768)."""
+        return self.query(self.encode_images(pixels))
+
+    def project_images(self, image_features: Tensor) -> Tensor:
+        """Image features (B, Q, 768) -> L2-normalised ITC embeddings (B, Q, 256), one per query."""
+        return F.normalize(
+            self.vision_projection(image_features.to(self.vision_projection.weight.dtype)), dim=-1
+        )
+
+    # -- text -----------------------------------------------------------------------------------------------
+    def text_features(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Text ids and 1/0 mask (B, L) -> Q-Former text outputs (B, L, 768), text alone (no queries, no image)."""
+        return self.qformer(self.embeddings(ids), None, num_queries=0, attention_mask=mask)
+
+    def project_texts(self, text_features: Tensor) -> Tensor:
+        """Text features (B, L, 768) -> the L2-normalised ITC embedding of the [CLS] position (B, 256)."""
+        cls = text_features[:, 0].to(self.text_projection.weight.dtype)
+        return F.normalize(self.text_projection(cls), dim=-1)
+
+    # -- image and text together ----------------------------------------------------------------------------
+    def multimodal_features(self, image_embeds: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+        """Aligned rows of image embeddings (B, 257, 1408) and text (B, L) -> query outputs (B, Q, 768) of the
+        Q-Former reading queries + text, queries cross-attending to the image (LAVIS's "multimodal" features)."""
+        b = image_embeds.shape[0]
+        text = self.embeddings(ids)  # (B, L, 768)
+        # As the reference: the queries join the text in the embeddings' dtype (float16 rounds them there).
+        queries = self.query_tokens.expand(b, -1, -1).to(text.dtype)  # (B, Q, 768)
+        q = queries.shape[1]
+        x = torch.cat([queries, text], dim=1)  # (B, Q + L, 768)
+        full_mask = torch.cat([mask.new_ones(b, q), mask], dim=1)
+        return self.qformer(x, image_embeds, num_queries=q, attention_mask=full_mask)[:, :q]
+
+    def itm_logits(self, multimodal: Tensor) -> Tensor:
+        """Multimodal features (B, Q, 768) -> ITM logits (B, 2), [no match, match]: the head's mean over queries."""
+        return self.itm_head(multimodal.to(self.itm_head.weight.dtype)).mean(dim=1)
+
+
+def similarity(image_proj: Tensor, text_proj: Tensor) -> Tensor:
+    """ITC similarity: (I, Q, 256) and (T, 256), both normalised -> (I, T), the best cosine over the queries."""
+    return (image_proj @ text_proj.to(image_proj.dtype).T).amax(dim=1)  # (I, Q, T) -> (I, T)
