@@ -25,35 +25,111 @@ from blip2.testing import build_checkpoint
 
 SIZES = {
     # A model small enough for a 2-core CPU, with the real model's shape ratios (ViT-g at 224, 32 queries).
-    "mid-opt": dict(lm="opt", num_query_tokens=32,
-                    vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
-                                image_size=224, patch_size=14),
-                    qformer=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
-                    text=dict(hidden_size=512, ffn_dim=2048, num_hidden_layers=6, num_attention_heads=8,
-                              vocab_size=8192, max_position_embeddings=512)),
-    "mid-t5": dict(lm="t5", num_query_tokens=32,
-                   vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
-                               image_size=224, patch_size=14),
-                   qformer=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
-                   text=dict(d_model=512, d_kv=64, d_ff=1024, num_layers=6, num_decoder_layers=6, num_heads=8,
-                             vocab_size=8192, relative_attention_num_buckets=32,
-                             relative_attention_max_distance=128)),
+    "mid-opt": dict(
+        lm="opt",
+        num_query_tokens=32,
+        vision=dict(
+            hidden_size=384,
+            intermediate_size=1536,
+            num_hidden_layers=6,
+            num_attention_heads=6,
+            image_size=224,
+            patch_size=14,
+        ),
+        qformer=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+        text=dict(
+            hidden_size=512,
+            ffn_dim=2048,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            vocab_size=8192,
+            max_position_embeddings=512,
+        ),
+    ),
+    "mid-t5": dict(
+        lm="t5",
+        num_query_tokens=32,
+        vision=dict(
+            hidden_size=384,
+            intermediate_size=1536,
+            num_hidden_layers=6,
+            num_attention_heads=6,
+            image_size=224,
+            patch_size=14,
+        ),
+        qformer=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+        text=dict(
+            d_model=512,
+            d_kv=64,
+            d_ff=1024,
+            num_layers=6,
+            num_decoder_layers=6,
+            num_heads=8,
+            vocab_size=8192,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+        ),
+    ),
     # The released sizes (random weights): for a GPU.
-    "opt-2.7b": dict(lm="opt", num_query_tokens=32,
-                     vision=dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,
-                                 num_attention_heads=16, image_size=224, patch_size=14),
-                     qformer=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                  num_attention_heads=12, max_position_embeddings=512, vocab_size=30522),
-                     text=dict(hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
-                               vocab_size=50304, max_position_embeddings=2048)),
-    "flan-t5-xl": dict(lm="t5", num_query_tokens=32,
-                       vision=dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,
-                                   num_attention_heads=16, image_size=224, patch_size=14),
-                       qformer=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                    num_attention_heads=12, max_position_embeddings=512, vocab_size=30522),
-                       text=dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24,
-                                 num_heads=32, vocab_size=32128, relative_attention_num_buckets=32,
-                                 relative_attention_max_distance=128)),
+    "opt-2.7b": dict(
+        lm="opt",
+        num_query_tokens=32,
+        vision=dict(
+            hidden_size=1408,
+            intermediate_size=6144,
+            num_hidden_layers=39,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+        ),
+        qformer=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=512,
+            vocab_size=30522,
+        ),
+        text=dict(
+            hidden_size=2560,
+            ffn_dim=10240,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            vocab_size=50304,
+            max_position_embeddings=2048,
+        ),
+    ),
+    "flan-t5-xl": dict(
+        lm="t5",
+        num_query_tokens=32,
+        vision=dict(
+            hidden_size=1408,
+            intermediate_size=6144,
+            num_hidden_layers=39,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+        ),
+        qformer=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=512,
+            vocab_size=30522,
+        ),
+        text=dict(
+            d_model=2048,
+            d_kv=64,
+            d_ff=5120,
+            num_layers=24,
+            num_decoder_layers=24,
+            num_heads=32,
+            vocab_size=32128,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+        ),
+    ),
 }
 
 
@@ -87,15 +163,23 @@ def measure(ours, hf, spec, batch, args, dtype, options) -> tuple[float, float]:
 
     def run_hf():
         with torch.inference_mode():
-            return hf.generate(pixel_values=pixels.to(dtype), input_ids=input_ids, attention_mask=mask,
-                               do_sample=False, num_beams=1, max_new_tokens=args.new_tokens,
-                               min_new_tokens=args.new_tokens)
+            return hf.generate(
+                pixel_values=pixels.to(dtype),
+                input_ids=input_ids,
+                attention_mask=mask,
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+            )
 
     return batch / time_call(run_ours, args.repeats), batch / time_call(run_hf, args.repeats)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", choices=sorted(SIZES), default="mid-opt")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--new-tokens", type=int, default=30)
@@ -110,8 +194,15 @@ def main():
     spec = SIZES[args.size]
     directory = args.checkpoint or Path(tempfile.mkdtemp()) / args.size
     if not (directory / "config.json").exists():
-        build_checkpoint(directory, spec["lm"], num_query_tokens=spec["num_query_tokens"], vision=spec["vision"],
-                         qformer=spec["qformer"], text=spec["text"], std=0.02)
+        build_checkpoint(
+            directory,
+            spec["lm"],
+            num_query_tokens=spec["num_query_tokens"],
+            vision=spec["vision"],
+            qformer=spec["qformer"],
+            text=spec["text"],
+            std=0.02,
+        )
     dtype = blip2.pipeline.parse_dtype(args.dtype, torch.device(args.device))
     ours = blip2.load(directory, device=args.device, dtype=dtype)
     hf = Blip2ForConditionalGeneration.from_pretrained(directory, dtype=dtype).to(args.device).eval()
@@ -122,8 +213,11 @@ def main():
     for batch in args.batches:
         rate_ours, rate_hf = measure(ours, hf, spec, batch, args, dtype, options)
         rows.append((batch, rate_ours, rate_hf))
-        print(f"batch {batch:3d}: ours {rate_ours:8.2f} img/s   transformers {rate_hf:8.2f} img/s   "
-              f"ratio {rate_ours / rate_hf:5.2f}x", flush=True)
+        print(
+            f"batch {batch:3d}: ours {rate_ours:8.2f} img/s   transformers {rate_hf:8.2f} img/s   "
+            f"ratio {rate_ours / rate_hf:5.2f}x",
+            flush=True,
+        )
     print("\n| batch | ours (img/s) | transformers (img/s) | ratio |\n|---|---|---|---|")
     for batch, a, b in rows:
         print(f"| {batch} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")

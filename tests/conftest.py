@@ -7,9 +7,18 @@ import warnings
 import pytest
 import torch
 
-from blip2.testing import build_checkpoint, build_instructblip_checkpoint
+from blip2.testing import build_checkpoint, build_instructblip_checkpoint, build_retrieval_checkpoint
 
 warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The test models are tiny: threads only contend (tens of times slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +38,16 @@ def instruct_checkpoints(tmp_path_factory):
     """Tiny InstructBLIP checkpoints with OPT, Flan-T5 and LLaMA (Vicuna) language models."""
     root = tmp_path_factory.mktemp("instructblip")
     return {lm: build_instructblip_checkpoint(root / lm, lm) for lm in ("opt", "t5", "llama")}
+
+
+@pytest.fixture(scope="session")
+def retrieval_checkpoints(tmp_path_factory):
+    """Tiny image-text retrieval checkpoints (blip2-itm-vit-g style), without and with an image token."""
+    root = tmp_path_factory.mktemp("retrieval")
+    return {
+        "plain": build_retrieval_checkpoint(root / "plain"),
+        "image-token": build_retrieval_checkpoint(root / "image-token", image_token_index=True, seed=1),
+    }
 
 
 @pytest.fixture(scope="session")

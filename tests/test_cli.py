@@ -37,10 +37,27 @@ def bad_images(tmp_path_factory, photos):
 
 def test_caption_json_one_line_per_image_in_order(capsys, checkpoints, photos, bad_images):
     good = [str(p) for p in photos[:2]]
-    inputs = [good[0], bad_images["truncated.jpg"], bad_images["empty.jpg"], bad_images["notes.jpg"],
-              bad_images["random.png"], bad_images["missing.jpg"], good[1]]
-    code, out, err = run(capsys, "caption", *inputs, "--model", str(checkpoints["opt"]), "--json",
-                         "--beams", "2", "--max-new-tokens", "8")
+    inputs = [
+        good[0],
+        bad_images["truncated.jpg"],
+        bad_images["empty.jpg"],
+        bad_images["notes.jpg"],
+        bad_images["random.png"],
+        bad_images["missing.jpg"],
+        good[1],
+    ]
+    code, out, err = run(
+        capsys,
+        "caption",
+        *inputs,
+        "--model",
+        str(checkpoints["opt"]),
+        "--json",
+        "--beams",
+        "2",
+        "--max-new-tokens",
+        "8",
+    )
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 1
     assert [line["image"] for line in lines] == inputs
@@ -53,15 +70,38 @@ def test_caption_json_one_line_per_image_in_order(capsys, checkpoints, photos, b
 def test_caption_matches_library(capsys, checkpoints, photos):
     model = blip2.load(checkpoints["opt"])
     expected = model.caption([str(p) for p in photos[:3]], prompt="a photo of", num_beams=3, max_new_tokens=8)
-    code, out, _ = run(capsys, "caption", *map(str, photos[:3]), "-m", str(checkpoints["opt"]),
-                       "--prompt", "a photo of", "--beams", "3", "--max-new-tokens", "8", "--batch-size", "2")
+    code, out, _ = run(
+        capsys,
+        "caption",
+        *map(str, photos[:3]),
+        "-m",
+        str(checkpoints["opt"]),
+        "--prompt",
+        "a photo of",
+        "--beams",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "2",
+    )
     assert code == 0
     assert [line.split("\t", 1)[1] for line in out.splitlines()] == expected
 
 
 def test_plain_errors_go_to_stderr_one_line(capsys, checkpoints, photos, bad_images):
-    code, out, err = run(capsys, "caption", str(photos[0]), bad_images["truncated.jpg"],
-                         "-m", str(checkpoints["t5"]), "--beams", "1", "--max-new-tokens", "5")
+    code, out, err = run(
+        capsys,
+        "caption",
+        str(photos[0]),
+        bad_images["truncated.jpg"],
+        "-m",
+        str(checkpoints["t5"]),
+        "--beams",
+        "1",
+        "--max-new-tokens",
+        "5",
+    )
     assert code == 1
     assert len(out.splitlines()) == 1 and out.startswith(str(photos[0]))
     assert err.count("\n") == 1 and "truncated.jpg" in err and "Traceback" not in err
@@ -74,8 +114,10 @@ def test_ask_json(capsys, checkpoints, photos):
     code, out, _ = run(capsys, "ask", str(photos[0]), *questions, "-m", str(checkpoints["opt"]), "--json")
     assert code == 0
     (line,) = [json.loads(x) for x in out.splitlines()]
-    assert line == {"image": str(photos[0]), "answers": [{"question": q, "answer": a}
-                                                         for q, a in zip(questions, expected)]}
+    assert line == {
+        "image": str(photos[0]),
+        "answers": [{"question": q, "answer": a} for q, a in zip(questions, expected)],
+    }
 
 
 def test_ask_bad_image(capsys, checkpoints, bad_images):
@@ -104,16 +146,99 @@ def test_offline_repo_id_says_how_to_get_it(capsys, photos, monkeypatch, tmp_pat
 
 
 def test_bad_option_values(capsys, checkpoints, photos):
-    code, _, err = run(capsys, "caption", str(photos[0]), "-m", str(checkpoints["opt"]), "--top-p", "3",
-                       "--sample")
+    code, _, err = run(
+        capsys, "caption", str(photos[0]), "-m", str(checkpoints["opt"]), "--top-p", "3", "--sample"
+    )
     assert code == 2 and "top_p" in err and "Traceback" not in err
     code, _, err = run(capsys, "caption", str(photos[0]), "--beams", "0")
     assert code == 2 and "Traceback" not in err
 
 
 def test_python_dash_m(checkpoints, photos):
-    result = subprocess.run([sys.executable, "-m", "blip2", "caption", str(photos[0]), "-m",
-                             str(checkpoints["opt"]), "--json", "--beams", "1", "--max-new-tokens", "4"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blip2",
+            "caption",
+            str(photos[0]),
+            "-m",
+            str(checkpoints["opt"]),
+            "--json",
+            "--beams",
+            "1",
+            "--max-new-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["image"] == str(photos[0])
+
+
+# -- matching commands (retrieval checkpoints) -----------------------------------------------------------------
+def test_match_json_equals_library(capsys, retrieval_checkpoints, photos):
+    path = str(retrieval_checkpoints["plain"])
+    texts = ["a cat on a couch", "two dogs"]
+    expected = blip2.load(path).match(str(photos[0]), texts)
+    code, out, _ = run(capsys, "match", str(photos[0]), *texts, "-m", path, "--json")
+    assert code == 0
+    line = json.loads(out)
+    assert line["image"] == str(photos[0])
+    assert [m["text"] for m in line["matches"]] == texts
+    assert [m["probability"] for m in line["matches"]] == pytest.approx(expected, abs=1e-6)
+
+
+def test_similarity_lines_per_image_with_bad_one(capsys, retrieval_checkpoints, photos, bad_images):
+    path = str(retrieval_checkpoints["plain"])
+    inputs = [str(photos[0]), bad_images["empty.jpg"], str(photos[1])]
+    expected = blip2.load(path).similarity([str(photos[0]), str(photos[1])], ["a cat", "a dog"])
+    code, out, err = run(capsys, "similarity", *inputs, "-t", "a cat", "-t", "a dog", "-m", path, "--json")
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert code == 1 and [x["image"] for x in lines] == inputs and "error" in lines[1]
+    assert [s["score"] for s in lines[0]["scores"]] == pytest.approx(expected[0].tolist(), abs=1e-6)
+    assert [s["score"] for s in lines[2]["scores"]] == pytest.approx(expected[1].tolist(), abs=1e-6)
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".parquet"])
+def test_embed_writes_rows_with_paths(capsys, retrieval_checkpoints, photos, bad_images, tmp_path, suffix):
+    from blip2.embeddings_io import read_embeddings
+
+    path = str(retrieval_checkpoints["plain"])
+    out_file = tmp_path / f"vectors{suffix}"
+    inputs = [str(photos[0]), bad_images["notes.jpg"], str(photos[2])]
+    code, out, err = run(capsys, "embed", *inputs, "-m", path, "--out", str(out_file), "--batch-size", "2")
+    assert code == 1 and "notes.jpg" in err
+    paths, array = read_embeddings(out_file)
+    assert paths == [str(photos[0]), str(photos[2])]
+    expected = blip2.load(path).embed_images([str(photos[0]), str(photos[2])])["image_embeds_proj"]
+    assert array.shape == tuple(expected.shape)
+    assert abs(array - expected.numpy()).max() < 1e-5
+
+
+def test_embed_refuses_unknown_format_before_work(capsys, photos, tmp_path):
+    code, _, err = run(capsys, "embed", str(photos[0]), "--out", str(tmp_path / "x.csv"), "-m", "/nowhere")
+    assert code == 2 and ".npy or .parquet" in err
+
+
+def test_classify(capsys, retrieval_checkpoints, photos):
+    path = str(retrieval_checkpoints["plain"])
+    expected = blip2.load(path).classify(str(photos[0]), ["cat", "dog", "car"])
+    code, out, _ = run(capsys, "classify", str(photos[0]), "--labels", "cat, dog,car", "-m", path, "--json")
+    assert code == 0
+    ranked = json.loads(out)["labels"]
+    assert [r["label"] for r in ranked] == [r["label"] for r in expected]
+    assert sum(r["probability"] for r in ranked) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_matching_on_captioning_checkpoint_is_a_clear_error(capsys, checkpoints, photos):
+    code, out, err = run(capsys, "match", str(photos[0]), "a cat", "-m", str(checkpoints["opt"]))
+    assert code == 1 and out == "" and "blip2-itm-vit-g" in err and "Traceback" not in err
+
+
+def test_caption_on_retrieval_checkpoint_is_a_clear_error(capsys, retrieval_checkpoints, photos):
+    code, _, err = run(capsys, "caption", str(photos[0]), "-m", str(retrieval_checkpoints["plain"]))
+    assert code == 1 and "no language model" in err and "Traceback" not in err

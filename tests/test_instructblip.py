@@ -10,8 +10,12 @@ from blip2.pipeline import make_options
 
 FAMILIES = ["opt", "t5", "llama"]
 PROMPTS = ["What is in the picture?", "Describe the image in detail.", "how many dogs are there?"]
-OPTIONS = [dict(num_beams=1), dict(num_beams=3), dict(num_beams=4, length_penalty=-1.0, num_return_sequences=2),
-           dict(num_beams=1, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=6)]
+OPTIONS = [
+    dict(num_beams=1),
+    dict(num_beams=3),
+    dict(num_beams=4, length_penalty=-1.0, num_return_sequences=2),
+    dict(num_beams=1, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=6),
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +48,11 @@ def test_query_outputs_read_the_instruction(family, reference, photos):
     hf, processor, ours = reference(family)
     inputs = _inputs(processor, photos)
     with torch.no_grad():
-        expected = hf.get_image_features(inputs["pixel_values"], qformer_input_ids=inputs["qformer_input_ids"],
-                                         qformer_attention_mask=inputs["qformer_attention_mask"]).pooler_output
+        expected = hf.get_image_features(
+            inputs["pixel_values"],
+            qformer_input_ids=inputs["qformer_input_ids"],
+            qformer_attention_mask=inputs["qformer_attention_mask"],
+        ).pooler_output
         got = ours.encode(inputs["pixel_values"], range(3), PROMPTS)
     assert (got - expected).abs().max() < 1e-5
     other = ours.encode(inputs["pixel_values"], range(3), ["something else entirely"] * 3)
@@ -59,7 +66,7 @@ def test_generation_token_identical(family, options, reference, photos):
     inputs = _inputs(processor, photos)
     with torch.no_grad():
         out = hf.generate(**inputs, max_new_tokens=10, do_sample=False, **options)
-        expected = out[:, 1:] if family == "t5" else out[:, inputs["input_ids"].shape[1]:]
+        expected = out[:, 1:] if family == "t5" else out[:, inputs["input_ids"].shape[1] :]
         prefix = ours.encode(inputs["pixel_values"], range(3), PROMPTS)
         got = ours.generate_ids(prefix, PROMPTS, make_options(dict(max_new_tokens=10, **options)))
     assert torch.equal(got, expected), f"\nours {got.tolist()}\nhf   {expected.tolist()}"

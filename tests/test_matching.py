@@ -20,29 +20,15 @@ from blip2.matching import (
     match,
     similarity,
 )
-from blip2.testing import build_retrieval_checkpoint
 
 VARIANTS = ["plain", "image-token"]
 TEXTS = ["a cat on a red couch", "two dogs", "an airplane flying over the city on a sunny day"]
 LABELS = ["cat", "dog", "airplane", "clock tower", "plate of food"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: threads only contend (on a busy 2-core machine, 50x slower in transformers' forward)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    root = tmp_path_factory.mktemp("retrieval")
-    return {
-        "plain": build_retrieval_checkpoint(root / "plain"),
-        "image-token": build_retrieval_checkpoint(root / "image-token", image_token_index=True, seed=1),
-    }
+def paths(retrieval_checkpoints):
+    return retrieval_checkpoints
 
 
 @pytest.fixture(scope="module")

@@ -44,12 +44,14 @@ def _reference(oracle, path, images, prompts, family):
 def _hf_new_tokens(hf, inputs, family, **options):
     with torch.no_grad():
         out = hf.generate(**inputs, do_sample=False, **options)
-    return out[:, inputs["input_ids"].shape[1]:] if family == "opt" else out[:, 1:]
+    return out[:, inputs["input_ids"].shape[1] :] if family == "opt" else out[:, 1:]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_preprocessing_matches_processor(family, checkpoints, oracle, ours, photos):
-    _, inputs = _reference(oracle, checkpoints[family], [_pil(p) for p in photos], ["x"] * len(photos), family)
+    _, inputs = _reference(
+        oracle, checkpoints[family], [_pil(p) for p in photos], ["x"] * len(photos), family
+    )
     got = ours(family).preprocess(photos)
     assert (got - inputs["pixel_values"]).abs().max() < 1e-5
 
@@ -97,11 +99,16 @@ def test_generation_token_identical(family, options, checkpoints, oracle, ours, 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sharded_checkpoint_gives_same_tokens(family, checkpoints, oracle, ours, photos):
     model = ours(f"{family}-sharded")
-    hf, inputs = _reference(oracle, checkpoints[f"{family}-sharded"], [_pil(photos[1])], ["a photo of"], family)
+    hf, inputs = _reference(
+        oracle, checkpoints[f"{family}-sharded"], [_pil(photos[1])], ["a photo of"], family
+    )
     expected = _hf_new_tokens(hf, inputs, family, max_new_tokens=10, num_beams=3)
     with torch.no_grad():
-        got = model.generate_ids(model.encode(inputs["pixel_values"]), ["a photo of"],
-                                 make_options(dict(max_new_tokens=10, num_beams=3)))
+        got = model.generate_ids(
+            model.encode(inputs["pixel_values"]),
+            ["a photo of"],
+            make_options(dict(max_new_tokens=10, num_beams=3)),
+        )
     assert torch.equal(got, expected)
 
 
@@ -111,7 +118,9 @@ def test_batch_equals_one_by_one(family, num_beams, ours, photos):
     model = ours(family)
     prompts = ["a photo of", "", "Question: what is in the picture? Answer:"]
     batch = model.caption(photos[:3], prompt=prompts, num_beams=num_beams, max_new_tokens=12)
-    alone = [model.caption(p, prompt=t, num_beams=num_beams, max_new_tokens=12) for p, t in zip(photos, prompts)]
+    alone = [
+        model.caption(p, prompt=t, num_beams=num_beams, max_new_tokens=12) for p, t in zip(photos, prompts)
+    ]
     assert batch == alone
 
 
@@ -120,7 +129,9 @@ def test_ask_encodes_image_once_and_matches_pairwise(ours, photos, monkeypatch):
     questions = ["what is it?", "how many dogs are there?"]
     calls = []
     original = model.model.vision_model.forward
-    monkeypatch.setattr(model.model.vision_model, "forward", lambda x: calls.append(x.shape[0]) or original(x))
+    monkeypatch.setattr(
+        model.model.vision_model, "forward", lambda x: calls.append(x.shape[0]) or original(x)
+    )
     answers = model.ask(photos[0], questions, num_beams=1)
     assert calls == [1]
     assert answers == [model.ask(photos[0], q, num_beams=1) for q in questions]
@@ -132,8 +143,9 @@ def test_ask_template_per_family(ours, photos):
     assert ours("t5").template == "Question: {} Short answer:"
     model = ours("t5")
     custom = model.ask(photos[0], "what?", template="Q: {} A:", num_beams=1)
-    assert custom == model.caption(photos[0], prompt="Q: what? A:", num_beams=1, min_new_tokens=1,
-                                   max_new_tokens=10)
+    assert custom == model.caption(
+        photos[0], prompt="Q: what? A:", num_beams=1, min_new_tokens=1, max_new_tokens=10
+    )
 
 
 def _first_step_logits(model, prefix, prompts):

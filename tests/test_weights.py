@@ -101,7 +101,9 @@ def test_missing_files_are_named(checkpoints, tmp_path):
     for name in ("tokenizer.json", "processor_config.json"):
         d = _copy(checkpoints["opt"], tmp_path / name)
         (d / name).unlink()
-        with pytest.raises(CheckpointError, match="tokenizer.json" if "tok" in name else "preprocessor_config"):
+        with pytest.raises(
+            CheckpointError, match="tokenizer.json" if "tok" in name else "preprocessor_config"
+        ):
             blip2.load(d)
     d = _copy(checkpoints["opt"], tmp_path / "noweights")
     (d / "model.safetensors").unlink()
@@ -114,7 +116,9 @@ def test_pickled_weights_load_weights_only(checkpoints, tmp_path, photos):
     torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
     (d / "model.safetensors").unlink()
     options = dict(num_beams=2, max_new_tokens=6)
-    assert blip2.load(d).caption(photos[0], **options) == blip2.load(checkpoints["opt"]).caption(photos[0], **options)
+    assert blip2.load(d).caption(photos[0], **options) == blip2.load(checkpoints["opt"]).caption(
+        photos[0], **options
+    )
 
 
 def test_pickle_with_code_is_refused(checkpoints, tmp_path):

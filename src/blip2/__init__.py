@@ -1,9 +1,9 @@
 """blip2: fast, exact BLIP-2 inference in plain PyTorch.
 
-    import blip2
-    model = blip2.load("Salesforce/blip2-opt-2.7b")
-    model.caption("photo.jpg")
-    model.ask("photo.jpg", "what is the man holding?")
+import blip2
+model = blip2.load("Salesforce/blip2-opt-2.7b")
+model.caption("photo.jpg")
+model.ask("photo.jpg", "what is the man holding?")
 """
 
 from .errors import Blip2Error, CheckpointError, ImageError, InputError

@@ -17,6 +17,8 @@ import click
 from .errors import Blip2Error, InputError
 
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
+# Matching needs the Q-Former's text path, which only the retrieval checkpoints have.
+DEFAULT_MATCH_MODEL = "Salesforce/blip2-itm-vit-g"
 PROGRESS_THRESHOLD = 8  # show a progress bar from this many images on
 
 
@@ -40,14 +42,25 @@ def _generation_options(func):
     return func
 
 
-def _model_options(func):
+def _model_options(func, envvar: str = "BLIP2_MODEL", default: str = DEFAULT_MODEL):
     options = [
-        click.option("--model", "-m", envvar="BLIP2_MODEL", default=DEFAULT_MODEL, show_default=True,
-                     help="Checkpoint directory or Hub repo id (env BLIP2_MODEL)."),
+        click.option(
+            "--model",
+            "-m",
+            envvar=envvar,
+            default=default,
+            show_default=True,
+            help=f"Checkpoint directory or Hub repo id (env {envvar}).",
+        ),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
         click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 on CPU)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-                     help="Images per forward pass."),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=8,
+            show_default=True,
+            help="Images per forward pass.",
+        ),
         click.option("--json", "as_json", is_flag=True, help="One JSON line per input image on stdout."),
     ]
     for option in reversed(options):
@@ -58,7 +71,8 @@ def _model_options(func):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="blip2")
 def cli():
-    """BLIP-2 from the command line: caption images and answer questions about them."""
+    """BLIP-2 from the command line: caption images, answer questions about them, match them with texts,
+    embed them, and label them zero-shot."""
 
 
 @cli.command()
@@ -72,8 +86,9 @@ def caption(images, prompt, model, device, dtype, batch_size, as_json, **generat
     options = {k: v for k, v in generation.items() if v is not None}
 
     def run(pixels, count):
-        return pipe.generate_text(pixels, list(range(count)), [prompt or ""] * count,
-                                  {**_defaults("caption"), **options})
+        return pipe.generate_text(
+            pixels, list(range(count)), [prompt or ""] * count, {**_defaults("caption"), **options}
+        )
 
     failed = False
     for path, result in _per_image(pipe, images, batch_size, run):
@@ -116,6 +131,151 @@ def ask(image, questions, template, model, device, dtype, batch_size, as_json, *
     sys.exit(1 if failed else 0)
 
 
+def _match_options(func):
+    return _model_options(func, envvar="BLIP2_MATCH_MODEL", default=DEFAULT_MATCH_MODEL)
+
+
+@cli.command()
+@click.argument("image")
+@click.argument("texts", nargs=-1, required=True)
+@_match_options
+def match(image, texts, model, device, dtype, batch_size, as_json):
+    """ITM: the probability that IMAGE matches each of TEXTS."""
+    pipe = _load(model, device, dtype)
+    (decoded,) = _decode([image])
+    if isinstance(decoded, Exception):
+        sys.exit(_emit(image, decoded, as_json, None, False))
+    probs = pipe.match(decoded, list(texts))
+    if as_json:
+        rows = [{"text": t, "probability": p} for t, p in zip(texts, probs)]
+        click.echo(json.dumps({"image": image, "matches": rows}, ensure_ascii=False))
+    else:
+        for t, p in zip(texts, probs):
+            click.echo(f"{p:.4f}\t{t}")
+    sys.exit(0)
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option(
+    "--text", "-t", "texts", multiple=True, required=True, help="A text to compare with (repeatable)."
+)
+@_match_options
+def similarity(images, texts, model, device, dtype, batch_size, as_json):
+    """ITC: the similarity of each of IMAGES with each --text (best cosine over the query tokens)."""
+    pipe = _load(model, device, dtype)
+    failed = False
+    if not as_json:
+        click.echo("image\t" + "\t".join(texts))
+    for path, result in _per_decoded(
+        images, batch_size, lambda good: pipe.similarity(good, list(texts)).tolist()
+    ):
+        if isinstance(result, Exception):
+            failed |= _emit(path, result, as_json, None, False)
+        elif as_json:
+            rows = [{"text": t, "score": s} for t, s in zip(texts, result)]
+            click.echo(json.dumps({"image": path, "scores": rows}, ensure_ascii=False))
+        else:
+            click.echo(path + "\t" + "\t".join(f"{s:.4f}" for s in result))
+    sys.exit(1 if failed else 0)
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option(
+    "--out",
+    "-o",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Output file: .npy (paths in FILE.paths.txt beside it) or .parquet (an 'image' column).",
+)
+@_match_options
+def embed(images, out, model, device, dtype, batch_size, as_json):
+    """Embed IMAGES for search: projected, normalised query embeddings (N, 32, 256) when the checkpoint has
+    them (retrieval checkpoints), else the Q-Former outputs (N, 32, 768). Bad images are left out."""
+    from .embeddings_io import check_output_path, write_embeddings
+
+    check_output_path(out)
+    pipe = _load(model, device, dtype)
+
+    def run(good):
+        result = pipe.embed_images(good)
+        return list(result.get("image_embeds_proj", result["image_embeds"]).numpy())
+
+    kept_paths, vectors, failed = [], [], False
+    for path, result in _per_decoded(images, batch_size, run):
+        if isinstance(result, Exception):
+            failed |= _emit(path, result, as_json, None, False)
+            continue
+        if as_json:
+            click.echo(json.dumps({"image": path, "row": len(vectors), "out": out}, ensure_ascii=False))
+        kept_paths.append(path)
+        vectors.append(result)
+    if vectors:
+        shape = write_embeddings(out, kept_paths, vectors)
+        if not as_json:
+            click.echo(f"wrote {shape[0]} embeddings of shape {tuple(shape[1:])} to {out}", err=True)
+    sys.exit(1 if failed else 0)
+
+
+@cli.command()
+@click.argument("image")
+@click.option("--labels", "-l", required=True, help="Comma-separated labels, e.g. 'cat,dog,car'.")
+@click.option("--template", default="a photo of {}", show_default=True, help="Prompt with {} for the label.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep the k best labels.")
+@click.option("--rerank", is_flag=True, help="Re-rank the candidates by ITM (image and text read together).")
+@_match_options
+def classify(image, labels, template, top_k, rerank, model, device, dtype, batch_size, as_json):
+    """Zero-shot classification of IMAGE among --labels (ITC; probabilities: softmax of similarity / 0.07)."""
+    names = [label.strip() for label in labels.split(",") if label.strip()]
+    if not names:
+        raise click.BadParameter("no labels given", param_hint="--labels")
+    pipe = _load(model, device, dtype)
+    (decoded,) = _decode([image])
+    if isinstance(decoded, Exception):
+        sys.exit(_emit(image, decoded, as_json, None, False))
+    ranked = pipe.classify(decoded, names, template=template, top_k=top_k, rerank=rerank)
+    if as_json:
+        click.echo(json.dumps({"image": image, "labels": ranked}, ensure_ascii=False))
+    else:
+        for row in ranked:
+            extra = f"\tmatch {row['match']:.4f}" if "match" in row else ""
+            click.echo(f"{row['label']}\t{row['probability']:.4f}\t(score {row['score']:.4f}){extra}")
+    sys.exit(0)
+
+
+def _decode(paths) -> list:
+    """Each path decoded to an upright RGB image, or the ImageError naming it."""
+    from .images import load_image
+
+    decoded = []
+    for path in paths:
+        try:
+            decoded.append(load_image(path))
+        except Blip2Error as e:
+            decoded.append(e)
+    return decoded
+
+
+def _per_decoded(paths, batch_size: int, run: Callable) -> Iterator[tuple[str, object]]:
+    """Like _per_image for the matching commands: `run` takes decoded images and returns one result each."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=len(paths) < PROGRESS_THRESHOLD)
+    try:
+        for start in range(0, len(paths), batch_size):
+            chunk = list(paths[start : start + batch_size])
+            decoded = _decode(chunk)
+            good = [d for d in decoded if not isinstance(d, Exception)]
+            results = iter(run(good) if good else [])
+            for path, d in zip(chunk, decoded):
+                yield path, d if isinstance(d, Exception) else next(results)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
 def _defaults(task: str) -> dict:
     from .pipeline import ASK_DEFAULTS, CAPTION_DEFAULTS
 
@@ -138,7 +298,7 @@ def _per_image(pipe, paths, batch_size: int, run: Callable) -> Iterator[tuple[st
     bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=len(paths) < PROGRESS_THRESHOLD)
     try:
         for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
+            chunk = paths[start : start + batch_size]
             results: list[object] = []
             good: list[tuple[int, torch.Tensor]] = []
             for i, path in enumerate(chunk):
@@ -197,6 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # never a raw traceback, unless asked for
         if os.environ.get("BLIP2_DEBUG"):
             raise
-        click.echo(f"blip2: internal error: {type(e).__name__}: {e} (set BLIP2_DEBUG=1 for the traceback)",
-                   err=True)
+        click.echo(
+            f"blip2: internal error: {type(e).__name__}: {e} (set BLIP2_DEBUG=1 for the traceback)", err=True
+        )
         sys.exit(3)

@@ -196,7 +196,9 @@ class Blip2Config:
     def from_dict(cls, data: dict) -> Blip2Config:
         model_type = data.get("model_type", "blip-2")
         if model_type not in ("blip-2", "instructblip"):
-            raise CheckpointError(f"config.json has model_type {model_type!r}; blip2 loads 'blip-2' checkpoints")
+            raise CheckpointError(
+                f"config.json has model_type {model_type!r}; blip2 loads 'blip-2' checkpoints"
+            )
         vision = VisionConfig.from_dict(data.get("vision_config"))
         qformer = QFormerConfig.from_dict(data.get("qformer_config"))
         qformer.encoder_hidden_size = vision.hidden_size  # as the reference: always the vision width

@@ -32,7 +32,9 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path} has no config.json: not a checkpoint directory in the Hugging Face layout")
+            raise CheckpointError(
+                f"{path} has no config.json: not a checkpoint directory in the Hugging Face layout"
+            )
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint's directory (with config.json in it)")

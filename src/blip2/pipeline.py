@@ -81,7 +81,9 @@ class Blip2:
         return image_io.preprocess(_as_list(images, "images"), self.image_config)
 
     @torch.inference_mode()
-    def encode(self, pixels: Tensor, rows: Sequence[int] | None = None, prompts: Sequence[str] | None = None) -> Tensor:
+    def encode(
+        self, pixels: Tensor, rows: Sequence[int] | None = None, prompts: Sequence[str] | None = None
+    ) -> Tensor:
         """Pixels (B, 3, H, W) -> the language model's image prefix (N, Q, D), one row per entry of `rows`
         (indices into the images; default one row per image). The vision tower runs once per image.
 
@@ -94,9 +96,14 @@ class Blip2:
         if self.qformer_text is None:
             return self.model.project(self.model.query(image_embeds)).index_select(0, index)
         prompts = list(prompts) if prompts is not None else [""] * len(index)
-        instruction = self.qformer_text.batch(prompts, padding_side="right", max_length=self.qformer_max_length)
-        query = self.model.query(image_embeds.index_select(0, index), instruction.ids.to(self.device),
-                                 instruction.mask.to(self.device))
+        instruction = self.qformer_text.batch(
+            prompts, padding_side="right", max_length=self.qformer_max_length
+        )
+        query = self.model.query(
+            image_embeds.index_select(0, index),
+            instruction.ids.to(self.device),
+            instruction.mask.to(self.device),
+        )
         return self.model.project(query)
 
     # -- tasks ----------------------------------------------------------------------------------------------
@@ -113,8 +120,9 @@ class Blip2:
         single = not _is_list(images)
         items = _as_list(images, "images")
         prompts = _broadcast(prompt if prompt is not None else self.caption_prompt, len(items), "prompt")
-        texts = self.generate_text(self.preprocess(items), list(range(len(items))), prompts,
-                                   {**CAPTION_DEFAULTS, **options})
+        texts = self.generate_text(
+            self.preprocess(items), list(range(len(items))), prompts, {**CAPTION_DEFAULTS, **options}
+        )
         return texts[0] if single else texts
 
     def ask(
@@ -175,8 +183,14 @@ class Blip2:
         """Image prefix (N, Q, D) and N prompts -> new token ids (N * num_return_sequences, L)."""
         stepper, history, history_mask = self.stepper(prefix, prompts)
         text_cfg = self.config.text
-        return generate(stepper, history, opts, eos_token_id=text_cfg.eos_token_id,
-                        pad_token_id=text_cfg.pad_token_id, attention_mask=history_mask)
+        return generate(
+            stepper,
+            history,
+            opts,
+            eos_token_id=text_cfg.eos_token_id,
+            pad_token_id=text_cfg.pad_token_id,
+            attention_mask=history_mask,
+        )
 
     def stepper(self, prefix: Tensor, prompts: list[str]):
         """The language model's input for (image prefix, prompt) rows, as a decoding Stepper.
@@ -194,8 +208,9 @@ class Blip2:
         embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], dim=1)  # (N, Q + T, D)
         mask = torch.cat([text_mask.new_ones(n, q), text_mask], dim=1)
         if isinstance(text_cfg, T5Config):
-            stepper = EncoderDecoderStepper(lm, embeds, mask, text_cfg.decoder_start_token_id,
-                                            text_cfg.num_decoder_layers)
+            stepper = EncoderDecoderStepper(
+                lm, embeds, mask, text_cfg.decoder_start_token_id, text_cfg.num_decoder_layers
+            )
             return stepper, ids.new_full((n, 1), text_cfg.decoder_start_token_id), None
         stepper = DecoderOnlyStepper(lm, embeds, mask, text_cfg.num_hidden_layers)  # OPT, LLaMA
         placeholder = self.config.image_token_index
@@ -208,7 +223,9 @@ def make_options(options: dict) -> GenerationOptions:
     names = {f.name for f in dataclasses.fields(GenerationOptions)}
     unknown = sorted(set(options) - names)
     if unknown:
-        raise InputError(f"unknown generation option(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        raise InputError(
+            f"unknown generation option(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})"
+        )
     opts = GenerationOptions(**options)
     opts.validate()
     return opts
@@ -239,9 +256,14 @@ def _broadcast(value: str | Sequence[str], n: int, what: str) -> list[str]:
 
 # -- loading ----------------------------------------------------------------------------------------------------
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 
 
@@ -258,7 +280,9 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
         raise InputError(f"dtype {dtype!r} is not supported (float32, float16, bfloat16)") from None
 
 
-def load(name_or_path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Blip2:
+def load(
+    name_or_path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> Blip2:
     """Load a BLIP-2 checkpoint: a local directory in the Hugging Face layout, or a Hub repo id.
 
     Captioning / VQA checkpoints (BLIP-2 with OPT or Flan-T5, InstructBLIP with Flan-T5 or Vicuna) and the
@@ -289,15 +313,18 @@ def load_directory(directory: Path, device: torch.device, dtype: torch.dtype, na
         # Their config.json carries a default text_config although there is no language model.
         config = dataclasses.replace(config, text=None)
         if not config.qformer.use_qformer_text_input:
-            raise CheckpointError(f"{directory}: a retrieval checkpoint needs qformer_config.use_qformer_text_input")
+            raise CheckpointError(
+                f"{directory}: a retrieval checkpoint needs qformer_config.use_qformer_text_input"
+            )
         model_class = Blip2ForImageTextRetrieval
     elif config.text is None:
         raise CheckpointError(f"{directory}: config.json has no text_config (no language model)")
     else:
         model_class = Blip2ForConditionalGeneration
         if lm_dtype(config, dtype) != dtype:
-            warnings.warn("Flan-T5 overflows in float16: its language model is loaded in bfloat16 instead",
-                          stacklevel=3)
+            warnings.warn(
+                "Flan-T5 overflows in float16: its language model is loaded in bfloat16 instead", stacklevel=3
+            )
     with torch.device("meta"):
         model = model_class(config)
     assign_weights(model, read_tensors(checkpoint_files(directory), device), dtype_plan(config, dtype))
@@ -306,8 +333,15 @@ def load_directory(directory: Path, device: torch.device, dtype: torch.dtype, na
     qformer_text = None
     if config.model_type == "instructblip":
         qformer_text = TextProcessor.from_dir(directory / "qformer_tokenizer")
-    return Blip2(model, config, TextProcessor.from_dir(directory), image_config, device, name or str(directory),
-                 qformer_text=qformer_text)
+    return Blip2(
+        model,
+        config,
+        TextProcessor.from_dir(directory),
+        image_config,
+        device,
+        name or str(directory),
+        qformer_text=qformer_text,
+    )
 
 
 def _image_settings(directory: Path) -> dict:

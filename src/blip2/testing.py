@@ -27,13 +27,36 @@ CORPUS = [
     "Describe the image in detail. The image shows a beach with boats.\n",
 ]
 
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   image_size=32, patch_size=8)
-TINY_QFORMER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                    cross_attention_frequency=2, max_position_embeddings=64, vocab_size=120)
-TINY_OPT = dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
-TINY_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-               relative_attention_num_buckets=8, relative_attention_max_distance=16)
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+TINY_QFORMER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    cross_attention_frequency=2,
+    max_position_embeddings=64,
+    vocab_size=120,
+)
+TINY_OPT = dict(
+    hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128
+)
+TINY_T5 = dict(
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+)
 
 
 def opt_tokenizer(vocab_size: int = 300):
@@ -44,13 +67,24 @@ def opt_tokenizer(vocab_size: int = 300):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS * 3, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
-                                                       special_tokens=[("</s>", 2)])
-    return GPT2Tokenizer(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", unk_token="<unk>",
-                         pad_token="<pad>", add_prefix_space=False)
+    tok.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)]
+    )
+    return GPT2Tokenizer(
+        tokenizer_object=tok,
+        bos_token="</s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        add_prefix_space=False,
+    )
 
 
 def t5_tokenizer(vocab_size: int = 200):
@@ -62,12 +96,19 @@ def t5_tokenizer(vocab_size: int = 200):
     tok.normalizer = normalizers.Sequence([normalizers.Replace("\n", " ")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>", show_progress=False)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS * 3, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
 
 
 def widen_(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> None:
@@ -111,12 +152,27 @@ def build_checkpoint(
     vocab = len(tokenizer) + 8  # padded beyond the tokenizer, as the real checkpoints are
     if language_model == "opt":
         newline = tokenizer.convert_tokens_to_ids("Ċ")
-        text_config = {"model_type": "opt", **TINY_OPT, "vocab_size": vocab, "eos_token_id": newline,
-                       "bos_token_id": 2, "pad_token_id": 1, **(text or {})}
+        text_config = {
+            "model_type": "opt",
+            **TINY_OPT,
+            "vocab_size": vocab,
+            "eos_token_id": newline,
+            "bos_token_id": 2,
+            "pad_token_id": 1,
+            **(text or {}),
+        }
     else:
-        text_config = {"model_type": "t5", **TINY_T5, "vocab_size": vocab, "feed_forward_proj": "gated-gelu",
-                       "tie_word_embeddings": False, "decoder_start_token_id": 0, "pad_token_id": 0,
-                       "eos_token_id": 1, **(text or {})}
+        text_config = {
+            "model_type": "t5",
+            **TINY_T5,
+            "vocab_size": vocab,
+            "feed_forward_proj": "gated-gelu",
+            "tie_word_embeddings": False,
+            "decoder_start_token_id": 0,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            **(text or {}),
+        }
     config = Blip2Config(
         vision_config=vision,
         qformer_config={**TINY_QFORMER, **(qformer or {})},
@@ -163,10 +219,18 @@ def bert_tokenizer(vocab_size: int = 150):
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
     tok.train_from_iterator(CORPUS * 3, trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
     )
-    tokenizer = BertTokenizer(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
-                              cls_token="[CLS]", mask_token="[MASK]")
+    tokenizer = BertTokenizer(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+    )
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     return tokenizer
 
@@ -193,10 +257,15 @@ def build_retrieval_checkpoint(
     tokenizer = bert_tokenizer()
     vision = {**TINY_VISION, **(vision or {})}
     image_processor = BlipImageProcessor(size={"height": vision["image_size"], "width": vision["image_size"]})
-    processor = Blip2Processor(image_processor, tokenizer,
-                               num_query_tokens=num_query_tokens if image_token_index else None)
-    qformer_config = {**TINY_QFORMER, "vocab_size": len(tokenizer) + 8, "use_qformer_text_input": True,
-                      **(qformer or {})}
+    processor = Blip2Processor(
+        image_processor, tokenizer, num_query_tokens=num_query_tokens if image_token_index else None
+    )
+    qformer_config = {
+        **TINY_QFORMER,
+        "vocab_size": len(tokenizer) + 8,
+        "use_qformer_text_input": True,
+        **(qformer or {}),
+    }
     config = Blip2Config(
         vision_config=vision,
         qformer_config=qformer_config,
@@ -221,11 +290,16 @@ def llama_tokenizer(vocab_size: int = 300):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
     tok.train_from_iterator(CORPUS * 3, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     return tokenizer
 
@@ -250,19 +324,43 @@ def build_instructblip_checkpoint(
     path = Path(path)
     tokenizer = {"opt": opt_tokenizer, "t5": t5_tokenizer, "llama": llama_tokenizer}[language_model]()
     qformer_tokenizer = bert_tokenizer()
-    image_processor = BlipImageProcessor(size={"height": TINY_VISION["image_size"], "width": TINY_VISION["image_size"]})
-    processor = InstructBlipProcessor(image_processor, tokenizer, qformer_tokenizer, num_query_tokens=num_query_tokens)
+    image_processor = BlipImageProcessor(
+        size={"height": TINY_VISION["image_size"], "width": TINY_VISION["image_size"]}
+    )
+    processor = InstructBlipProcessor(
+        image_processor, tokenizer, qformer_tokenizer, num_query_tokens=num_query_tokens
+    )
     vocab = len(tokenizer) + 8
     if language_model == "opt":
-        text = {"model_type": "opt", **TINY_OPT, "eos_token_id": tokenizer.convert_tokens_to_ids("Ċ"),
-                "bos_token_id": 2, "pad_token_id": 1}
+        text = {
+            "model_type": "opt",
+            **TINY_OPT,
+            "eos_token_id": tokenizer.convert_tokens_to_ids("Ċ"),
+            "bos_token_id": 2,
+            "pad_token_id": 1,
+        }
     elif language_model == "t5":
-        text = {"model_type": "t5", **TINY_T5, "feed_forward_proj": "gated-gelu", "decoder_start_token_id": 0,
-                "pad_token_id": 0, "eos_token_id": 1}
+        text = {
+            "model_type": "t5",
+            **TINY_T5,
+            "feed_forward_proj": "gated-gelu",
+            "decoder_start_token_id": 0,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+        }
     else:
-        text = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "max_position_embeddings": 128, "bos_token_id": 1, "eos_token_id": 2,
-                "pad_token_id": tokenizer.pad_token_id, "tie_word_embeddings": False}
+        text = {
+            "model_type": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 128,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": tokenizer.pad_token_id,
+            "tie_word_embeddings": False,
+        }
     config = InstructBlipConfig(
         vision_config=TINY_VISION,
         qformer_config={**TINY_QFORMER, "vocab_size": len(qformer_tokenizer) + 8},

@@ -43,9 +43,13 @@ class TextProcessor:
 
         file = directory / "tokenizer.json"
         if not file.is_file():
-            raise CheckpointError(f"{directory} has no tokenizer.json (the fast tokenizer file the checkpoints ship)")
+            raise CheckpointError(
+                f"{directory} has no tokenizer.json (the fast tokenizer file the checkpoints ship)"
+            )
         settings = _read_json(directory / "tokenizer_config.json")
-        settings.update({k: v for k, v in _read_json(directory / "special_tokens_map.json").items() if k not in settings})
+        settings.update(
+            {k: v for k, v in _read_json(directory / "special_tokens_map.json").items() if k not in settings}
+        )
         return cls(
             Tokenizer.from_file(str(file)),
             bos_token=_token(settings.get("bos_token")),

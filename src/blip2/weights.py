@@ -50,7 +50,9 @@ def checkpoint_files(directory: Path) -> list[Path]:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         missing = [s for s in shards if not (directory / s).is_file()]
         if missing:
-            raise CheckpointError(f"{directory}: shards listed in {index.name} are missing: {', '.join(missing)}")
+            raise CheckpointError(
+                f"{directory}: shards listed in {index.name} are missing: {', '.join(missing)}"
+            )
         return [directory / s for s in shards]
     pickles = sorted(directory.glob("pytorch_model*.bin")) + sorted(directory.glob("*.pth"))
     if pickles:
@@ -73,7 +75,9 @@ def read_tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str,
             try:
                 state = torch.load(file, map_location=device, weights_only=True, mmap=True)
             except Exception as e:
-                raise CheckpointError(f"{file}: cannot be read with torch's weights-only loader ({e})") from None
+                raise CheckpointError(
+                    f"{file}: cannot be read with torch's weights-only loader ({e})"
+                ) from None
             yield from state.items()
 
 
@@ -84,7 +88,9 @@ def dtype_plan(config: Blip2Config, dtype: torch.dtype) -> Callable[[str], torch
     bfloat16), so its language model is kept in bfloat16 when float16 is asked for (see `lm_dtype`)."""
     lm = lm_dtype(config, dtype)
 
-    float32_prefixes = ("query_tokens",) if config.model_type == "instructblip" else ("qformer.", "query_tokens")
+    float32_prefixes = (
+        ("query_tokens",) if config.model_type == "instructblip" else ("qformer.", "query_tokens")
+    )
 
     def plan(key: str) -> torch.dtype:
         if key.startswith(float32_prefixes):
@@ -137,7 +143,9 @@ def assign_weights(
     if mismatched:
         problems.append(f"shape mismatches ({len(mismatched)}): {_some(mismatched)}")
     if problems:
-        raise CheckpointError("the checkpoint does not fit the model built from its config.json: " + "; ".join(problems))
+        raise CheckpointError(
+            "the checkpoint does not fit the model built from its config.json: " + "; ".join(problems)
+        )
     model.load_state_dict(state, strict=False, assign=True)
     _tie(model, {k: v for k, v in tied.items() if k not in state})
 

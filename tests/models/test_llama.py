@@ -28,15 +28,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls run much faster on one thread than split across cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference(attn: str = "sdpa", **overrides) -> transformers.LlamaForCausalLM:
     """A tiny reference model with weights widened away from its near-uniform init (no near-ties)."""
     torch.manual_seed(0)

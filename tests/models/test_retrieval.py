@@ -15,7 +15,6 @@ from PIL import Image
 
 from blip2.config import Blip2Config
 from blip2.models.retrieval import Blip2ForImageTextRetrieval, similarity
-from blip2.testing import build_retrieval_checkpoint
 from blip2.text import TextProcessor
 from blip2.weights import assign_weights, checkpoint_files, dtype_plan, read_tensors
 
@@ -26,24 +25,6 @@ TEXTS = [
     "a man riding a bike down the street next to a bus, and a plate of food with rice",
 ]
 Q = 6  # the tiny checkpoints' query tokens
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: threads only contend (on a busy 2-core machine, 50x slower in transformers' forward)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def retrieval_checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("retrieval")
-    return {
-        "plain": build_retrieval_checkpoint(root / "plain"),
-        "image-token": build_retrieval_checkpoint(root / "image-token", image_token_index=True, seed=1),
-    }
 
 
 @pytest.fixture(scope="module")

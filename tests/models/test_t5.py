@@ -31,15 +31,6 @@ S = 24  # encoder length, past max_distance so the far (clamped) buckets are use
 DECODER_IDS = torch.tensor([[0, 5, 17, 99, 3, 42, 8], [0, 61, 2, 7, 110, 30, 12]])  # start token + 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: intra-op threads only spin, badly so on a loaded machine (30 ms per linear seen on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_pair(dtype=torch.float32, std=0.4, **overrides):
     """A widened random transformers T5 and ours with its weights loaded strictly."""
     kwargs = {**TINY, **overrides}

@@ -8,7 +8,7 @@ from blip2.models.vision import VisionModel, resize_position_embedding
 
 
 def _sub_state(model, prefix):
-    return {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
 
 
 def _ours(hf, cls, config, prefix):
@@ -61,6 +61,14 @@ def test_qformer_matches_reference(checkpoints, oracle):
 
 
 def test_qformer_cross_attention_every_other_layer():
-    q = QFormer(QFormerConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
-                              encoder_hidden_size=8, cross_attention_frequency=2))
+    q = QFormer(
+        QFormerConfig(
+            hidden_size=16,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=32,
+            encoder_hidden_size=8,
+            cross_attention_frequency=2,
+        )
+    )
     assert [layer.has_cross_attention for layer in q.encoder.layer] == [True, False, True, False]

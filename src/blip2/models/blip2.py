@@ -50,7 +50,9 @@ class Blip2ForConditionalGeneration(nn.Module):
         """pixels (B, 3, H, W) -> image embeddings (B, 257, 1408) in the vision tower's dtype."""
         return self.vision_model(pixels)
 
-    def query(self, image_embeds: Tensor, text_ids: Tensor | None = None, text_mask: Tensor | None = None) -> Tensor:
+    def query(
+        self, image_embeds: Tensor, text_ids: Tensor | None = None, text_mask: Tensor | None = None
+    ) -> Tensor:
         """Image embeddings (B, 257, C) [+ instruction ids and mask (B, L)] -> query outputs (B, 32, 768)."""
         b, q = image_embeds.shape[0], self.query_tokens.shape[1]
         queries = self.query_tokens.expand(b, -1, -1)

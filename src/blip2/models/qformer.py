@@ -78,9 +78,7 @@ class QFormerLayer(nn.Module):
         self.intermediate_query = Intermediate(config)
         self.output_query = AddNorm(config.intermediate_size, config)
 
-    def forward(
-        self, x: Tensor, mask: Tensor | None, image: Tensor | None, num_queries: int
-    ) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, image: Tensor | None, num_queries: int) -> Tensor:
         x = self.attention(x, x, mask)
         queries, text = x[:, :num_queries], x[:, num_queries:]
         parts = []
@@ -98,9 +96,7 @@ class QFormerLayer(nn.Module):
 class QFormerEncoder(nn.Module):
     def __init__(self, config: QFormerConfig, text_ffn: bool):
         super().__init__()
-        self.layer = nn.ModuleList(
-            QFormerLayer(config, i, text_ffn) for i in range(config.num_hidden_layers)
-        )
+        self.layer = nn.ModuleList(QFormerLayer(config, i, text_ffn) for i in range(config.num_hidden_layers))
 
 
 class TextEmbeddings(nn.Module):
