@@ -32,19 +32,19 @@ def build_language_model(config: OPTConfig | T5Config | LlamaConfig) -> nn.Modul
     return OPTForCausalLM(config)
 
 
-class Blip2ForConditionalGeneration(nn.Module):
-    def __init__(self, config: Blip2Config):
+class Blip2Base(nn.Module):
+    """The part every BLIP-2 model shares: the vision tower, the learned query tokens and the Q-Former, plus
+    the Q-Former's text embeddings when it reads text (retrieval, InstructBLIP)."""
+
+    def __init__(self, config: Blip2Config, reads_text: bool):
         super().__init__()
         self.config = config
         q = config.qformer
         self.vision_model = VisionModel(config.vision)
         self.query_tokens = nn.Parameter(torch.empty(1, config.num_query_tokens, q.hidden_size))
-        instruct = config.model_type == "instructblip"
-        self.qformer = QFormer(q, text_ffn=instruct or q.use_qformer_text_input)
-        if instruct:
+        self.qformer = QFormer(q, text_ffn=reads_text or q.use_qformer_text_input)
+        if reads_text:
             self.embeddings = TextEmbeddings(q)
-        self.language_projection = nn.Linear(q.hidden_size, _lm_width(config.text))
-        self.language_model = build_language_model(config.text)
 
     def encode_images(self, pixels: Tensor) -> Tensor:
         """pixels (B, 3, H, W) -> image embeddings (B, 257, 1408) in the vision tower's dtype."""
@@ -53,15 +53,27 @@ class Blip2ForConditionalGeneration(nn.Module):
     def query(
         self, image_embeds: Tensor, text_ids: Tensor | None = None, text_mask: Tensor | None = None
     ) -> Tensor:
-        """Image embeddings (B, 257, C) [+ instruction ids and mask (B, L)] -> query outputs (B, 32, 768)."""
+        """Image embeddings (B, 257, C) [+ text ids and mask (B, L)] -> query outputs (B, Q, 768).
+
+        With text, the queries read it in self-attention while they cross-attend to the image: the
+        instruction of InstructBLIP, or the text of an ITM pair (LAVIS's "multimodal" features).
+        """
         b, q = image_embeds.shape[0], self.query_tokens.shape[1]
         queries = self.query_tokens.expand(b, -1, -1)
         if text_ids is None:
             return self.qformer(queries, image_embeds, num_queries=q)
         text = self.embeddings(text_ids)  # (B, L, 768)
-        x = torch.cat([queries.to(text.dtype), text], dim=1)
+        # As the reference: the queries join the text in the embeddings' dtype (float16 rounds them there).
+        x = torch.cat([queries.to(text.dtype), text], dim=1)  # (B, Q + L, 768)
         mask = torch.cat([text_mask.new_ones(b, q), text_mask], dim=1)
         return self.qformer(x, image_embeds, num_queries=q, attention_mask=mask)[:, :q]
+
+
+class Blip2ForConditionalGeneration(Blip2Base):
+    def __init__(self, config: Blip2Config):
+        super().__init__(config, reads_text=config.model_type == "instructblip")
+        self.language_projection = nn.Linear(config.qformer.hidden_size, _lm_width(config.text))
+        self.language_model = build_language_model(config.text)
 
     def project(self, query_output: Tensor) -> Tensor:
         """Q-Former outputs -> language-model input embeddings (B, 32, D), in the projection's dtype."""

@@ -14,38 +14,22 @@ processor to have put placeholders there).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Blip2Config
-from .qformer import QFormer, TextEmbeddings
-from .vision import VisionModel
+from .blip2 import Blip2Base
 
 
-class Blip2ForImageTextRetrieval(nn.Module):
+class Blip2ForImageTextRetrieval(Blip2Base):
     def __init__(self, config: Blip2Config):
-        super().__init__()
-        self.config = config
+        super().__init__(config, reads_text=True)
         q = config.qformer
-        self.vision_model = VisionModel(config.vision)
-        self.query_tokens = nn.Parameter(torch.empty(1, config.num_query_tokens, q.hidden_size))
-        self.embeddings = TextEmbeddings(q)
-        self.qformer = QFormer(q, text_ffn=True)
         self.vision_projection = nn.Linear(q.hidden_size, config.image_text_hidden_size)
         self.text_projection = nn.Linear(q.hidden_size, config.image_text_hidden_size)
         self.itm_head = nn.Linear(q.hidden_size, 2)
 
     # -- image ----------------------------------------------------------------------------------------------
-    def encode_images(self, pixels: Tensor) -> Tensor:
-        """pixels (B, 3, H, W) -> image embeddings (B, 257, 1408) in the vision tower's dtype."""
-        return self.vision_model(pixels)
-
-    def query(self, image_embeds: Tensor) -> Tensor:
-        """Image embeddings (B, 257, 1408) -> Q-Former query outputs, the image features (B, Q, 768), float32."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(queries, image_embeds, num_queries=queries.shape[1])
-
     def image_features(self, pixels: Tensor) -> Tensor:
         """pixels (B, 3, H, W) -> image features (B, Q, 768)."""
         return self.query(self.encode_images(pixels))
@@ -70,14 +54,7 @@ class Blip2ForImageTextRetrieval(nn.Module):
     def multimodal_features(self, image_embeds: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
         """Aligned rows of image embeddings (B, 257, 1408) and text (B, L) -> query outputs (B, Q, 768) of the
         Q-Former reading queries + text, queries cross-attending to the image (LAVIS's "multimodal" features)."""
-        b = image_embeds.shape[0]
-        text = self.embeddings(ids)  # (B, L, 768)
-        # As the reference: the queries join the text in the embeddings' dtype (float16 rounds them there).
-        queries = self.query_tokens.expand(b, -1, -1).to(text.dtype)  # (B, Q, 768)
-        q = queries.shape[1]
-        x = torch.cat([queries, text], dim=1)  # (B, Q + L, 768)
-        full_mask = torch.cat([mask.new_ones(b, q), mask], dim=1)
-        return self.qformer(x, image_embeds, num_queries=q, attention_mask=full_mask)[:, :q]
+        return self.query(image_embeds, ids, mask)
 
     def itm_logits(self, multimodal: Tensor) -> Tensor:
         """Multimodal features (B, Q, 768) -> ITM logits (B, 2), [no match, match]: the head's mean over queries."""
