@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from . import inputs
 from .errors import CheckpointError, InputError
 from .models.retrieval import similarity as itc_similarity
 
@@ -51,11 +52,11 @@ def match(
     probability per text / image (each image is encoded once). Several of each, the same number -> pairwise.
     """
     _require(pipe, "match images and texts (ITM)", "embeddings", "itm_head")
-    image_list, text_list = _images(images), _texts(texts)
-    rows, text_list = _pairs(len(image_list), text_list)
+    image_list, text_list = inputs.as_list(images, "images"), inputs.texts(texts)
+    rows, text_list = inputs.pairs(len(image_list), text_list)
     multimodal = _multimodal(pipe, _encode(pipe, image_list), rows, text_list)
     probs = pipe.model.itm_logits(multimodal).float().softmax(dim=-1)[:, 1].tolist()
-    return probs[0] if not _is_list(images) and not _is_list(texts) else probs
+    return probs[0] if not inputs.is_list(images) and not inputs.is_list(texts) else probs
 
 
 @torch.inference_mode()
@@ -63,8 +64,10 @@ def similarity(pipe: Blip2, images: ImageInput | Sequence[ImageInput], texts: st
     """ITC similarity matrix (n_images, n_texts): for each pair, the largest cosine between the image's
     projected query outputs (one per query token) and the text's projected [CLS] output, in [-1, 1]."""
     _require(pipe, "compute ITC similarity", "vision_projection", "embeddings", "text_projection")
-    image_proj = pipe.model.project_images(pipe.model.query(_encode(pipe, _images(images))))  # (I, Q, 256)
-    features, _ = _text_features(pipe, _texts(texts))
+    image_proj = pipe.model.project_images(
+        pipe.model.query(_encode(pipe, inputs.as_list(images, "images")))
+    )  # (I, Q, 256)
+    features, _ = _text_features(pipe, inputs.texts(texts))
     text_proj = pipe.model.project_texts(features)  # (T, 256)
     return _out(itc_similarity(image_proj, text_proj))
 
@@ -77,7 +80,7 @@ def embed_images(pipe: Blip2, images: ImageInput | Sequence[ImageInput]) -> dict
     - `image_embeds_proj` (B, Q, 256): their L2-normalised ITC projections, what `similarity` compares. Only
       retrieval checkpoints have the projection: for captioning checkpoints this key is absent.
     """
-    features = pipe.model.query(_encode(pipe, _images(images)))  # (B, Q, 768)
+    features = pipe.model.query(_encode(pipe, inputs.as_list(images, "images")))  # (B, Q, 768)
     out = {"image_embeds": _out(features)}
     if hasattr(pipe.model, "vision_projection"):
         out["image_embeds_proj"] = _out(pipe.model.project_images(features))
@@ -93,7 +96,7 @@ def embed_texts(pipe: Blip2, texts: str | Sequence[str]) -> dict[str, Tensor]:
     - `text_embeds_proj` (B, 256): the L2-normalised ITC projection of the [CLS] output.
     """
     _require(pipe, "embed texts", "embeddings", "text_projection")
-    features, mask = _text_features(pipe, _texts(texts))
+    features, mask = _text_features(pipe, inputs.texts(texts))
     return {
         "text_embeds": _out(features),
         "attention_mask": mask.cpu(),
@@ -109,8 +112,8 @@ def embed_multimodal(
     and its text (self-attention) together, as LAVIS's extract_features(mode="multimodal"). Images and texts
     pair up as in `match`."""
     _require(pipe, "embed images with texts", "embeddings", "itm_head")
-    image_list, text_list = _images(images), _texts(texts)
-    rows, text_list = _pairs(len(image_list), text_list)
+    image_list, text_list = inputs.as_list(images, "images"), inputs.texts(texts)
+    rows, text_list = inputs.pairs(len(image_list), text_list)
     return _out(_multimodal(pipe, _encode(pipe, image_list), rows, text_list))
 
 
@@ -134,11 +137,11 @@ def classify(
     scored by the ITM head, which reads image and text together: each gets `"match"`, its ITM probability, and
     the list is ordered by it instead; `probability` stays the ITC one.
     """
-    if _is_list(image):
+    if inputs.is_list(image):
         raise InputError(f"classify takes one image, got a list of {len(image)}; call it once per image")
     if isinstance(labels, str):
         raise InputError("labels: give a list of labels, not one string")
-    labels = _texts(labels, "labels")
+    labels = inputs.texts(labels, "labels")
     if not isinstance(template, str) or "{}" not in template:
         raise InputError(f"template {template!r} has no '{{}}' where the label goes")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
@@ -227,39 +230,3 @@ def _require(pipe: Blip2, task: str, *parts: str) -> None:
             f"{pipe.name or 'this checkpoint'} cannot {task}: it has no {', '.join(missing)} (a captioning "
             f"checkpoint's Q-Former does not read text); use {RETRIEVAL_CHECKPOINTS}"
         )
-
-
-def _is_list(x) -> bool:
-    return isinstance(x, (list, tuple))
-
-
-def _images(images) -> list:
-    items = list(images) if _is_list(images) else [images]
-    if not items:
-        raise InputError("images: the list is empty")
-    return items
-
-
-def _texts(texts, what: str = "texts") -> list[str]:
-    items = list(texts) if _is_list(texts) else [texts]
-    if not items:
-        raise InputError(f"{what}: the list is empty")
-    for t in items:
-        if not isinstance(t, str) or not t.strip():
-            raise InputError(f"{what} must be non-empty strings, got {t!r}")
-    return items
-
-
-def _pairs(n_images: int, texts: list[str]) -> tuple[list[int], list[str]]:
-    """Pair images with texts: one image with every text, every image with one text, or one to one.
-    Returns the image row of each pair and the text of each pair."""
-    if n_images == 1:
-        return [0] * len(texts), texts
-    if len(texts) == 1:
-        return list(range(n_images)), texts * n_images
-    if len(texts) == n_images:
-        return list(range(n_images)), texts
-    raise InputError(
-        f"{n_images} images and {len(texts)} texts: give one image, one text, or the same number of each "
-        "(for every image against every text, use similarity)"
-    )

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import images as image_io
-from . import matching
+from . import inputs, matching
 from .config import Blip2Config, T5Config
 from .errors import CheckpointError, InputError
 from .generation import GenerationOptions, generate
@@ -78,7 +78,7 @@ class Blip2:
     def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
         """Image(s) -> pixel tensor (B, 3, H, W), float32, as the reference BlipImageProcessor makes it
         (plus EXIF orientation and correct 16-bit conversion)."""
-        return image_io.preprocess(_as_list(images, "images"), self.image_config)
+        return image_io.preprocess(inputs.as_list(images, "images"), self.image_config)
 
     @torch.inference_mode()
     def encode(
@@ -117,9 +117,11 @@ class Blip2:
         no_repeat_ngram_size, do_sample, temperature, top_k, top_p, seed, early_stopping); the defaults are
         beam search with 5 beams and at most 30 new tokens.
         """
-        single = not _is_list(images)
-        items = _as_list(images, "images")
-        prompts = _broadcast(prompt if prompt is not None else self.caption_prompt, len(items), "prompt")
+        single = not inputs.is_list(images)
+        items = inputs.as_list(images, "images")
+        prompts = inputs.broadcast(
+            prompt if prompt is not None else self.caption_prompt, len(items), "prompt"
+        )
         texts = self.generate_text(
             self.preprocess(items), list(range(len(items))), prompts, {**CAPTION_DEFAULTS, **options}
         )
@@ -142,24 +144,9 @@ class Blip2:
         template = template or self.template
         if "{}" not in template:
             raise InputError(f"template {template!r} has no '{{}}' where the question goes")
-        image_list = _as_list(images, "images")
-        question_list = _as_list(questions, "questions")
-        for q in question_list:
-            if not isinstance(q, str) or not q.strip():
-                raise InputError(f"questions must be non-empty strings, got {q!r}")
-        single = not _is_list(images) and not _is_list(questions)
-        if len(image_list) == 1:
-            rows = [0] * len(question_list)
-        elif len(question_list) == 1:
-            rows = list(range(len(image_list)))
-            question_list = question_list * len(image_list)
-        elif len(image_list) == len(question_list):
-            rows = list(range(len(image_list)))
-        else:
-            raise InputError(
-                f"{len(image_list)} images and {len(question_list)} questions: give one image, one question, "
-                "or the same number of each"
-            )
+        image_list = inputs.as_list(images, "images")
+        rows, question_list = inputs.pairs(len(image_list), inputs.texts(questions, "questions"), "questions")
+        single = not inputs.is_list(images) and not inputs.is_list(questions)
         prompts = [template.format(q.strip()) for q in question_list]
         answers = self.generate_text(self.preprocess(image_list), rows, prompts, {**ASK_DEFAULTS, **options})
         return answers[0] if single else answers
@@ -229,29 +216,6 @@ def make_options(options: dict) -> GenerationOptions:
     opts = GenerationOptions(**options)
     opts.validate()
     return opts
-
-
-def _is_list(x) -> bool:
-    return isinstance(x, (list, tuple))
-
-
-def _as_list(x, what: str) -> list:
-    items = list(x) if _is_list(x) else [x]
-    if not items:
-        raise InputError(f"{what}: the list is empty")
-    return items
-
-
-def _broadcast(value: str | Sequence[str], n: int, what: str) -> list[str]:
-    if isinstance(value, str):
-        return [value] * n
-    values = list(value)
-    if len(values) != n:
-        raise InputError(f"{what}: {len(values)} given for {n} images; give one, or one per image")
-    for v in values:
-        if not isinstance(v, str):
-            raise InputError(f"{what}: expected strings, got {type(v).__name__}")
-    return values
 
 
 # -- loading ----------------------------------------------------------------------------------------------------
