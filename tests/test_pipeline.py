@@ -118,10 +118,13 @@ def test_batch_equals_one_by_one(family, num_beams, ours, photos):
     model = ours(family)
     prompts = ["a photo of", "", "Question: what is in the picture? Answer:"]
     batch = model.caption(photos[:3], prompt=prompts, num_beams=num_beams, max_new_tokens=12)
+    model.batch_size = 2  # caption() then runs in chunks of two (image, prompt) pairs
+    chunked = model.caption(photos[:3], prompt=prompts, num_beams=num_beams, max_new_tokens=12)
+    model.batch_size = blip2.pipeline.DEFAULT_BATCH_SIZE
     alone = [
         model.caption(p, prompt=t, num_beams=num_beams, max_new_tokens=12) for p, t in zip(photos, prompts)
     ]
-    assert batch == alone
+    assert batch == alone == chunked
 
 
 def test_ask_encodes_image_once_and_matches_pairwise(ours, photos, monkeypatch):

@@ -30,6 +30,8 @@ from .text import PROMPT_TEMPLATES, TextProcessor
 CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=1)
 ASK_DEFAULTS = dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
 
+DEFAULT_BATCH_SIZE = 16
+
 # InstructBLIP is instruction-tuned: without a prompt it is asked for a caption in words.
 INSTRUCT_CAPTION_PROMPT = "A short image caption:"
 
@@ -62,6 +64,7 @@ class Blip2:
         self.instruct = config.model_type == "instructblip"
         self.template = "{}" if self.instruct else PROMPT_TEMPLATES.get(self.family)
         self.caption_prompt = INSTRUCT_CAPTION_PROMPT if self.instruct else ""
+        self.batch_size = DEFAULT_BATCH_SIZE  # (image, prompt) pairs per forward pass in caption / ask
 
     # Matching and embeddings (ITM, ITC, features, zero-shot labels): see matching.py.
     match = matching.match
@@ -122,9 +125,7 @@ class Blip2:
         prompts = inputs.broadcast(
             prompt if prompt is not None else self.caption_prompt, len(items), "prompt"
         )
-        texts = self.generate_text(
-            self.preprocess(items), list(range(len(items))), prompts, {**CAPTION_DEFAULTS, **options}
-        )
+        texts = self.run(items, list(range(len(items))), prompts, {**CAPTION_DEFAULTS, **options})
         return texts[0] if single else texts
 
     def ask(
@@ -148,23 +149,43 @@ class Blip2:
         rows, question_list = inputs.pairs(len(image_list), inputs.texts(questions, "questions"), "questions")
         single = not inputs.is_list(images) and not inputs.is_list(questions)
         prompts = [template.format(q.strip()) for q in question_list]
-        answers = self.generate_text(self.preprocess(image_list), rows, prompts, {**ASK_DEFAULTS, **options})
+        answers = self.run(image_list, rows, prompts, {**ASK_DEFAULTS, **options})
         return answers[0] if single else answers
 
     # -- the engine -----------------------------------------------------------------------------------------
+    def run(self, images: list, rows: list[int], prompts: list[str], options: dict) -> list[str]:
+        """Generate for (images[rows[i]], prompts[i]) pairs, `batch_size` pairs at a time: each chunk decodes
+        and encodes only the images it uses, so a long list never sits in memory as pixels all at once.
+        Chunking does not change the output (a batch gives what each item gives alone)."""
+        self._require_language_model()
+        make_options(options)  # a bad option fails before any image is read
+        texts: list[str] = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            used = sorted(set(chunk))
+            local = {row: i for i, row in enumerate(used)}
+            pixels = self.preprocess([images[row] for row in used])
+            texts += self.generate_text(
+                pixels, [local[row] for row in chunk], prompts[start : start + self.batch_size], options
+            )
+        return texts
+
     @torch.inference_mode()
     def generate_text(self, pixels: Tensor, rows: list[int], prompts: list[str], options: dict) -> list[str]:
         """Generate one text per (image row, prompt): `rows[i]` indexes `pixels` for `prompts[i]`.
         With num_return_sequences > 1, each prompt's texts follow one another."""
+        self._require_language_model()
+        opts = make_options(options)
+        prefix = self.encode(pixels, rows, prompts)  # (N, Q, D)
+        ids = self.generate_ids(prefix, prompts, opts)
+        return [self.text.decode(row) for row in ids.tolist()]
+
+    def _require_language_model(self) -> None:
         if self.config.text is None:
             raise CheckpointError(
                 f"{self.name} is an image-text retrieval checkpoint with no language model: it cannot caption or "
                 "answer; use match, similarity, classify or embed_images / embed_texts"
             )
-        opts = make_options(options)
-        prefix = self.encode(pixels, rows, prompts)  # (N, Q, D)
-        ids = self.generate_ids(prefix, prompts, opts)
-        return [self.text.decode(row) for row in ids.tolist()]
 
     def generate_ids(self, prefix: Tensor, prompts: list[str], opts: GenerationOptions) -> Tensor:
         """Image prefix (N, Q, D) and N prompts -> new token ids (N * num_return_sequences, L)."""
