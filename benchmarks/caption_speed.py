@@ -23,20 +23,40 @@ import blip2
 from blip2.pipeline import make_options
 from blip2.testing import build_checkpoint
 
+# The released towers: EVA ViT-g at 224 px and the BERT-base Q-Former.
+VIT_G = dict(
+    hidden_size=1408,
+    intermediate_size=6144,
+    num_hidden_layers=39,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+)
+QFORMER_BASE = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=512,
+    vocab_size=30522,
+)
+# CPU-friendly towers with the same layout (257 image tokens, 32 queries).
+MID_VISION = dict(
+    hidden_size=384,
+    intermediate_size=1536,
+    num_hidden_layers=6,
+    num_attention_heads=6,
+    image_size=224,
+    patch_size=14,
+)
+MID_QFORMER = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
+T5_BUCKETS = dict(relative_attention_num_buckets=32, relative_attention_max_distance=128)
+
 SIZES = {
-    # A model small enough for a 2-core CPU, with the real model's shape ratios (ViT-g at 224, 32 queries).
     "mid-opt": dict(
         lm="opt",
-        num_query_tokens=32,
-        vision=dict(
-            hidden_size=384,
-            intermediate_size=1536,
-            num_hidden_layers=6,
-            num_attention_heads=6,
-            image_size=224,
-            patch_size=14,
-        ),
-        qformer=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+        vision=MID_VISION,
+        qformer=MID_QFORMER,
         text=dict(
             hidden_size=512,
             ffn_dim=2048,
@@ -48,16 +68,8 @@ SIZES = {
     ),
     "mid-t5": dict(
         lm="t5",
-        num_query_tokens=32,
-        vision=dict(
-            hidden_size=384,
-            intermediate_size=1536,
-            num_hidden_layers=6,
-            num_attention_heads=6,
-            image_size=224,
-            patch_size=14,
-        ),
-        qformer=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+        vision=MID_VISION,
+        qformer=MID_QFORMER,
         text=dict(
             d_model=512,
             d_kv=64,
@@ -66,30 +78,14 @@ SIZES = {
             num_decoder_layers=6,
             num_heads=8,
             vocab_size=8192,
-            relative_attention_num_buckets=32,
-            relative_attention_max_distance=128,
+            **T5_BUCKETS,
         ),
     ),
     # The released sizes (random weights): for a GPU.
     "opt-2.7b": dict(
         lm="opt",
-        num_query_tokens=32,
-        vision=dict(
-            hidden_size=1408,
-            intermediate_size=6144,
-            num_hidden_layers=39,
-            num_attention_heads=16,
-            image_size=224,
-            patch_size=14,
-        ),
-        qformer=dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=512,
-            vocab_size=30522,
-        ),
+        vision=VIT_G,
+        qformer=QFORMER_BASE,
         text=dict(
             hidden_size=2560,
             ffn_dim=10240,
@@ -101,23 +97,8 @@ SIZES = {
     ),
     "flan-t5-xl": dict(
         lm="t5",
-        num_query_tokens=32,
-        vision=dict(
-            hidden_size=1408,
-            intermediate_size=6144,
-            num_hidden_layers=39,
-            num_attention_heads=16,
-            image_size=224,
-            patch_size=14,
-        ),
-        qformer=dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=512,
-            vocab_size=30522,
-        ),
+        vision=VIT_G,
+        qformer=QFORMER_BASE,
         text=dict(
             d_model=2048,
             d_kv=64,
@@ -126,11 +107,11 @@ SIZES = {
             num_decoder_layers=24,
             num_heads=32,
             vocab_size=32128,
-            relative_attention_num_buckets=32,
-            relative_attention_max_distance=128,
+            **T5_BUCKETS,
         ),
     ),
 }
+NUM_QUERY_TOKENS = 32
 
 
 def time_call(fn, repeats: int) -> float:
@@ -155,7 +136,7 @@ def _sync():
 
 def measure(ours, hf, spec, batch, args, dtype, options) -> tuple[float, float]:
     """Images/s of both engines captioning `batch` preprocessed images with an empty prompt."""
-    q, size = spec["num_query_tokens"], spec["vision"]["image_size"]
+    q, size = NUM_QUERY_TOKENS, spec["vision"]["image_size"]
     pixels = torch.randn(batch, 3, size, size, device=args.device)
     prompts = [""] * batch
     ids = ours.text.batch(prompts, "left" if spec["lm"] == "opt" else "right")
@@ -202,7 +183,7 @@ def main():
         build_checkpoint(
             directory,
             spec["lm"],
-            num_query_tokens=spec["num_query_tokens"],
+            num_query_tokens=NUM_QUERY_TOKENS,
             vision=spec["vision"],
             qformer=spec["qformer"],
             text=spec["text"],

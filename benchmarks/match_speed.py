@@ -14,35 +14,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from caption_speed import _machine, time_call
+from caption_speed import MID_QFORMER, MID_VISION, QFORMER_BASE, VIT_G, _machine, time_call
 
 import blip2
 from blip2.testing import build_retrieval_checkpoint
 
-VIT_G = dict(
-    hidden_size=1408,
-    intermediate_size=6144,
-    num_hidden_layers=39,
-    num_attention_heads=16,
-    image_size=224,
-    patch_size=14,
-)
 SIZES = {
-    "mid": dict(
-        vision=dict(
-            hidden_size=384,
-            intermediate_size=1536,
-            num_hidden_layers=6,
-            num_attention_heads=6,
-            image_size=224,
-            patch_size=14,
-        ),
-        qformer=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4),
-    ),
-    "itm-vit-g": dict(
-        vision=VIT_G,
-        qformer=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-    ),
+    "mid": dict(vision=MID_VISION, qformer={**MID_QFORMER, "num_hidden_layers": 6}),
+    "itm-vit-g": dict(vision=VIT_G, qformer=QFORMER_BASE),
 }
 TEXT = "a group of people standing around a large clock tower"
 
