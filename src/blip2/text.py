@@ -39,19 +39,26 @@ class TextProcessor:
 
     @classmethod
     def from_dir(cls, directory: Path) -> TextProcessor:
+        """The tokenizer of a checkpoint directory: tokenizer.json, or for BERT tokenizers (the Q-Former's)
+        a WordPiece vocab.txt as older exports have."""
         from tokenizers import Tokenizer
 
-        file = directory / "tokenizer.json"
-        if not file.is_file():
-            raise CheckpointError(
-                f"{directory} has no tokenizer.json (the fast tokenizer file the checkpoints ship)"
-            )
         settings = _read_json(directory / "tokenizer_config.json")
         settings.update(
             {k: v for k, v in _read_json(directory / "special_tokens_map.json").items() if k not in settings}
         )
+        if (directory / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        elif (directory / "vocab.txt").is_file():
+            tokenizer = bert_from_vocab(directory, settings)
+        else:
+            raise CheckpointError(
+                f"{directory} has no tokenizer.json (nor a BERT vocab.txt). To write one from another format, "
+                "run once, where transformers is installed: "
+                f"AutoTokenizer.from_pretrained('{directory}').save_pretrained('{directory}')"
+            )
         return cls(
-            Tokenizer.from_file(str(file)),
+            tokenizer,
             bos_token=_token(settings.get("bos_token")),
             pad_token=_token(settings.get("pad_token")),
             add_bos=bool(settings.get("add_bos_token", False)),
@@ -91,6 +98,28 @@ class TextProcessor:
     @property
     def special_ids(self) -> set[int]:
         return {i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special}
+
+
+def bert_from_vocab(directory: Path, settings: dict):
+    """A BERT WordPiece tokenizer from vocab.txt (+ added_tokens.json): lowercasing as the config says,
+    '[CLS] text [SEP]' — what transformers' BertTokenizerFast builds from the same files."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    tokenizer = Tokenizer(models.WordPiece.from_file(str(directory / "vocab.txt"), unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        lowercase=settings.get("do_lower_case", True), strip_accents=settings.get("strip_accents")
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    specials = [
+        t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if tokenizer.token_to_id(t) is not None
+    ]
+    added = _read_json(directory / "added_tokens.json")  # {token: id}, e.g. LAVIS's "[DEC]"
+    tokenizer.add_special_tokens(specials + sorted(added, key=added.get))
+    tokenizer.post_processor = processors.BertProcessing(
+        ("[SEP]", tokenizer.token_to_id("[SEP]")), ("[CLS]", tokenizer.token_to_id("[CLS]"))
+    )
+    return tokenizer
 
 
 def _read_json(path: Path) -> dict:
