@@ -1,7 +1,8 @@
 """One config dataclass per tower, filled from a checkpoint's config.json.
 
-Only the fields a released checkpoint needs. Defaults are those of the released checkpoints
-(Salesforce/blip2-opt-2.7b, -flan-t5-xl), so a config.json that omits a field means what it means there.
+Only the fields a released checkpoint needs. Defaults are those of the matching transformers config
+classes, because transformers writes config.json as a diff against them: a field left out means its
+default there (tests/test_config.py checks each against transformers).
 """
 
 from __future__ import annotations
@@ -64,10 +65,10 @@ class QFormerConfig:
 @dataclass
 class OPTConfig:
     vocab_size: int = 50272
-    hidden_size: int = 2560
-    num_hidden_layers: int = 32
-    ffn_dim: int = 10240
-    num_attention_heads: int = 32
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    ffn_dim: int = 3072
+    num_attention_heads: int = 12
     max_position_embeddings: int = 2048
     do_layer_norm_before: bool = True
     word_embed_proj_dim: int | None = None
@@ -92,17 +93,17 @@ class OPTConfig:
 @dataclass
 class T5Config:
     vocab_size: int = 32128
-    d_model: int = 2048
+    d_model: int = 512
     d_kv: int = 64
-    d_ff: int = 5120
-    num_layers: int = 24
+    d_ff: int = 2048
+    num_layers: int = 6
     num_decoder_layers: int | None = None
-    num_heads: int = 32
+    num_heads: int = 8
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
-    feed_forward_proj: str = "gated-gelu"
-    tie_word_embeddings: bool = False
+    feed_forward_proj: str = "relu"
+    tie_word_embeddings: bool = True
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
@@ -133,9 +134,9 @@ class T5Config:
 
 @dataclass
 class LlamaConfig:
-    """LLaMA / Vicuna v1.1 (InstructBLIP-Vicuna). Defaults are instructblip-vicuna-7b's text_config."""
+    """LLaMA / Vicuna v1.1 (InstructBLIP-Vicuna)."""
 
-    vocab_size: int = 32001  # LLaMA's 32000 + the [PAD] token InstructBLIP added
+    vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
     num_hidden_layers: int = 32
@@ -147,11 +148,11 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
-    # instructblip-vicuna's text_config was converted from decapoda-research/llama-7b-hf and keeps its ids
-    # (bos 0, eos 1, pad -1), which are not the tokenizer's (<s> 1, </s> 2, [PAD] 32000).
-    pad_token_id: int = -1
-    bos_token_id: int = 0
-    eos_token_id: int = 1
+    # instructblip-vicuna's text_config is said to keep the ids of the LLaMA conversion it came from (bos 0,
+    # eos 1, pad -1), which are not its tokenizer's (<s> 1, </s> 2, [PAD] 32000); they are in its config.json.
+    pad_token_id: int | None = None
+    bos_token_id: int = 1
+    eos_token_id: int = 2
 
     def __post_init__(self):
         if self.num_key_value_heads is None:

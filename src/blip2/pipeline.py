@@ -196,7 +196,7 @@ class Blip2:
             history,
             opts,
             eos_token_id=text_cfg.eos_token_id,
-            pad_token_id=text_cfg.pad_token_id,
+            pad_token_id=_pad_id(text_cfg),
             attention_mask=history_mask,
         )
 
@@ -225,6 +225,14 @@ class Blip2:
         if placeholder is None:  # checkpoints without placeholders: the text alone, as transformers 4 did
             return stepper, ids, text_mask
         return stepper, torch.cat([ids.new_full((n, q), placeholder), ids], dim=1), mask
+
+
+def _pad_id(text_cfg) -> int:
+    """The id that fills finished rows: the config's pad token, else the first EOS (as the reference does)."""
+    if text_cfg.pad_token_id is not None:
+        return text_cfg.pad_token_id
+    eos = text_cfg.eos_token_id
+    return eos[0] if isinstance(eos, list) else eos
 
 
 def make_options(options: dict) -> GenerationOptions:

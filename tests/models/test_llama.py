@@ -228,6 +228,6 @@ def test_config_from_old_and_new_rope_layouts():
     # transformers 5
     new = {"rope_parameters": {"rope_theta": 250.0, "rope_type": "default"}, "pad_token_id": None}
     config = LlamaConfig.from_dict(new)
-    assert config.rope_theta == 250.0 and config.pad_token_id == -1
+    assert config.rope_theta == 250.0 and config.pad_token_id is None  # as transformers: no pad id
     with pytest.raises(CheckpointError, match="linear"):
         LlamaConfig.from_dict({"rope_scaling": {"type": "linear", "factor": 2.0}})
