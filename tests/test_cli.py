@@ -242,3 +242,13 @@ def test_matching_on_captioning_checkpoint_is_a_clear_error(capsys, checkpoints,
 def test_caption_on_retrieval_checkpoint_is_a_clear_error(capsys, retrieval_checkpoints, photos):
     code, _, err = run(capsys, "caption", str(photos[0]), "-m", str(retrieval_checkpoints["plain"]))
     assert code == 1 and "no language model" in err and "Traceback" not in err
+
+
+def test_tiny_checkpoint_command_writes_a_loadable_checkpoint(tmp_path, photos, capsys):
+    from blip2.testing import main as write_tiny
+
+    write_tiny([str(tmp_path / "tiny"), "--kind", "instructblip-llama"])
+    assert "tiny" in capsys.readouterr().out
+    model = blip2.load(tmp_path / "tiny")
+    assert model.instruct and model.family == "llama"
+    assert isinstance(model.ask(photos[0], "what is it?", num_beams=1), str)

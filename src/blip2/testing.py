@@ -376,3 +376,28 @@ def build_instructblip_checkpoint(
     if language_model == "t5":
         _untie_t5_head(path, std, seed)
     return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m blip2.testing DIR [--kind KIND]`: write a tiny random checkpoint, e.g. to try the CLI offline."""
+    import argparse
+
+    kinds = {
+        "opt": lambda d: build_checkpoint(d, "opt"),
+        "t5": lambda d: build_checkpoint(d, "t5"),
+        "retrieval": build_retrieval_checkpoint,
+        **{
+            f"instructblip-{lm}": (lambda d, lm=lm: build_instructblip_checkpoint(d, lm))
+            for lm in ("opt", "t5", "llama")
+        },
+    }
+    parser = argparse.ArgumentParser(prog="python -m blip2.testing", description=main.__doc__)
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--kind", choices=sorted(kinds), default="opt")
+    args = parser.parse_args(argv)
+    path = kinds[args.kind](args.directory)
+    print(f"wrote a tiny random {args.kind} checkpoint to {path} (its outputs are random text)")
+
+
+if __name__ == "__main__":
+    main()
