@@ -160,3 +160,29 @@ def _pil(path):
     from PIL import Image
 
     return Image.open(path).convert("RGB")
+
+
+@pytest.mark.parametrize("options", [dict(num_beams=1), dict(num_beams=3)], ids=["greedy", "beam3"])
+def test_float16_token_identical(options, checkpoints, oracle, photos):
+    """float16: the same dtype policy as the reference (vision, projection and OPT in float16; query tokens
+    and Q-Former in float32), so the same tokens. (In bfloat16 transformers 5.24 runs the Q-Former in
+    bfloat16 too, while we keep it in float32, so there the two may differ.)"""
+    from transformers import Blip2ForConditionalGeneration
+
+    path = checkpoints["opt"]
+    hf = Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.float16).eval()
+    _, processor = oracle(path)
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=[_pil(p) for p in photos[:3]], text=PROMPTS, return_tensors="pt", padding=True)
+    model = blip2.load(path, dtype="float16")
+    with torch.no_grad():
+        out = hf.generate(
+            **{**inputs, "pixel_values": inputs["pixel_values"].half()},
+            max_new_tokens=10,
+            do_sample=False,
+            **options,
+        )
+        prefix = model.encode(inputs["pixel_values"])
+        got = model.generate_ids(prefix, PROMPTS, make_options(dict(max_new_tokens=10, **options)))
+    assert prefix.dtype == torch.float16
+    assert torch.equal(got, out[:, inputs["input_ids"].shape[1] :])
