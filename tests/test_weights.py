@@ -158,7 +158,7 @@ def test_resolve_errors(tmp_path, monkeypatch):
         resolve(tmp_path / "absent")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(CheckpointError, match="huggingface-cli download Salesforce/blip2-flan-t5-xl"):
+    with pytest.raises(CheckpointError, match="hf download Salesforce/blip2-flan-t5-xl"):
         resolve("Salesforce/blip2-flan-t5-xl")
 
 

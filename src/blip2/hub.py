@@ -68,7 +68,7 @@ def _download(repo_id: str) -> Path:
         raise CheckpointError(
             f"cannot download {repo_id} ({type(e).__name__}: {_first_line(e)}). It is not in the local "
             f"Hugging Face cache either. On a machine with internet access run "
-            f"`huggingface-cli download {repo_id} --local-dir DIR`, copy DIR here and pass its path instead "
+            f"`hf download {repo_id} --local-dir DIR`, copy DIR here and pass its path instead "
             f"of the name (or set HF_HOME to a cache that holds it)."
         ) from None
 
