@@ -87,7 +87,7 @@ def caption(images, prompt, model, device, dtype, batch_size, as_json, **generat
 
     def run(pixels, count):
         return pipe.generate_text(
-            pixels, list(range(count)), [prompt or ""] * count, {**_defaults("caption"), **options}
+            pixels, list(range(count)), [prompt or ""] * count, task_options("caption", options)
         )
 
     failed = False
@@ -115,7 +115,7 @@ def ask(image, questions, template, model, device, dtype, batch_size, as_json, *
     prompts = [template.format(q.strip()) for q in questions]
 
     def run(pixels, count):
-        return [pipe.generate_text(pixels, [0] * len(prompts), prompts, {**_defaults("ask"), **options})]
+        return [pipe.generate_text(pixels, [0] * len(prompts), prompts, task_options("ask", options))]
 
     failed = False
     for path, result in _per_image(pipe, [image], 1, run):
@@ -276,10 +276,10 @@ def _per_decoded(paths, batch_size: int, run: Callable) -> Iterator[tuple[str, o
         bar.close()
 
 
-def _defaults(task: str) -> dict:
-    from .pipeline import ASK_DEFAULTS, CAPTION_DEFAULTS
+def task_options(task: str, options: dict) -> dict:
+    from .pipeline import task_options
 
-    return dict(CAPTION_DEFAULTS if task == "caption" else ASK_DEFAULTS)
+    return task_options(task, options)
 
 
 def _load(model: str, device: str | None, dtype: str | None):

@@ -29,6 +29,7 @@ from .text import PROMPT_TEMPLATES, TextProcessor
 # Defaults in the spirit of LAVIS: beam search for both; short answers favoured by a negative length penalty.
 CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=1)
 ASK_DEFAULTS = dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
+TASK_DEFAULTS = {"caption": CAPTION_DEFAULTS, "ask": ASK_DEFAULTS}
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -125,7 +126,7 @@ class Blip2:
         prompts = inputs.broadcast(
             prompt if prompt is not None else self.caption_prompt, len(items), "prompt"
         )
-        texts = self.run(items, list(range(len(items))), prompts, {**CAPTION_DEFAULTS, **options})
+        texts = self.run(items, list(range(len(items))), prompts, task_options("caption", options))
         return texts[0] if single else texts
 
     def ask(
@@ -149,7 +150,7 @@ class Blip2:
         rows, question_list = inputs.pairs(len(image_list), inputs.texts(questions, "questions"), "questions")
         single = not inputs.is_list(images) and not inputs.is_list(questions)
         prompts = [template.format(q.strip()) for q in question_list]
-        answers = self.run(image_list, rows, prompts, {**ASK_DEFAULTS, **options})
+        answers = self.run(image_list, rows, prompts, task_options("ask", options))
         return answers[0] if single else answers
 
     # -- the engine -----------------------------------------------------------------------------------------
@@ -233,6 +234,18 @@ def _pad_id(text_cfg) -> int:
         return text_cfg.pad_token_id
     eos = text_cfg.eos_token_id
     return eos[0] if isinstance(eos, list) else eos
+
+
+def task_options(task: str, options: dict) -> dict:
+    """The generation options a task ("caption", "ask") runs with: its defaults, overridden by `options`.
+    Sampling without an explicit num_beams samples one sequence (the defaults' 5 beams are for search).
+    The API and every front end go through here, so that the same call gives the same output."""
+    defaults = dict(TASK_DEFAULTS[task])
+    if options.get("do_sample") and "num_beams" not in options:
+        defaults["num_beams"] = 1
+    merged = {**defaults, **options}
+    make_options(merged)  # a bad option fails here, before any image is read
+    return merged
 
 
 def make_options(options: dict) -> GenerationOptions:
