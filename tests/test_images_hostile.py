@@ -333,7 +333,11 @@ def test_the_opened_file_is_checked_not_only_the_path(tmp_path, monkeypatch):
     regular = tmp_path / "regular.jpg"
     regular.write_bytes(encoded("JPEG"))
     real_stat = os.stat
-    monkeypatch.setattr(images.os, "stat", lambda path: real_stat(regular))
+
+    def stat_before_the_swap(path, **kwargs):
+        return real_stat(regular if os.fspath(path) == str(fifo) else path, **kwargs)
+
+    monkeypatch.setattr(images.os, "stat", stat_before_the_swap)
     assert load_within(fifo).reason == "is a FIFO (named pipe), not a regular file"
 
 
