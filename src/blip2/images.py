@@ -90,7 +90,7 @@ _OPEN_FLAGS = (
 )
 
 
-def read_file(path: str | os.PathLike, limit: int) -> bytes:
+def _read_file(path: str | os.PathLike, limit: int) -> bytes:
     """The bytes of the regular file at `path`, refusing special files and files over `limit` bytes.
 
     The file is opened once and checked through its descriptor, so a file swapped or grown after the first
@@ -176,7 +176,7 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
         return _decode(data, name, limit)
     if isinstance(source, (str, os.PathLike)):
         try:
-            data = read_file(source, MAX_FILE_BYTES)
+            data = _read_file(source, MAX_FILE_BYTES)
         except _Unreadable as e:
             raise ImageError(name, str(e)) from e
         return _decode(data, name, limit)
@@ -486,7 +486,7 @@ class ImageProcessorConfig:
         """Settings from the JSON object in `path` (or its member `key`); `InputError` messages name the file."""
         where = f"{path}" if key is None else f'{path} ("{key}")'
         try:
-            config = json.loads(read_file(path, MAX_CONFIG_BYTES))
+            config = json.loads(_read_file(path, MAX_CONFIG_BYTES))
         except _Unreadable as e:
             raise InputError(f"{path}: cannot read image processor config: {e}") from e
         except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
