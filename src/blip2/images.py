@@ -14,6 +14,13 @@ Where we differ from the reference on purpose:
   clips them at 255, which turns most photographs into a white page.
 - Pictures with transparency are always composited on white, as the reference does for PIL inputs
   (when the reference opens a path string itself it drops the alpha channel instead).
+
+Every input is treated as hostile: only regular files up to `MAX_FILE_BYTES` are read (FIFOs, devices and
+sockets are refused unopened), only the `allowed_formats()` are handed to Pillow (never EPS/PDF, which
+Pillow would give to Ghostscript), the pixel count is checked against `MAX_PIXELS` after the header is
+parsed and before any pixel is decoded, only the first frame of a multi-frame file is decoded, and any
+exception a decoder raises becomes the image's `ImageError`. The image processor config files are
+size-capped and every value is bounds-checked.
 """
 
 from __future__ import annotations
@@ -200,16 +207,17 @@ def _decode(data: bytes, name: str, limit: int) -> Image.Image:
 
 def _open_allowed(data: bytes, name: str) -> ImageFile.ImageFile:
     """Open (parse the header of) `data` with the allowed formats' plugins only."""
-    allowed = allowed_formats()
     try:
-        return Image.open(io.BytesIO(data), formats=allowed)
+        return Image.open(io.BytesIO(data), formats=allowed_formats())
     except UnidentifiedImageError as e:
-        found = _identify(data)
-        if found:
-            reason = f"{found} images are not allowed (allowed: {', '.join(allowed)})"
-        else:
-            reason = f"not an image, or not in an allowed format ({', '.join(allowed)})"
-        raise ImageError(name, reason) from e
+        raise ImageError(name, _not_allowed(_identify(data))) from e
+
+
+def _not_allowed(fmt: str | None) -> str:
+    allowed = ", ".join(allowed_formats())
+    if fmt is None:
+        return f"not an image, or not in an allowed format ({allowed})"
+    return f"{fmt} images are not allowed (allowed: {allowed})"
 
 
 def _identify(data: bytes) -> str | None:
@@ -227,10 +235,8 @@ def _refuse_undecoded_format(image: Image.Image, name: str) -> None:
     Ghostscript). Pixels the caller has already decoded are accepted whatever their source."""
     if not isinstance(image, ImageFile.ImageFile) or image.format in allowed_formats() + ("MPO",):
         return
-    if image.tile or getattr(image, "_im", None) is None:
-        raise ImageError(
-            name, f"{image.format} images are not allowed (allowed: {', '.join(allowed_formats())})"
-        )
+    if image.tile or getattr(image, "_im", None) is None:  # not decoded yet
+        raise ImageError(name, _not_allowed(image.format))
 
 
 @contextlib.contextmanager
