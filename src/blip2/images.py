@@ -214,10 +214,13 @@ def _open_allowed(data: bytes, name: str) -> ImageFile.ImageFile:
 
 
 def _not_allowed(fmt: str | None) -> str:
-    allowed = ", ".join(allowed_formats())
+    """Why a file no allowed plugin would open was refused, given the format its first bytes suggest."""
+    allowed = allowed_formats()
     if fmt is None:
-        return f"not an image, or not in an allowed format ({allowed})"
-    return f"{fmt} images are not allowed (allowed: {allowed})"
+        return f"not an image, or not in an allowed format ({', '.join(allowed)})"
+    if fmt in allowed:  # the signature is right but the plugin rejected the header
+        return f"cannot decode image (damaged {fmt} header)"
+    return f"{fmt} images are not allowed (allowed: {', '.join(allowed)})"
 
 
 def _identify(data: bytes) -> str | None:
