@@ -348,6 +348,29 @@ def test_base_outside_files_are_refused(checkpoints, opt_lavis, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_base_shard_outside_is_refused(checkpoints, opt_lavis, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(checkpoints["opt"], base)
+    (base / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    index = {"weight_map": {"query_tokens": "../elsewhere.safetensors"}}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="elsewhere.safetensors points outside the base"):
+        convert_lavis(opt_lavis, base, tmp_path / "out")
+
+
+def test_hugging_face_cache_snapshot_is_a_base(checkpoints, opt_lavis, tmp_path):
+    """A cached repo's snapshot holds links into its blobs/ folder: they are followed, being inside the repo."""
+    repo = tmp_path / "hub" / "models--Salesforce--blip2-tiny"
+    snapshot = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(checkpoints["opt"].iterdir())):
+        shutil.copyfile(file, repo / "blobs" / f"blob{i}")
+        (snapshot / file.name).symlink_to(Path("../../blobs") / f"blob{i}")
+    report = convert_lavis(opt_lavis, snapshot, tmp_path / "out")
+    assert "tokenizer.json" in report.files and not (tmp_path / "out" / "tokenizer.json").is_symlink()
+
+
 # -- pure parts -----------------------------------------------------------------------------------------------
 def test_fuse_qv_bias_puts_zeros_for_k():
     q, v = torch.arange(4.0), torch.arange(4.0) + 10

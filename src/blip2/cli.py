@@ -372,9 +372,14 @@ def main(argv: list[str] | None = None) -> None:
 @click.option("--force", is_flag=True, help="Replace --out if it already holds a checkpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON on stdout.")
 def convert_lavis_command(checkpoint, base, out, force, as_json):
-    """Convert CHECKPOINT, a .pth saved by Salesforce LAVIS (Q-Former, query tokens, projection, ln_vision),
-    into a directory `blip2` loads: the --base checkpoint with those tensors in place of its own.
-    Example: blip2 convert-lavis checkpoint_best.pth --base Salesforce/blip2-opt-2.7b --out my-blip2"""
+    """Convert CHECKPOINT, a .pth saved by Salesforce LAVIS, into a directory that blip2 loads.
+
+    The .pth holds what the fine-tuning trained (Q-Former, query tokens, ln_vision, language projection); the
+    rest comes from --base, the released checkpoint it was fine-tuned from. Example:
+
+    \b
+        blip2 convert-lavis checkpoint_best.pth --base Salesforce/blip2-opt-2.7b --out my-blip2
+    """
     from pathlib import Path
 
     from .lavis import convert_lavis

@@ -103,7 +103,7 @@ AUXILIARY_FILES = (
 )
 AUXILIARY_DIRS = ("qformer_tokenizer",)
 
-MAX_SHARD_BYTES = 5 * 1024**3
+MAX_SHARD_BYTES = 2 * 1024**3  # a shard is assembled in memory before it is written
 
 # The language projection names the LAVIS model class (and with it the base's language model).
 PROJECTIONS = {"opt_proj.weight": "opt", "t5_proj.weight": "t5", "llm_proj.weight": "llama"}
@@ -238,7 +238,9 @@ def read_lavis_state(path: Path) -> dict[str, Tensor]:
     """The state dict of a LAVIS .pth, read with torch's weights-only loader (memory-mapped: the optimizer
     state next to it costs no memory)."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(
+            f"{path}: {'a directory, not a .pth file' if path.is_dir() else 'no such file'}"
+        )
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # whatever the unpickler or the zip reader says, the file is refused
@@ -267,10 +269,10 @@ def _allowed_root(directory: Path) -> Path:
 
 
 def _confined(path: Path, root: Path) -> Path:
-    resolved = path.resolve()
-    if not resolved.is_relative_to(root):
+    """`path` itself (its name tells the format; a cache blob's does not), once it is known to lead into root."""
+    if not path.resolve().is_relative_to(root):
         raise CheckpointError(f"{path} points outside the base checkpoint ({root})")
-    return resolved
+    return path
 
 
 def base_weight_files(directory: Path) -> list[Path]:
