@@ -276,6 +276,16 @@ def test_key_the_base_lacks_is_named(checkpoints, opt_lavis, tmp_path):
         convert_lavis(opt_lavis, checkpoints["opt"], tmp_path / "out")
 
 
+def test_two_keys_for_one_tensor_are_refused(checkpoints, opt_lavis, tmp_path):
+    weight = "model.decoder.final_layer_norm.weight"
+    resave(
+        opt_lavis,
+        lambda m: m.update({f"opt_model.{weight}": torch.ones(32), f"llm_model.{weight}": torch.ones(32)}),
+    )
+    with pytest.raises(CheckpointError, match=f"both map to language_model.{weight}"):
+        convert_lavis(opt_lavis, checkpoints["opt"], tmp_path / "out")
+
+
 def test_wrong_base_is_refused(checkpoints, opt_lavis, tmp_path):
     with pytest.raises(CheckpointError, match="blip2_opt.*blip2_t5"):
         convert_lavis(opt_lavis, checkpoints["t5"], tmp_path / "out")

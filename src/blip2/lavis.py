@@ -216,6 +216,7 @@ def map_state(
         state = fix(state)
     mapped: dict[str, Tensor] = {}
     dropped: list[tuple[str, str]] = []
+    sources: dict[str, str] = {}  # base key -> the LAVIS key it comes from
     for key, tensor in state.items():
         ours, reason = lavis_name(key)
         if ours is None:
@@ -229,7 +230,9 @@ def map_state(
                 f"{key}: shape {tuple(tensor.shape)} ({tensor.dtype}) does not fit {target.key} of the base, "
                 f"shape {target.shape}"
             )
-        mapped[target.key] = tensor
+        if target.key in sources:
+            raise CheckpointError(f"{sources[target.key]} and {key} both map to {target.key}")
+        mapped[target.key], sources[target.key] = tensor, key
     return mapped, dropped
 
 
