@@ -171,11 +171,11 @@ def fuse_qv_bias(state: dict[str, Tensor]) -> dict[str, Tensor]:
     (as transformers' conversion script builds it). Each block's `attn.q_bias` + `attn.v_bias` become
     `attn.qkv.bias`; one without the other is an error."""
     out = {k: v for k, v in state.items() if not re.search(_BLOCK + r"attn\.[qv]_bias$", k)}
-    for key in state.keys() - out.keys():
-        prefix = key[: -len("q_bias")]
+    for prefix in sorted({key[: -len("q_bias")] for key in state.keys() - out.keys()}):
         q, v = state.get(prefix + "q_bias"), state.get(prefix + "v_bias")
         if q is None or v is None:
-            raise CheckpointError(f"{key} has no {'v_bias' if v is None else 'q_bias'} beside it")
+            present, absent = ("q_bias", "v_bias") if v is None else ("v_bias", "q_bias")
+            raise CheckpointError(f"{prefix}{present} has no {absent} beside it")
         out[prefix + "qkv.bias"] = torch.cat([q, torch.zeros_like(v), v])
     return out
 
@@ -192,11 +192,9 @@ def lavis_name(key: str) -> tuple[str | None, str | None]:
     for pattern, replacement in LAVIS_KEY_RULES:
         if re.search(pattern, key):
             ours = rename(re.sub(pattern, replacement, key), HF_KEY_RULES)
-            return (
-                (ours, None)
-                if ours is not None
-                else (None, "an alias or buffer that the model does not load")
-            )
+            if ours is None:
+                return None, "an alias or buffer that the model does not load"
+            return ours, None
     raise CheckpointError(f"unknown LAVIS key {key!r}: it matches no rule of the key map (blip2.lavis)")
 
 
@@ -256,7 +254,7 @@ def read_lavis_state(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(
             f"{path}: holds no state dict ({{'model': ...}} as LAVIS saves it, or a bare one)"
         )
-    bad = [repr(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    bad = [repr(k)[:80] for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise CheckpointError(
             f"{path}: entries of its state dict that are not named tensors: {', '.join(bad[:8])}"
