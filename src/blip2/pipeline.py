@@ -168,13 +168,13 @@ class Blip2:
         answers = self.run(image_list, rows, prompts, task_options("ask", options))
         return answers[0] if single else answers
 
-    def ask_prompts(self, questions: Sequence[str], template: str | None = None) -> list[str]:
+    def ask_prompts(self, questions: str | Sequence[str], template: str | None = None) -> list[str]:
         """The prompts `ask` gives the language model: each question, stripped, in `template` (default: the
         checkpoint's). The template rule: the first `{}` is replaced by the question and every other brace
         is kept as written ("Q: {} {x}" -> "Q: what? {x}"); a template without `{}` is an InputError."""
         self._require_language_model()
         template = inputs.template(template if template is not None else self.template)
-        return [inputs.fill(template, q.strip()) for q in inputs.texts(list(questions), "questions")]
+        return [inputs.fill(template, q.strip()) for q in inputs.texts(questions, "questions")]
 
     # -- the engine -----------------------------------------------------------------------------------------
     def run(self, images: list, rows: list[int], prompts: list[str], options: dict) -> list:
@@ -220,11 +220,11 @@ class Blip2:
         not fit the language model; nothing is truncated, and nothing has been encoded yet.
 
         Decoder-only (OPT, LLaMA): the query tokens, the prompt's tokens and max_new_tokens must fit in
-        `max_position_embeddings` (OPT's learned position table has no row beyond it; LLaMA's RoPE was
-        trained to that length). Flan-T5 (relative positions): the query tokens and the prompt must fit in
-        the 512 tokens it was trained on, and so must max_new_tokens; its attention memory grows with the
-        square of the input. A prompt longer in characters than its token budget times the vocabulary's
-        longest token cannot fit and is refused without being tokenized."""
+        `max_position_embeddings` (OPT's learned table has that many rows after the 2 it reserves, and no
+        more; LLaMA's RoPE was trained to that length). Flan-T5 (relative positions): the query tokens and
+        the prompt must fit in the 512 tokens it was trained on, and so must max_new_tokens; its attention
+        memory grows with the square of the input. A prompt longer in characters than its token budget
+        times the vocabulary's longest token cannot fit and is refused without being tokenized."""
         budget = prompt_budget(self.config, opts.max_new_tokens)
         counted: dict[str, int] = {}  # ask repeats one prompt over many images: tokenize it once
         for index, prompt in enumerate(prompts):
@@ -314,15 +314,11 @@ def prompt_budget(config: Blip2Config, max_new_tokens: int) -> PromptBudget:
                 f"max_new_tokens={max_new_tokens} is more than the {T5_TRAINED_LENGTH} tokens Flan-T5 was "
                 "trained to generate"
             )
-        limit, explain = (
-            T5_TRAINED_LENGTH,
-            f"{q} query tokens + prompt <= {T5_TRAINED_LENGTH}, Flan-T5's input",
-        )
-        used = q
+        limit, used = T5_TRAINED_LENGTH, q
+        explain = f"{q} query tokens + prompt <= {limit}, Flan-T5's input"
     else:
-        limit = text_cfg.max_position_embeddings
+        limit, used = text_cfg.max_position_embeddings, q + max_new_tokens
         explain = f"{q} query tokens + prompt + max_new_tokens={max_new_tokens} <= {limit} positions"
-        used = q + max_new_tokens
     if used >= limit:
         raise InputError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt ({explain})")
     return PromptBudget(limit - used, explain)
