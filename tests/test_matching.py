@@ -217,6 +217,14 @@ def test_long_text_is_truncated_to_the_qformer_positions(pipes, reference, photo
         (lambda p, img: classify(p, img, "cat"), "a list of labels"),
         (lambda p, img: classify(p, img, ["cat", ""]), "labels must be non-empty"),
         (lambda p, img: classify(p, img, LABELS, template="a photo"), "no '{}'"),
+        (lambda p, img: classify(p, img, LABELS, template="{0}"), "no '{}'"),
+        (lambda p, img: classify(p, img, LABELS, template=3), "template must be a string"),
+        (lambda p, img: classify(p, img, None), "labels must be non-empty strings"),
+        (lambda p, img: classify(p, img, ["cat", "\udcff"]), "labels: .* lone surrogate"),
+        (lambda p, img: classify(p, img, LABELS, template="a {} \udcff"), "template: .* lone surrogate"),
+        (lambda p, img: match(p, img, "caf\udce9"), "texts: .* at position 3 is a lone surrogate"),
+        (lambda p, img: similarity(p, img, [5]), "non-empty strings"),
+        (lambda p, img: embed_texts(p, ["ok", "\ud800"]), "lone surrogate"),
         (lambda p, img: classify(p, img, LABELS, top_k=0), "top_k"),
         (lambda p, img: classify(p, img, LABELS, temperature=0), "temperature"),
     ],
@@ -224,6 +232,43 @@ def test_long_text_is_truncated_to_the_qformer_positions(pipes, reference, photo
 def test_bad_input_is_a_clear_error(call, message, pipes, photos):
     with pytest.raises(InputError, match=message):
         call(pipes["plain"], photos[0])
+
+
+def test_classify_template_rule(pipes, photos):
+    """The first {} takes the label; other braces stay as written (str.format would fail on them)."""
+    pipe = pipes["plain"]
+    got = classify(pipe, photos[0], LABELS[:2], template="{a} photo of {} {}")
+    texts = ["{a} photo of cat {}", "{a} photo of dog {}"]
+    expected = similarity(pipe, photos[0], texts)[0]
+    assert [r["score"] for r in got] == sorted(expected.tolist(), reverse=True)
+    assert {r["label"] for r in got} == {"cat", "dog"}
+
+
+@pytest.mark.parametrize("name", ["match", "embed_multimodal", "similarity", "embed_images"])
+def test_images_are_encoded_batch_size_at_a_time(name, paths, photos, monkeypatch):
+    """A long list of images never goes through the vision tower at once; the output does not change."""
+    pipe = load_retrieval(paths["plain"], torch.device("cpu"), torch.float32)
+    images, texts = photos[:5], ["a cat", "two dogs", "a rocket", "coffee", "noise"]
+    task = getattr(blip2.matching, name)
+    call = (lambda: task(pipe, images)) if name == "embed_images" else (lambda: task(pipe, images, texts))
+    whole = call()
+    calls = []
+    original = pipe.model.vision_model.forward
+    monkeypatch.setattr(pipe.model.vision_model, "forward", lambda x: calls.append(len(x)) or original(x))
+    pipe.batch_size = 2
+    chunked = call()
+    assert calls == [2, 2, 1]
+    if name == "embed_images":
+        assert whole.keys() == chunked.keys()
+        whole, chunked = torch.cat(list(whole.values()), -1), torch.cat(list(chunked.values()), -1)
+    assert torch.allclose(torch.as_tensor(whole), torch.as_tensor(chunked), atol=1e-6, rtol=0)
+
+
+def test_one_image_many_texts_in_chunks(paths, photos):
+    pipe = load_retrieval(paths["plain"], torch.device("cpu"), torch.float32)
+    whole = match(pipe, photos[0], TEXTS)
+    pipe.batch_size = 1
+    assert match(pipe, photos[0], TEXTS) == pytest.approx(whole, abs=1e-6)
 
 
 def test_bad_image_names_the_file(pipes, tmp_path):

@@ -43,3 +43,14 @@ def test_truncation_keeps_the_final_special_token(instruct_checkpoints):
     assert ids.shape == (2, 8)
     assert ids[0, -1].item() == bert.tokenizer.token_to_id("[SEP]")
     assert ids[0, 0].item() == bert.tokenizer.token_to_id("[CLS]")
+
+
+@pytest.mark.parametrize("family", ["opt", "t5"])
+def test_no_token_spells_more_than_longest_token_characters(family, checkpoints):
+    """The bound check_lengths relies on to refuse a long prompt untokenized: n tokens never cover more than
+    n * longest_token characters."""
+    text = TextProcessor.from_dir(checkpoints[family])
+    vocab = text.tokenizer.get_vocab(with_added_tokens=True)
+    assert text.longest_token == max(len(token) for token in vocab)
+    for sample in TEXTS + ["a" * 500, "the the the " * 40, "ünïcödé ✓ 漢字 " * 10]:
+        assert len(sample) <= len(text.encode(sample)) * text.longest_token

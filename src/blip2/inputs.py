@@ -25,7 +25,37 @@ def texts(x, what: str = "texts") -> list[str]:
     for t in items:
         if not isinstance(t, str) or not t.strip():
             raise InputError(f"{what} must be non-empty strings, got {t!r}")
+        check_text(t, what)
     return items
+
+
+def check_text(value: str, what: str) -> str:
+    """`value` itself if it can be tokenized: a string of characters, none of them a lone surrogate (what
+    Python makes of argv or file bytes that are not UTF-8; the tokenizer would fail on it with a raw error)."""
+    if not isinstance(value, str):
+        raise InputError(f"{what} must be a string, got {type(value).__name__} {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(
+            f"{what}: {value[e.start]!r} at position {e.start} is a lone surrogate, not a character "
+            "(was the text decoded from bytes that are not UTF-8?)"
+        ) from None
+    return value
+
+
+def template(value, what: str = "template") -> str:
+    """A prompt template: a string with a `{}` where the text goes (see `fill`)."""
+    check_text(value, what)
+    if "{}" not in value:
+        raise InputError(f"{what} {value!r} has no '{{}}' where the text goes")
+    return value
+
+
+def fill(template: str, text: str) -> str:
+    """The template rule: the first `{}` is replaced by `text`; every other brace is kept as written
+    ("Q: {} {x}" -> "Q: <text> {x}"). Not `str.format`, for which stray braces are errors."""
+    return template.replace("{}", text, 1)
 
 
 def pairs(n_images: int, items: list[str], what: str = "texts") -> tuple[list[int], list[str]]:
@@ -43,13 +73,12 @@ def pairs(n_images: int, items: list[str], what: str = "texts") -> tuple[list[in
 
 
 def broadcast(value: str | Sequence[str], n: int, what: str) -> list[str]:
-    """One string for all n images, or one per image."""
+    """One string for all n images, or one per image (strings may be empty)."""
     if isinstance(value, str):
-        return [value] * n
+        return [check_text(value, what)] * n
+    if not is_list(value):
+        raise InputError(f"{what} must be a string or a list of strings, got {type(value).__name__}")
     values = list(value)
     if len(values) != n:
         raise InputError(f"{what}: {len(values)} given for {n} images; give one, or one per image")
-    for v in values:
-        if not isinstance(v, str):
-            raise InputError(f"{what}: expected strings, got {type(v).__name__}")
-    return values
+    return [check_text(v, what) for v in values]

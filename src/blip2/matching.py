@@ -13,7 +13,7 @@ tokenizer does with `truncation=True, max_length=512`. Results are float32 tenso
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +54,7 @@ def match(
     _require(pipe, "match images and texts (ITM)", "embeddings", "itm_head")
     image_list, text_list = inputs.as_list(images, "images"), inputs.texts(texts)
     rows, text_list = inputs.pairs(len(image_list), text_list)
-    multimodal = _multimodal(pipe, _encode(pipe, image_list), rows, text_list)
+    multimodal = _paired_multimodal(pipe, image_list, rows, text_list)
     probs = pipe.model.itm_logits(multimodal).float().softmax(dim=-1)[:, 1].tolist()
     return probs[0] if not inputs.is_list(images) and not inputs.is_list(texts) else probs
 
@@ -64,10 +64,11 @@ def similarity(pipe: Blip2, images: ImageInput | Sequence[ImageInput], texts: st
     """ITC similarity matrix (n_images, n_texts): for each pair, the largest cosine between the image's
     projected query outputs (one per query token) and the text's projected [CLS] output, in [-1, 1]."""
     _require(pipe, "compute ITC similarity", "vision_projection", "embeddings", "text_projection")
-    image_proj = pipe.model.project_images(
-        pipe.model.query(_encode(pipe, inputs.as_list(images, "images")))
+    image_list, text_list = inputs.as_list(images, "images"), inputs.texts(texts)
+    image_proj = _per_image_chunk(
+        pipe, image_list, lambda embeds: pipe.model.project_images(pipe.model.query(embeds))
     )  # (I, Q, 256)
-    features, _ = _text_features(pipe, inputs.texts(texts))
+    features, _ = _text_features(pipe, text_list)
     text_proj = pipe.model.project_texts(features)  # (T, 256)
     return _out(itc_similarity(image_proj, text_proj))
 
@@ -80,7 +81,7 @@ def embed_images(pipe: Blip2, images: ImageInput | Sequence[ImageInput]) -> dict
     - `image_embeds_proj` (B, Q, 256): their L2-normalised ITC projections, what `similarity` compares. Only
       retrieval checkpoints have the projection: for captioning checkpoints this key is absent.
     """
-    features = pipe.model.query(_encode(pipe, inputs.as_list(images, "images")))  # (B, Q, 768)
+    features = _per_image_chunk(pipe, inputs.as_list(images, "images"), pipe.model.query)  # (B, Q, 768)
     out = {"image_embeds": _out(features)}
     if hasattr(pipe.model, "vision_projection"):
         out["image_embeds_proj"] = _out(pipe.model.project_images(features))
@@ -114,7 +115,7 @@ def embed_multimodal(
     _require(pipe, "embed images with texts", "embeddings", "itm_head")
     image_list, text_list = inputs.as_list(images, "images"), inputs.texts(texts)
     rows, text_list = inputs.pairs(len(image_list), text_list)
-    return _out(_multimodal(pipe, _encode(pipe, image_list), rows, text_list))
+    return _out(_paired_multimodal(pipe, image_list, rows, text_list))
 
 
 @torch.inference_mode()
@@ -142,8 +143,7 @@ def classify(
     if isinstance(labels, str):
         raise InputError("labels: give a list of labels, not one string")
     labels = inputs.texts(labels, "labels")
-    if not isinstance(template, str) or "{}" not in template:
-        raise InputError(f"template {template!r} has no '{{}}' where the label goes")
+    template = inputs.template(template)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise InputError(f"top_k must be a positive integer or None, got {top_k!r}")
     if not temperature > 0:
@@ -154,7 +154,7 @@ def classify(
 
     image_embeds = _encode(pipe, [image])  # (1, 257, 1408): the image is encoded once
     image_proj = pipe.model.project_images(pipe.model.query(image_embeds))  # (1, Q, 256)
-    prompts = [template.replace("{}", label) for label in labels]
+    prompts = [inputs.fill(template, label) for label in labels]
     features, _ = _text_features(pipe, prompts)
     scores = itc_similarity(image_proj, pipe.model.project_texts(features))[0].float()  # (N,)
     probs = (scores / temperature).softmax(dim=0)
@@ -189,6 +189,28 @@ def _encode(pipe: Blip2, images: list) -> Tensor:
     """Images -> vision-tower embeddings (B, 257, 1408), each image decoded and encoded once."""
     dtype = pipe.model.vision_model.embeddings.patch_embedding.weight.dtype
     return pipe.model.encode_images(pipe.preprocess(images).to(pipe.device, dtype))
+
+
+def _per_image_chunk(pipe: Blip2, images: list, compute: Callable[[Tensor], Tensor]) -> Tensor:
+    """`compute` over the vision-tower embeddings of `images`, `pipe.batch_size` images at a time, the
+    results concatenated: only one chunk's pixels and (B, 257, 1408) embeddings are in memory at once."""
+    size = pipe.batch_size
+    return torch.cat([compute(_encode(pipe, images[i : i + size])) for i in range(0, len(images), size)])
+
+
+def _paired_multimodal(pipe: Blip2, images: list, rows: list[int], texts: list[str]) -> Tensor:
+    """Multimodal features (N, Q, 768) of (images[rows[i]], texts[i]) pairs, the images encoded
+    `pipe.batch_size` at a time, each once, with the texts of their pairs."""
+    parts = []
+    for start in range(0, len(images), pipe.batch_size):
+        chunk = range(start, min(start + pipe.batch_size, len(images)))
+        pairs = [i for i, row in enumerate(rows) if row in chunk]
+        local_rows = [rows[i] - start for i in pairs]
+        embeds = _encode(pipe, images[chunk.start : chunk.stop])  # (chunk, 257, C)
+        parts.append((pairs, _multimodal(pipe, embeds, local_rows, [texts[i] for i in pairs])))
+    order = [i for pairs, _ in parts for i in pairs]
+    features = torch.cat([f for _, f in parts])
+    return features[torch.tensor(order, device=features.device).argsort()]
 
 
 def _tokenize(pipe: Blip2, texts: list[str]) -> tuple[Tensor, Tensor]:

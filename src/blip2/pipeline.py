@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,7 +66,7 @@ class Blip2:
         self.instruct = config.model_type == "instructblip"
         self.template = "{}" if self.instruct else PROMPT_TEMPLATES.get(self.family)
         self.caption_prompt = INSTRUCT_CAPTION_PROMPT if self.instruct else ""
-        self.batch_size = DEFAULT_BATCH_SIZE  # (image, prompt) pairs per forward pass in caption / ask
+        self.batch_size = DEFAULT_BATCH_SIZE
 
     # Matching and embeddings (ITM, ITC, features, zero-shot labels): see matching.py.
     match = matching.match
@@ -74,6 +75,18 @@ class Blip2:
     embed_images = matching.embed_images
     embed_texts = matching.embed_texts
     embed_multimodal = matching.embed_multimodal
+
+    @property
+    def batch_size(self) -> int:
+        """(image, prompt) pairs per forward pass in caption / ask, images per vision-tower pass in the
+        matching tasks: it bounds the memory of a call, not its output. A positive integer."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise InputError(f"batch_size must be a positive integer, got {value!r}")
+        self._batch_size = int(value)
 
     def __repr__(self) -> str:
         return f"Blip2({self.name!r}, language_model={self.family}, device={self.device})"
@@ -113,14 +126,17 @@ class Blip2:
     # -- tasks ----------------------------------------------------------------------------------------------
     def caption(
         self, images: ImageInput | Sequence[ImageInput], prompt: str | Sequence[str] | None = None, **options
-    ) -> str | list[str]:
+    ) -> str | list[str] | list[list[str]]:
         """Caption one image (-> str) or a list (-> list of str).
 
         `prompt` is one text for all images or one per image; the caption continues it. Options are those of
         `GenerationOptions` (num_beams, max_new_tokens, min_new_tokens, length_penalty, repetition_penalty,
-        no_repeat_ngram_size, do_sample, temperature, top_k, top_p, seed, early_stopping); the defaults are
-        beam search with 5 beams and at most 30 new tokens.
+        no_repeat_ngram_size, do_sample, temperature, top_k, top_p, seed, early_stopping,
+        num_return_sequences); the defaults are beam search with 5 beams and at most 30 new tokens.
+        With num_return_sequences=n > 1, each image gets a list of n captions, best first for beam search:
+        one image -> list of n str, several -> a list of such lists. Prompt lengths: see `check_lengths`.
         """
+        self._require_language_model()
         single = not inputs.is_list(images)
         items = inputs.as_list(images, "images")
         prompts = inputs.broadcast(
@@ -135,51 +151,99 @@ class Blip2:
         questions: str | Sequence[str],
         template: str | None = None,
         **options,
-    ) -> str | list[str]:
+    ) -> str | list[str] | list[list[str]]:
         """Answer questions about images.
 
         One image and one question -> str. One image and several questions -> a list (the image is encoded
         once). Several images and one question -> one answer per image. Several of each, the same number ->
-        answers pairwise. `template` wraps each question (default "Question: {} Answer:" for OPT, "Question:
-        {} Short answer:" for Flan-T5). Defaults: 5 beams, at most 10 new tokens, length_penalty -1.
+        answers pairwise. With num_return_sequences=n > 1, each answer becomes a list of n answers.
+        `template` wraps each question (default "Question: {} Answer:" for OPT, "Question: {} Short answer:"
+        for Flan-T5; see `ask_prompts`). Defaults: 5 beams, at most 10 new tokens, length_penalty -1.
         """
-        template = template or self.template
-        if "{}" not in template:
-            raise InputError(f"template {template!r} has no '{{}}' where the question goes")
+        self._require_language_model()
         image_list = inputs.as_list(images, "images")
         rows, question_list = inputs.pairs(len(image_list), inputs.texts(questions, "questions"), "questions")
         single = not inputs.is_list(images) and not inputs.is_list(questions)
-        prompts = [template.format(q.strip()) for q in question_list]
+        prompts = self.ask_prompts(question_list, template)
         answers = self.run(image_list, rows, prompts, task_options("ask", options))
         return answers[0] if single else answers
 
+    def ask_prompts(self, questions: str | Sequence[str], template: str | None = None) -> list[str]:
+        """The prompts `ask` gives the language model: each question, stripped, in `template` (default: the
+        checkpoint's). The template rule: the first `{}` is replaced by the question and every other brace
+        is kept as written ("Q: {} {x}" -> "Q: what? {x}"); a template without `{}` is an InputError."""
+        self._require_language_model()
+        template = inputs.template(template if template is not None else self.template)
+        return [inputs.fill(template, q.strip()) for q in inputs.texts(questions, "questions")]
+
     # -- the engine -----------------------------------------------------------------------------------------
-    def run(self, images: list, rows: list[int], prompts: list[str], options: dict) -> list[str]:
+    def run(self, images: list, rows: list[int], prompts: list[str], options: dict) -> list:
         """Generate for (images[rows[i]], prompts[i]) pairs, `batch_size` pairs at a time: each chunk decodes
         and encodes only the images it uses, so a long list never sits in memory as pixels all at once.
-        Chunking does not change the output (a batch gives what each item gives alone)."""
+        Chunking does not change the output (a batch gives what each item gives alone).
+
+        Returns one str per pair, or with num_return_sequences=n > 1 one list of n str per pair. Options and
+        prompt lengths are checked first: a bad call fails before any image is read."""
         self._require_language_model()
-        make_options(options)  # a bad option fails before any image is read
+        opts = make_options(options)
+        self.check_lengths(prompts, opts)
         texts: list[str] = []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
             used = sorted(set(chunk))
             local = {row: i for i, row in enumerate(used)}
             pixels = self.preprocess([images[row] for row in used])
-            texts += self.generate_text(
-                pixels, [local[row] for row in chunk], prompts[start : start + self.batch_size], options
+            texts += self._generate_text(
+                pixels, [local[row] for row in chunk], prompts[start : start + self.batch_size], opts
             )
-        return texts
+        return group_returns(texts, opts.num_return_sequences)
 
-    @torch.inference_mode()
     def generate_text(self, pixels: Tensor, rows: list[int], prompts: list[str], options: dict) -> list[str]:
         """Generate one text per (image row, prompt): `rows[i]` indexes `pixels` for `prompts[i]`.
-        With num_return_sequences > 1, each prompt's texts follow one another."""
+        With num_return_sequences > 1, each prompt's texts follow one another (`group_returns` nests them).
+        Options and prompt lengths are checked before the images are encoded."""
         self._require_language_model()
         opts = make_options(options)
+        self.check_lengths(prompts, opts)
+        return self._generate_text(pixels, rows, prompts, opts)
+
+    @torch.inference_mode()
+    def _generate_text(
+        self, pixels: Tensor, rows: list[int], prompts: list[str], opts: GenerationOptions
+    ) -> list[str]:
         prefix = self.encode(pixels, rows, prompts)  # (N, Q, D)
         ids = self.generate_ids(prefix, prompts, opts)
         return [self.text.decode(row) for row in ids.tolist()]
+
+    def check_lengths(self, prompts: Sequence[str], opts: GenerationOptions) -> None:
+        """Refuse, with an InputError naming the input, its token count and the limit, any prompt that does
+        not fit the language model; nothing is truncated, and nothing has been encoded yet.
+
+        Decoder-only (OPT, LLaMA): the query tokens, the prompt's tokens and max_new_tokens must fit in
+        `max_position_embeddings` (OPT's learned table has that many rows after the 2 it reserves, and no
+        more; LLaMA's RoPE was trained to that length). Flan-T5 (relative positions): the query tokens and
+        the prompt must fit in the 512 tokens it was trained on, and so must max_new_tokens; its attention
+        memory grows with the square of the input. A prompt longer in characters than its token budget
+        times the vocabulary's longest token cannot fit and is refused without being tokenized."""
+        budget = prompt_budget(self.config, opts.max_new_tokens)
+        counted: dict[str, int] = {}  # ask repeats one prompt over many images: tokenize it once
+        for index, prompt in enumerate(prompts):
+            if prompt not in counted:
+                counted[prompt] = self._count_tokens(prompt, index, budget)
+            if counted[prompt] > budget.tokens:
+                raise InputError(
+                    f"input {index}: the prompt is {counted[prompt]} tokens, more than the {budget.tokens} "
+                    f"that fit ({budget.explain})"
+                )
+
+    def _count_tokens(self, prompt: str, index: int, budget: PromptBudget) -> int:
+        max_chars = budget.tokens * self.text.longest_token
+        if len(prompt) > max_chars:
+            raise InputError(
+                f"input {index}: the prompt is {len(prompt)} characters, more than {budget.tokens} tokens can "
+                f"hold ({max_chars}; {budget.explain})"
+            )
+        return len(self.text.encode(prompt))
 
     def _require_language_model(self) -> None:
         if self.config.text is None:
@@ -228,6 +292,46 @@ class Blip2:
         return stepper, torch.cat([ids.new_full((n, q), placeholder), ids], dim=1), mask
 
 
+# Flan-T5 was trained on inputs of 512 tokens; its relative positions do not stop a longer one, but its
+# attention memory grows with the square of the input length.
+T5_TRAINED_LENGTH = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptBudget:
+    tokens: int  # the most prompt tokens (special tokens included) one input may have
+    explain: str  # where that number comes from, for error messages
+
+
+def prompt_budget(config: Blip2Config, max_new_tokens: int) -> PromptBudget:
+    """How many prompt tokens fit the language model with `config.num_query_tokens` query tokens before them
+    and `max_new_tokens` to generate (the policy is in `Blip2.check_lengths`). An InputError when
+    max_new_tokens alone leaves no room."""
+    text_cfg, q = config.text, config.num_query_tokens
+    if isinstance(text_cfg, T5Config):
+        if max_new_tokens > T5_TRAINED_LENGTH:
+            raise InputError(
+                f"max_new_tokens={max_new_tokens} is more than the {T5_TRAINED_LENGTH} tokens Flan-T5 was "
+                "trained to generate"
+            )
+        limit, used = T5_TRAINED_LENGTH, q
+        explain = f"{q} query tokens + prompt <= {limit}, Flan-T5's input"
+    else:
+        limit, used = text_cfg.max_position_embeddings, q + max_new_tokens
+        explain = f"{q} query tokens + prompt + max_new_tokens={max_new_tokens} <= {limit} positions"
+    if used >= limit:
+        raise InputError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt ({explain})")
+    return PromptBudget(limit - used, explain)
+
+
+def group_returns(texts: list[str], count: int) -> list:
+    """Flat texts, `count` per input in a row (what generate_text returns) -> one per input when count is
+    1, else one list of `count` per input."""
+    if count == 1:
+        return texts
+    return [texts[i : i + count] for i in range(0, len(texts), count)]
+
+
 def _pad_id(text_cfg) -> int:
     """The id that fills finished rows: the config's pad token, else the first EOS (as the reference does)."""
     if text_cfg.pad_token_id is not None:
@@ -274,6 +378,9 @@ DTYPES = {
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The dtype `load` asks for: a torch.dtype or one of DTYPES' names; None is float32 on CPU, else float16."""
+    if dtype is not None and not isinstance(dtype, (str, torch.dtype)):
+        raise InputError(f"dtype must be a string or a torch.dtype, got {type(dtype).__name__} {dtype!r}")
     if dtype is None:
         return torch.float32 if device.type == "cpu" else torch.float16
     if isinstance(dtype, torch.dtype):
@@ -281,7 +388,7 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
             raise InputError(f"dtype {dtype} is not supported (float32, float16, bfloat16)")
         return dtype
     try:
-        return DTYPES[str(dtype).lower()]
+        return DTYPES[dtype.lower()]
     except KeyError:
         raise InputError(f"dtype {dtype!r} is not supported (float32, float16, bfloat16)") from None
 
@@ -300,9 +407,9 @@ def load(
     """
     from .hub import resolve
 
-    directory = resolve(name_or_path)
-    device = torch.device(device) if device is not None else _default_device()
-    return load_directory(directory, device, parse_dtype(dtype, device), str(name_or_path))
+    device = parse_device(device)  # a wrong device or dtype fails before anything is read or downloaded
+    dtype = parse_dtype(dtype, device)
+    return load_directory(resolve(name_or_path), device, dtype, str(name_or_path))
 
 
 def load_directory(directory: Path, device: torch.device, dtype: torch.dtype, name: str = "") -> Blip2:
@@ -348,6 +455,28 @@ def load_directory(directory: Path, device: torch.device, dtype: torch.dtype, na
         name or str(directory),
         qformer_text=qformer_text,
     )
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """The device `load` puts the model on: a name torch knows ("cpu", "cuda", "cuda:1", "mps", ...) of a
+    device present here, or None for CUDA when available, else the CPU."""
+    if device is None:
+        return _default_device()
+    if not isinstance(device, (str, torch.device)):
+        raise InputError(f"device must be a string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise InputError(f"device {device!r} is not a device name torch knows ({e})") from None
+    if parsed.type == "cpu":
+        return parsed
+    backend = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if not (hasattr(backend, "is_available") and backend.is_available()):
+        raise InputError(f"device {device!r}: no {parsed.type} device is available on this machine")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if parsed.index is not None and parsed.index >= count:
+        raise InputError(f"device {device!r}: this machine has {count} {parsed.type} device(s), from 0")
+    return parsed
 
 
 def _default_device() -> torch.device:

@@ -3,6 +3,7 @@ option validation."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,6 +67,22 @@ def test_sampled_rows_are_padded_after_eos(opt_case):
         (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
         (dict(early_stopping="always"), "early_stopping"),
         (dict(max_new_tokens=2.5), "max_new_tokens"),
+        (dict(max_new_tokens="10"), "max_new_tokens must be an integer, got '10'"),
+        (dict(max_new_tokens=True), "max_new_tokens must be an integer"),
+        (dict(num_beams=2.0), "num_beams must be an integer, got 2.0"),
+        (dict(do_sample="yes"), "do_sample must be True or False, got 'yes'"),
+        (dict(temperature="hot"), "temperature must be a finite number, got 'hot'"),
+        (dict(temperature=float("inf")), "temperature must be a finite number, got inf"),
+        (dict(length_penalty=float("nan")), "length_penalty must be a finite number, got nan"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty must be a finite number"),
+        (dict(do_sample=True, top_p=float("nan")), "top_p must be a finite number"),
+        (
+            dict(min_new_tokens=20, max_new_tokens=10),
+            r"min_new_tokens \(20\) must be <= max_new_tokens \(10\)",
+        ),
+        (dict(do_sample=True, seed=2**64), "seed must be None or an integer"),
+        (dict(do_sample=True, seed=-(2**63) - 1), "seed must be None or an integer"),
+        (dict(do_sample=True, seed="1"), "seed must be an integer or None"),
     ],
 )
 def test_invalid_options(kwargs, message):
@@ -80,10 +97,21 @@ def test_invalid_options(kwargs, message):
         dict(num_beams=4, num_return_sequences=4, early_stopping="never"),
         dict(do_sample=True, num_return_sequences=5, temperature=0.5, top_k=0, top_p=0.9),
         dict(temperature=0.0),  # ignored without sampling, as in transformers
+        dict(do_sample=True, seed=2**64 - 1),
+        dict(do_sample=True, seed=-(2**63)),
+        dict(min_new_tokens=10, max_new_tokens=10),
+        dict(num_beams=np.int64(3), length_penalty=np.float32(-1.0)),  # numpy numbers are numbers
     ],
 )
 def test_valid_options(kwargs):
     GenerationOptions(**kwargs).validate()
+
+
+@pytest.mark.parametrize("seed", [2**64 - 1, -(2**63)])
+def test_seed_bounds_are_what_torch_accepts(seed, opt_case):
+    """The bounds `validate` allows are exactly torch.Generator's: the extreme seeds run."""
+    out = _run(opt_case, do_sample=True, seed=seed, max_new_tokens=3)
+    assert out.shape[0] == opt_case.history.shape[0]
 
 
 def test_generate_checks_inputs(opt_case):

@@ -3,6 +3,8 @@ so that the same call means the same thing in both."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,34 +32,38 @@ class GenerationOptions:
         return self.num_beams > 1
 
     def validate(self) -> None:
-        """Raise `InputError` naming the first option that is out of range or unsupported."""
+        """Raise `InputError` naming the first option that has the wrong type, is out of range or is
+        unsupported. Types are checked whatever the mode (a `temperature="hot"` is wrong even for greedy
+        decoding), ranges where the option is used. `seed` must be what `torch.Generator.manual_seed`
+        accepts: an integer in [-2**63, 2**64 - 1]."""
+        for name, kind in OPTION_KINDS.items():
+            value = getattr(self, name)
+            _check(_KIND_CHECKS[kind](value), f"{name} must be {kind}, got {value!r}")
+        _check(self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1")
+        _check(self.min_new_tokens >= 0, "min_new_tokens must be an integer >= 0")
         _check(
-            _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
-            "max_new_tokens must be an integer >= 1",
+            self.min_new_tokens <= self.max_new_tokens,
+            f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})",
         )
-        _check(
-            _is_int(self.min_new_tokens) and self.min_new_tokens >= 0,
-            "min_new_tokens must be an integer >= 0",
-        )
-        _check(_is_int(self.num_beams) and self.num_beams >= 1, "num_beams must be an integer >= 1")
-        _check(
-            _is_int(self.num_return_sequences) and self.num_return_sequences >= 1,
-            "num_return_sequences must be an integer >= 1",
-        )
+        _check(self.num_beams >= 1, "num_beams must be an integer >= 1")
+        _check(self.num_return_sequences >= 1, "num_return_sequences must be an integer >= 1")
         _check(self.repetition_penalty > 0, "repetition_penalty must be > 0 (1.0 turns it off)")
         _check(
-            _is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
-            "no_repeat_ngram_size must be an integer >= 0 (0 turns it off)",
+            self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be an integer >= 0 (0 turns it off)"
         )
         _check(
             self.early_stopping is True or self.early_stopping is False or self.early_stopping == "never",
             f"early_stopping must be True, False or 'never', not {self.early_stopping!r}",
         )
+        _check(
+            self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+            f"seed must be None or an integer in [-2**63, 2**64 - 1] (torch.Generator), got {self.seed!r}",
+        )
         if self.do_sample:
             _check(
                 self.temperature > 0, "temperature must be > 0 when sampling (use do_sample=False for greedy)"
             )
-            _check(_is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 turns it off)")
+            _check(self.top_k >= 0, "top_k must be an integer >= 0 (0 turns it off)")
             _check(0 < self.top_p <= 1, "top_p must be in (0, 1]")
             _check(not self.is_beam_search, "sampling with num_beams > 1 (beam sampling) is not supported")
         if self.is_beam_search:
@@ -73,8 +79,39 @@ class GenerationOptions:
             )
 
 
+# The type of each option, checked before any range: a string "10" or a float 2.0 where an integer is meant
+# would otherwise fail deep in the decoding loop, or (a NaN) silently change every comparison.
+OPTION_KINDS = {
+    "max_new_tokens": "an integer",
+    "min_new_tokens": "an integer",
+    "num_beams": "an integer",
+    "top_k": "an integer",
+    "no_repeat_ngram_size": "an integer",
+    "num_return_sequences": "an integer",
+    "do_sample": "True or False",
+    "temperature": "a finite number",
+    "top_p": "a finite number",
+    "repetition_penalty": "a finite number",
+    "length_penalty": "a finite number",
+    "seed": "an integer or None",
+}
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_KIND_CHECKS = {
+    "an integer": _is_int,
+    "True or False": lambda value: isinstance(value, bool),
+    "a finite number": _is_finite_number,
+    "an integer or None": lambda value: value is None or _is_int(value),
+}
 
 
 def _check(ok: bool, message: str) -> None:
