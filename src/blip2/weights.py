@@ -450,7 +450,7 @@ def assign_weights(
     groups = alias_groups(expected, tied)
     group_of = {key: group for group in groups for key in group}
     state: dict[str, Tensor] = {}
-    spare: dict[tuple[str, ...], Tensor] = {}  # per group, a tensor found under a name the model lacks
+    spare: dict[str, Tensor] = {}  # a tensor found under a name the model lacks; one per group is enough
     unexpected, mismatched = [], []
     for key, tensor in tensors:
         ours = rename(key, rules)
@@ -465,8 +465,8 @@ def assign_weights(
             )
         elif target == ours:
             state[ours] = tensor.to(plan(ours))
-        else:
-            spare.setdefault(group_of[ours], tensor.to(plan(target)))
+        elif not any(k in spare for k in group_of[ours]):
+            spare[ours] = tensor.to(plan(target))
     _fill_aliases(state, spare, groups, expected)
     ties = {k: s for k, s in tied.items() if s in state and (k not in state or state[k] is state[s])}
     for key in ties:
@@ -489,7 +489,11 @@ def assign_weights(
 
 def alias_groups(model_keys: dict | set, tied: dict[str, str]) -> list[tuple[str, ...]]:
     """The groups of names of one tensor for this model: the ALIAS_GROUPS it has a member of, and its ties
-    ({key: source}); groups that share a name are merged (tied T5: shared, lm_head and both embed_tokens)."""
+    ({key: source}); groups that share a name are merged (tied T5: shared, lm_head and both embed_tokens).
+
+    A tied head comes last in its group, so that it fills the embeddings only when no other name of them is
+    there: a head stored beside them may be a tensor of its own (the reference then loads it as such).
+    """
     merged: list[set[str]] = []
     candidates = [set(g) for g in ALIAS_GROUPS if any(k in model_keys for k in g)]
     for group in candidates + [{key, source} for key, source in tied.items()]:
@@ -497,7 +501,7 @@ def alias_groups(model_keys: dict | set, tied: dict[str, str]) -> list[tuple[str
             group |= other
             merged.remove(other)
         merged.append(group)
-    return [tuple(sorted(g)) for g in merged]
+    return [tuple(sorted(g, key=lambda k: (k in tied, k))) for g in merged]
 
 
 def _member(group: tuple[str, ...], model_keys: dict) -> str | None:
@@ -509,9 +513,10 @@ def _fill_aliases(state: dict, spare: dict, groups: list[tuple[str, ...]], expec
     """Fill each group's names that the model has from whichever one the checkpoint holds. Members of a group
     share a dtype (all in the language model), so the tensor is used as it is."""
     for group in groups:
-        source = next((state[k] for k in group if k in state), spare.get(group))
-        if source is None:
+        held = [k for k in group if k in state or k in spare]
+        if not held:
             continue  # none of its names: the missing keys say so
+        source = state[held[0]] if held[0] in state else spare[held[0]]
         for key in group:
             if key in expected and key not in state:
                 state[key] = source
