@@ -272,6 +272,8 @@ def test_hugging_face_cache_symlinks_are_followed(checkpoints, tmp_path, photos)
         ('{"weight_map": []}', "has no weight_map"),
         ('{"weight_map": {"query_tokens": 3}}', "must be file names"),
         ('{"weight_map": {"query_tokens": null}}', "must be file names"),
+        ("[" * 100_000, "not valid JSON"),  # deeper than Python's stack
+        ('{"weight_map": {"query_tokens": "config.json"}}', "not .safetensors files: config.json"),
     ],
 )
 def test_bad_index_is_named(checkpoints, tmp_path, text, problem):
@@ -405,3 +407,12 @@ def test_query_token_count_is_checked(instruct_checkpoints):
     config = dataclasses.replace(_config(instruct_checkpoints["llama"]), num_query_tokens=32)
     with pytest.raises(CheckpointError, match=r"num_query_tokens = 32, .*query_tokens of shape \[1, 6, 32\]"):
         check_config_against_checkpoint(config, checkpoint_files(instruct_checkpoints["llama"]))
+
+
+def test_bin_index_is_confined_too(checkpoints, tmp_path):
+    d = _copy(checkpoints["opt"], tmp_path / "ck")
+    (d / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, tmp_path / "x.bin")
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"x": "../x.bin"}}))
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin.index.json: refused file name '../x.bin'"):
+        checkpoint_files(d)

@@ -111,20 +111,23 @@ def checkpoint_files(directory: Path) -> list[Path]:
         if _present(directory / single):
             return [_require_file(directory / single)]
         if _present(directory / index):
-            return index_shards(directory / index)
+            return index_shards(directory / index, Path(single).suffix)
     raise CheckpointError(
         f"{directory} has no weights: expected model.safetensors, or model.safetensors.index.json with its "
         "shards (or their pytorch_model.bin equivalents)"
     )
 
 
-def index_shards(index: Path) -> list[Path]:
-    """The shard files an index names, confined to its directory, each checked to hold the keys the index
-    assigns to it (from the headers only for safetensors)."""
+def index_shards(index: Path, suffix: str) -> list[Path]:
+    """The shard files an index names, confined to its directory and of its kind (`suffix`), each checked to
+    hold the keys the index assigns to it (from the headers only for safetensors)."""
     weight_map = read_index(index)
     directory = index.parent
     names = sorted(set(weight_map.values()))
     shards = {name: checkpoint_file(directory, name, index) for name in names}
+    foreign = [name for name in names if not name.endswith(suffix)]
+    if foreign:
+        raise CheckpointError(f"{index}: names shards that are not {suffix} files: {_some(foreign)}")
     missing = [name for name, path in shards.items() if not _present(path)]
     if missing:
         raise CheckpointError(f"{directory}: shards listed in {index.name} are missing: {', '.join(missing)}")
@@ -142,8 +145,8 @@ def read_index(index: Path) -> dict[str, str]:
     """An index file's weight_map ({tensor key: shard file name}), validated and size-capped."""
     try:
         data = json.loads(_read_capped(index, MAX_INDEX_BYTES))
-    except ValueError as e:  # invalid JSON or text encoding
-        raise CheckpointError(f"{index}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # invalid JSON or encoding; nesting deeper than Python's stack
+        raise CheckpointError(f"{index}: not valid JSON ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{index}: not a JSON object")
     weight_map = data.get("weight_map")
@@ -174,11 +177,12 @@ def _read_capped(file: Path, limit: int) -> bytes:
     try:
         with file.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
-            if size > limit:
-                raise CheckpointError(f"{file}: {size} bytes, more than the {limit} allowed for this file")
-            return f.read()
+            data = f.read(limit + 1) if size <= limit else b""  # read at most limit + 1: it may be growing
     except OSError as e:
         raise _os_error(file, e) from None
+    if size > limit or len(data) > limit:
+        raise CheckpointError(f"{file}: {max(size, len(data))} bytes, more than the {limit} allowed")
+    return data
 
 
 def _os_error(file: Path, e: OSError) -> CheckpointError:
@@ -222,7 +226,7 @@ def safetensors_header(file: Path) -> dict[str, tuple[int, ...]]:
         raise _os_error(file, e) from None
     try:
         header = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise _corrupt(file, "its header is not valid JSON") from None
     if not isinstance(header, dict):
         raise _corrupt(file, "its header is not a JSON object")
