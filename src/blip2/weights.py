@@ -469,13 +469,22 @@ def assign_weights(
             )
         elif target == ours:
             state[ours] = tensor.to(plan(ours))
-        elif not any(k in spare for k in group_of[ours]):
+            if ours not in tied:  # the group's own tensor: a spare would only take memory
+                for k in group_of.get(ours, ()):
+                    spare.pop(k, None)
+        elif not any(k in spare or (k in state and k not in tied) for k in group_of[ours]):
             spare[ours] = tensor.to(plan(target))
     _fill_aliases(state, spare, groups, expected)
     ties = {k: s for k, s in tied.items() if s in state and (k not in state or state[k] is state[s])}
     for key in ties:
         state.pop(key, None)
-    missing = [k for k in expected if k not in state and k not in ties]
+    _check_fit([k for k in expected if k not in state and k not in ties], unexpected, mismatched)
+    model.load_state_dict(state, strict=False, assign=True)
+    _tie(model, ties)
+
+
+def _check_fit(missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
+    """Raise one error that names every missing, unexpected and mismatched key (the first few of each)."""
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {_some(missing)}")
@@ -487,8 +496,6 @@ def assign_weights(
         raise CheckpointError(
             "the checkpoint does not fit the model built from its config.json: " + "; ".join(problems)
         )
-    model.load_state_dict(state, strict=False, assign=True)
-    _tie(model, ties)
 
 
 def alias_groups(model_keys: dict | set, tied: dict[str, str]) -> list[tuple[str, ...]]:
