@@ -6,6 +6,8 @@ that the loaded model holds the same tensors and gives the same output as the fi
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from released_layouts import (
@@ -19,8 +21,9 @@ from released_layouts import (
 )
 
 import blip2
+from blip2.config import Blip2Config
 from blip2.errors import CheckpointError
-from blip2.weights import checkpoint_files
+from blip2.weights import check_config_against_checkpoint, checkpoint_files
 
 OPT_TIED = ("language_model.model.decoder.embed_tokens.weight", "language_model.lm_head.weight")
 T5_SHARED = (
@@ -30,6 +33,13 @@ T5_SHARED = (
 )
 LLAMA_TIED = ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
 OPTIONS = dict(num_beams=2, max_new_tokens=5)
+
+
+def load(directory) -> blip2.Blip2:
+    """Load as `pipeline.load_directory` will: the config checked against the weight files' headers first."""
+    config = Blip2Config.from_dict(json.loads((directory / "config.json").read_text()))
+    check_config_against_checkpoint(config, checkpoint_files(directory))
+    return blip2.load(directory)
 
 
 def assert_same_model(a: blip2.Blip2, b: blip2.Blip2, photo, prompt: str | None = None) -> None:
@@ -48,7 +58,7 @@ def test_2023_bin_shards_load_through_their_index(checkpoints, tmp_path, photos)
     (d / "pytorch_model-old.bin").write_bytes(b"not a pickle")
     (d / "lavis.pth").write_bytes(b"not a pickle either")
     assert checkpoint_files(d) == shards
-    assert_same_model(blip2.load(d), blip2.load(checkpoints["opt-sharded"]), photos[0])
+    assert_same_model(load(d), blip2.load(checkpoints["opt-sharded"]), photos[0])
 
 
 def test_safetensors_preferred_over_bin(checkpoints, tmp_path):
@@ -61,7 +71,7 @@ def test_opt_embeddings_stored_as_lm_head_only(checkpoints, tmp_path, photos):
     d = copy_checkpoint(checkpoints["opt"], tmp_path / "lm-head")
     keep_one_alias(d, OPT_TIED, "language_model.lm_head.weight")
     assert OPT_TIED[0] not in read_state(d)
-    model = blip2.load(d)
+    model = load(d)
     lm = model.model.language_model
     assert lm.lm_head.weight is lm.model.decoder.embed_tokens.weight  # still one tensor
     assert_same_model(model, blip2.load(checkpoints["opt"]), photos[0])
@@ -71,7 +81,7 @@ def test_opt_embeddings_stored_as_lm_head_only(checkpoints, tmp_path, photos):
 def test_t5_shared_stored_as_one_embed_tokens(checkpoints, tmp_path, photos, alias):
     d = copy_checkpoint(checkpoints["t5"], tmp_path / "t5")
     keep_one_alias(d, T5_SHARED, alias)
-    assert_same_model(blip2.load(d), blip2.load(checkpoints["t5"]), photos[0])
+    assert_same_model(load(d), blip2.load(checkpoints["t5"]), photos[0])
 
 
 def test_t5_aliases_stored_beside_shared_are_accepted(checkpoints, tmp_path, photos):
@@ -80,7 +90,7 @@ def test_t5_aliases_stored_beside_shared_are_accepted(checkpoints, tmp_path, pho
     for alias in T5_SHARED[1:]:
         state[alias] = state["language_model.shared.weight"].clone()
     write_safetensors(d, state)
-    assert_same_model(blip2.load(d), blip2.load(checkpoints["t5"]), photos[0])
+    assert_same_model(load(d), blip2.load(checkpoints["t5"]), photos[0])
 
 
 def test_llama_tied_head_stored_once(instruct_checkpoints, tmp_path, photos):
@@ -92,7 +102,7 @@ def test_llama_tied_head_stored_once(instruct_checkpoints, tmp_path, photos):
     write_safetensors(both, state)
     one = copy_checkpoint(both, tmp_path / "one")
     keep_one_alias(one, LLAMA_TIED, LLAMA_TIED[1])
-    model = blip2.load(one)
+    model = load(one)
     lm = model.model.language_model
     assert lm.lm_head.weight is lm.model.embed_tokens.weight
     assert_same_model(model, blip2.load(both), photos[0], "What is this?")
@@ -102,7 +112,7 @@ def test_llama_rotary_buffers_are_dropped(instruct_checkpoints, tmp_path, photos
     d = copy_checkpoint(instruct_checkpoints["llama"], tmp_path / "rotary")
     add_rotary_buffers(d, layers=2, head_dim=8)
     assert any(k.endswith("rotary_emb.inv_freq") for k in read_state(d))
-    assert_same_model(blip2.load(d), blip2.load(instruct_checkpoints["llama"]), photos[0], "What is this?")
+    assert_same_model(load(d), blip2.load(instruct_checkpoints["llama"]), photos[0], "What is this?")
 
 
 def test_untied_alias_does_not_fill(checkpoints, tmp_path):

@@ -162,7 +162,10 @@ def read_index(index: Path) -> dict[str, str]:
 
 def _present(path: Path) -> bool:
     # A dangling symlink (an interrupted Hub download) counts as present, so that it is reported, not skipped.
-    return path.is_symlink() or path.exists()
+    try:
+        return path.is_symlink() or path.exists()
+    except OSError as e:  # e.g. a folder on the way that may not be searched
+        raise _os_error(path, e) from None
 
 
 def _require_file(path: Path) -> Path:
