@@ -1,18 +1,30 @@
-"""Loading: strict keys with clear errors, tied heads, dtype policy, weights-only pickles, hub resolution."""
+"""Loading: strict keys with clear errors, tied heads, dtype policy, weights-only pickles, hostile files,
+the config checked against the weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import blip2
+from blip2.config import Blip2Config
 from blip2.errors import CheckpointError, InputError
-from blip2.hub import resolve
-from blip2.weights import rename
+from blip2.matching import is_retrieval
+from blip2.weights import (
+    check_config_against_checkpoint,
+    checkpoint_file,
+    checkpoint_files,
+    read_tensors,
+    rename,
+)
 
 
 def _copy(src, dst):
@@ -129,6 +141,33 @@ def test_pickle_with_code_is_refused(checkpoints, tmp_path):
         blip2.load(d)
 
 
+class _RunsCode:
+    """Pickles as a call of os.system: a plain unpickler would run the command on load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickle_that_would_run_a_command_is_refused_and_never_runs(checkpoints, tmp_path):
+    d = _copy(checkpoints["opt"], tmp_path / "evil")
+    (d / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    state = load_file(checkpoints["opt"] / "model.safetensors")
+    torch.save({**state, "payload": _RunsCode(marker)}, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot be read with torch's weights-only"):
+        blip2.load(d)
+    assert not marker.exists()
+
+
+def test_pickle_that_is_not_a_state_dict(tmp_path):
+    torch.save([torch.zeros(2)], tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        list(read_tensors([tmp_path / "pytorch_model.bin"], torch.device("cpu")))
+
+
 def test_legacy_preprocessor_config_is_read(checkpoints, tmp_path, photos):
     d = _copy(checkpoints["opt"], tmp_path / "legacy")
     settings = json.loads((d / "processor_config.json").read_text())["image_processor"]
@@ -151,19 +190,229 @@ def test_bad_dtype():
         blip2.pipeline.parse_dtype("float8", torch.device("cpu"))
 
 
-def test_resolve_errors(tmp_path, monkeypatch):
-    with pytest.raises(CheckpointError, match="no config.json"):
-        resolve(tmp_path)
-    with pytest.raises(CheckpointError, match="no such directory"):
-        resolve(tmp_path / "absent")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(CheckpointError, match="hf download Salesforce/blip2-flan-t5-xl"):
-        resolve("Salesforce/blip2-flan-t5-xl")
-
-
 def test_rename_rules():
     rules = [(r"^a\.(\d+)\.w$", r"b.\1.weight"), (r"\.drop$", None)]
     assert rename("a.3.w", rules) == "b.3.weight"
     assert rename("x.drop", rules) is None
     assert rename("kept", rules) == "kept"
+
+
+# -- hostile files ----------------------------------------------------------------------------------------------
+def _index(directory):
+    return directory / "model.safetensors.index.json"
+
+
+def _edit_index(directory, edit):
+    data = json.loads(_index(directory).read_text())
+    edit(data)
+    _index(directory).write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../x.safetensors",
+        "../../x.safetensors",
+        "sub/../../x.safetensors",
+        "ABSOLUTE",
+        "..\\x.safetensors",
+        "C:x.safetensors",
+        "a\0b.safetensors",
+        "",
+        "./model.safetensors",
+        "a//b.safetensors",
+    ],
+)
+def test_index_cannot_name_files_outside_its_directory(checkpoints, tmp_path, name):
+    d = _copy(checkpoints["opt-sharded"], tmp_path / "root" / "ck")
+    foreign = tmp_path / "x.safetensors"  # a valid file outside: it must be neither read nor probed
+    shutil.copy(sorted(d.glob("model-*.safetensors"))[0], foreign)
+    name = str(foreign) if name == "ABSOLUTE" else name
+
+    def edit(data):
+        data["weight_map"]["query_tokens"] = name
+
+    _edit_index(d, edit)
+    with pytest.raises(CheckpointError) as info:
+        blip2.load(d)
+    message = str(info.value)
+    assert "model.safetensors.index.json" in message and repr(name) in message and "refused" in message
+
+
+def test_checkpoint_file_accepts_names_inside():
+    d = Path("/ck")
+    assert checkpoint_file(d, "model-00001-of-00002.safetensors") == d / "model-00001-of-00002.safetensors"
+    assert checkpoint_file(d, "sub/x.bin") == d / "sub/x.bin"
+    with pytest.raises(CheckpointError, match=r"tokenizer_config.json: refused file name 3"):
+        checkpoint_file(d, 3, "tokenizer_config.json")
+
+
+def test_hugging_face_cache_symlinks_are_followed(checkpoints, tmp_path, photos):
+    """The cache's snapshot folders hold links into ../../blobs: the files are the directory's own."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for file in checkpoints["opt-sharded"].iterdir():
+        if file.is_file():
+            shutil.copy(file, blobs / f"blob-{file.name}")
+            (snapshot / file.name).symlink_to(Path("../../blobs") / f"blob-{file.name}")
+    (snapshot / "model-00001-of-00020.safetensors").resolve(strict=True)
+    options = dict(num_beams=1, max_new_tokens=4)
+    assert blip2.load(snapshot).caption(photos[0], **options) == blip2.load(
+        checkpoints["opt-sharded"]
+    ).caption(photos[0], **options)
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"metadata": {}}', "has no weight_map"),
+        ('{"weight_map": []}', "has no weight_map"),
+        ('{"weight_map": {"query_tokens": 3}}', "must be file names"),
+        ('{"weight_map": {"query_tokens": null}}', "must be file names"),
+        ("[" * 100_000, "not valid JSON"),  # deeper than Python's stack
+        ('{"weight_map": {"query_tokens": "config.json"}}', "not .safetensors files: config.json"),
+    ],
+)
+def test_bad_index_is_named(checkpoints, tmp_path, text, problem):
+    d = _copy(checkpoints["opt-sharded"], tmp_path / "ck")
+    _index(d).write_text(text)
+    with pytest.raises(CheckpointError, match=f"model.safetensors.index.json: .*{problem}"):
+        blip2.load(d)
+
+
+def test_huge_index_is_refused_before_parsing(checkpoints, tmp_path):
+    d = _copy(checkpoints["opt-sharded"], tmp_path / "ck")
+    with _index(d).open("r+b") as f:
+        f.truncate(17 * 2**20)  # sparse: no disk used
+    with pytest.raises(CheckpointError, match=r"index.json: \d+ bytes, more than the 16777216 allowed"):
+        blip2.load(d)
+
+
+def test_index_naming_keys_its_shard_lacks(checkpoints, tmp_path):
+    d = _copy(checkpoints["opt-sharded"], tmp_path / "ck")
+
+    def edit(data):
+        data["weight_map"]["vision_model.ghost.weight"] = data["weight_map"]["query_tokens"]
+
+    _edit_index(d, edit)
+    with pytest.raises(
+        CheckpointError, match=r"index.json: lists keys that model-.* does not hold \(1\): vision"
+    ):
+        blip2.load(d)
+
+
+def test_directory_where_a_shard_should_be(checkpoints, tmp_path):
+    d = _copy(checkpoints["opt-sharded"], tmp_path / "ck")
+    shard = sorted(d.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    shard.mkdir()
+    with pytest.raises(CheckpointError, match=f"{shard.name}: is a directory"):
+        blip2.load(d)
+
+
+def _header(entries: dict) -> bytes:
+    raw = json.dumps(entries).encode()
+    return len(raw).to_bytes(8, "little") + raw
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (lambda good: good[:-100], "outside the .* bytes of data"),  # truncated
+        (lambda good: bytes(range(256)) * 4, "header of"),  # garbage
+        (lambda good: (1000).to_bytes(8, "little") + b"{}", "header of 1000 bytes in a file of 10"),
+        (lambda good: (5).to_bytes(8, "little") + b"{abc}", "header is not valid JSON"),
+        (lambda good: b"\x01\x02", "too short"),
+        (lambda good: (200 * 2**20).to_bytes(8, "little") + b"{}", "more than the 104857600 allowed"),
+        (lambda good: _header([1]), "not a JSON object"),
+        (lambda good: _header({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}), "bad shape"),
+        (
+            lambda good: _header({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}),
+            "bad data_offsets",
+        ),
+        (lambda good: _header({"w": {"dtype": "XX", "shape": [0], "data_offsets": [0, 0]}}), "XX"),
+    ],
+)
+def test_corrupt_safetensors_is_named(checkpoints, tmp_path, content, problem):
+    d = _copy(checkpoints["opt"], tmp_path / "ck")
+    file = d / "model.safetensors"
+    file.write_bytes(content(file.read_bytes()))
+    with pytest.raises(
+        CheckpointError, match=f"model.safetensors: not a valid safetensors file: .*{problem}"
+    ):
+        blip2.load(d)
+
+
+def test_permission_denied_is_not_reported_as_missing(checkpoints, tmp_path, monkeypatch):
+    d = _copy(checkpoints["opt"], tmp_path / "ck")
+    (d / "model.safetensors").chmod(0)
+    if os.geteuid() == 0:  # root reads it anyway: make the open fail as it does for other users
+        real_open = Path.open
+
+        def denied(self, *args, **kwargs):
+            if self.name == "model.safetensors":
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_open(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(CheckpointError, match="model.safetensors: permission denied"):
+        blip2.load(d)
+
+
+# -- the config against the weights ------------------------------------------------------------------------------
+def _config(directory):
+    raw = json.loads((directory / "config.json").read_text())
+    config = Blip2Config.from_dict(raw)
+    return dataclasses.replace(config, text=None) if is_retrieval(raw) else config
+
+
+def test_fixtures_fit_their_configs(checkpoints, instruct_checkpoints, retrieval_checkpoints):
+    for directory in [*checkpoints.values(), *instruct_checkpoints.values(), *retrieval_checkpoints.values()]:
+        check_config_against_checkpoint(_config(directory), checkpoint_files(directory))
+
+
+def test_a_million_layers_fail_before_anything_is_built(checkpoints):
+    config = _config(checkpoints["opt"])
+    config.vision.num_hidden_layers = 10**6  # set after parsing, past any bounds config.py applies
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=r"vision.num_hidden_layers = 1000000, .* hold 2 such layers"):
+        check_config_against_checkpoint(config, checkpoint_files(checkpoints["opt"]))
+    assert time.perf_counter() - start < 0.5
+
+
+@pytest.mark.parametrize(
+    "kind, tower, field, value, tensor",
+    [
+        ("t5", "text", "num_decoder_layers", 3, None),
+        ("t5", "text", "num_layers", 1, None),
+        ("opt", "text", "num_hidden_layers", 5, None),
+        ("opt", "qformer", "num_hidden_layers", 4, None),
+        ("opt", "text", "vocab_size", 50272, r"embed_tokens.weight of shape \[309, 32\]"),
+        ("opt", "vision", "hidden_size", 1408, r"patch_embedding.weight of shape \[32, 3, 8, 8\]"),
+        ("t5", "text", "d_model", 64, r"shared.weight of shape \[109, 32\]"),
+        ("opt", "text", "max_position_embeddings", 2048, r"embed_positions.weight of shape \[130, 32\]"),
+    ],
+)
+def test_config_field_that_does_not_fit_is_named(checkpoints, kind, tower, field, value, tensor):
+    config = _config(checkpoints[kind])
+    setattr(getattr(config, tower), field, value)
+    with pytest.raises(CheckpointError, match=f"{tower}.{field} = {value}, .*" + (tensor or "")):
+        check_config_against_checkpoint(config, checkpoint_files(checkpoints[kind]))
+
+
+def test_query_token_count_is_checked(instruct_checkpoints):
+    config = dataclasses.replace(_config(instruct_checkpoints["llama"]), num_query_tokens=32)
+    with pytest.raises(CheckpointError, match=r"num_query_tokens = 32, .*query_tokens of shape \[1, 6, 32\]"):
+        check_config_against_checkpoint(config, checkpoint_files(instruct_checkpoints["llama"]))
+
+
+def test_bin_index_is_confined_too(checkpoints, tmp_path):
+    d = _copy(checkpoints["opt"], tmp_path / "ck")
+    (d / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, tmp_path / "x.bin")
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"x": "../x.bin"}}))
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin.index.json: refused file name '../x.bin'"):
+        checkpoint_files(d)

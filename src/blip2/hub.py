@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from .errors import CheckpointError
+from .weights import WEIGHT_LAYOUTS
 
 # The released checkpoints this package is built for (any other in the same layout works too).
 KNOWN_CHECKPOINTS = (
@@ -23,8 +24,11 @@ KNOWN_CHECKPOINTS = (
     "Salesforce/blip2-flan-t5-xl-coco",
 )
 
-# Only what loading needs: no pickles, no other frameworks' weights.
+# Only what loading needs: no pickles, no other frameworks' weights ...
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
+# ... unless a repo has no safetensors weights (older copies and mirrors): then its .bin shards, which are
+# read with torch's weights-only loader.
+PICKLE_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
@@ -39,26 +43,37 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint's directory (with config.json in it)")
     name = str(name_or_path)
-    if not _looks_like_repo_id(name):
-        raise CheckpointError(f"no such directory: {name}")
+    if not is_repo_id(name):
+        raise CheckpointError(
+            f"no such directory: {name!r} (and not a valid Hub repo id either: owner/name, with letters, "
+            "digits, '-', '_' and '.')"
+        )
     return _download(name)
 
 
-def _looks_like_repo_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+def is_repo_id(name: str) -> bool:
+    """Whether `name` is an "owner/name" repo id by huggingface_hub's rules; nothing else is sent to the Hub
+    (a mistyped path with a space in it would otherwise become a request)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return name.count("/") == 1
 
 
 def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
+        local = _snapshot(repo_id, local_files_only=True)
+        if _has_weights(local):
+            return local
     except Exception:
         pass  # not (completely) in the local cache: try the network
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS))
+        return _snapshot(repo_id)
     except RepositoryNotFoundError:
         raise CheckpointError(
             f"{repo_id} was not found on the Hugging Face Hub (known BLIP-2 checkpoints: "
@@ -71,6 +86,21 @@ def _download(repo_id: str) -> Path:
             f"`hf download {repo_id} --local-dir DIR`, copy DIR here and pass its path instead "
             f"of the name (or set HF_HOME to a cache that holds it)."
         ) from None
+
+
+def _snapshot(repo_id: str, **options) -> Path:
+    """The repo's safetensors and small files; its .bin shards only when it has no safetensors weights."""
+    from huggingface_hub import snapshot_download
+
+    path = Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS, **options))
+    if not _has_weights(path, pickles=False):
+        path = Path(snapshot_download(repo_id, allow_patterns=PICKLE_PATTERNS, **options))
+    return path
+
+
+def _has_weights(path: Path, pickles: bool = True) -> bool:
+    layouts = WEIGHT_LAYOUTS if pickles else WEIGHT_LAYOUTS[:1]
+    return any((path / name).is_file() for layout in layouts for name in layout)
 
 
 def _first_line(e: Exception) -> str:
