@@ -415,7 +415,14 @@ def load(
 def load_directory(directory: Path, device: torch.device, dtype: torch.dtype, name: str = "") -> Blip2:
     """Build the pipeline object for a local checkpoint directory (see `load`)."""
     from .models.retrieval import Blip2ForImageTextRetrieval
-    from .weights import assign_weights, checkpoint_files, dtype_plan, lm_dtype, read_tensors
+    from .weights import (
+        assign_weights,
+        check_config_against_checkpoint,
+        checkpoint_files,
+        dtype_plan,
+        lm_dtype,
+        read_tensors,
+    )
 
     try:
         raw = json.loads((directory / "config.json").read_text())
@@ -438,18 +445,23 @@ def load_directory(directory: Path, device: torch.device, dtype: torch.dtype, na
             warnings.warn(
                 "Flan-T5 overflows in float16: its language model is loaded in bfloat16 instead", stacklevel=3
             )
-    with torch.device("meta"):
-        model = model_class(config)
-    assign_weights(model, read_tensors(checkpoint_files(directory), device), dtype_plan(config, dtype))
-    model.eval().requires_grad_(False)
+    # Everything small is read and checked before the weights: a bad file fails in a second, not after
+    # gigabytes, and the config is checked against the tensor shapes before anything is built from it.
+    files = checkpoint_files(directory)
+    check_config_against_checkpoint(config, files)
     image_config = image_io.ImageProcessorConfig.from_checkpoint(directory)
+    text = TextProcessor.from_dir(directory)
     qformer_text = None
     if config.model_type == "instructblip":
         qformer_text = TextProcessor.from_dir(directory / "qformer_tokenizer")
+    with torch.device("meta"):
+        model = model_class(config)
+    assign_weights(model, read_tensors(files, device), dtype_plan(config, dtype))
+    model.eval().requires_grad_(False)
     return Blip2(
         model,
         config,
-        TextProcessor.from_dir(directory),
+        text,
         image_config,
         device,
         name or str(directory),

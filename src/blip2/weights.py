@@ -14,6 +14,7 @@ at once instead of building them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -244,17 +245,28 @@ def safetensors_header(file: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# Bytes per element of the safetensors dtypes torch can load.
+SAFETENSORS_DTYPES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+
+
 def _bad_entry(entry: object, data_size: int) -> str | None:
     """What is wrong with one tensor's header entry, or None."""
     if not isinstance(entry, dict):
         return "not an object"
-    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPES:
+        return f"unknown dtype {str(dtype)[:40]!r}"
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         return f"bad shape {shape!r}"
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
         return f"bad data_offsets {offsets!r}"
     if not 0 <= offsets[0] <= offsets[1] <= data_size:
         return f"data_offsets {offsets} outside the {data_size} bytes of data (truncated?)"
+    if offsets[1] - offsets[0] != math.prod(shape) * SAFETENSORS_DTYPES[dtype]:
+        return f"data_offsets {offsets} do not hold a {dtype} tensor of shape {tuple(shape)}"
     return None
 
 
