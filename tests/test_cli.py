@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import blip2
@@ -252,3 +253,85 @@ def test_tiny_checkpoint_command_writes_a_loadable_checkpoint(tmp_path, photos, 
     model = blip2.load(tmp_path / "tiny")
     assert model.instruct and model.family == "llama"
     assert isinstance(model.ask(photos[0], "what is it?", num_beams=1), str)
+
+
+# -- the same output as the library, for every checkpoint kind ---------------------------------------------------
+@pytest.fixture(scope="module")
+def every_kind(checkpoints, instruct_checkpoints):
+    return {
+        "opt": checkpoints["opt"],
+        "t5": checkpoints["t5"],
+        **{f"instructblip-{lm}": path for lm, path in instruct_checkpoints.items()},
+    }
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5", "instructblip-opt", "instructblip-t5", "instructblip-llama"])
+def test_caption_and_ask_json_equal_the_library(capsys, every_kind, photos, kind):
+    path = str(every_kind[kind])
+    model = blip2.load(path)
+    images = [str(p) for p in photos[:2]]
+    questions = ["what is it?", "is it red?", "where?"]
+    options = ["--beams", "2", "--max-new-tokens", "6", "-m", path, "--json", "--batch-size", "2"]
+    code, out, _ = run(capsys, "caption", *images, *options)
+    assert code == 0
+    expected = model.caption(images, num_beams=2, max_new_tokens=6)
+    assert [json.loads(line)["caption"] for line in out.splitlines()] == expected
+    code, out, _ = run(capsys, "ask", images[0], *questions, *options)
+    assert code == 0
+    expected = model.ask(images[0], questions, num_beams=2, max_new_tokens=6)
+    assert [a["answer"] for a in json.loads(out)["answers"]] == expected
+
+
+def test_ask_runs_batch_size_questions_per_pass_and_decodes_once(capsys, checkpoints, photos, monkeypatch):
+    from blip2 import images as image_io
+    from blip2.pipeline import Blip2
+
+    path = str(checkpoints["opt"])
+    questions = [f"question number {i}?" for i in range(7)]
+    expected = blip2.load(path).ask(str(photos[0]), questions, num_beams=1)
+    passes, reads = [], []
+    generate_text, load_image = Blip2.generate_text, image_io.load_image
+    monkeypatch.setattr(
+        Blip2, "generate_text", lambda self, *a: passes.append(len(a[2])) or generate_text(self, *a)
+    )
+    monkeypatch.setattr(
+        image_io, "load_image", lambda source, **k: reads.append(source) or load_image(source, **k)
+    )
+    code, out, _ = run(
+        capsys, "ask", str(photos[0]), *questions, "-m", path, "--beams", "1", "--batch-size", "3"
+    )
+    assert code == 0
+    assert passes == [3, 3, 1]
+    assert [r for r in reads if isinstance(r, str)] == [str(photos[0])]
+    assert [line.split("\t", 1)[1] for line in out.splitlines()] == expected
+
+
+@pytest.mark.parametrize("command", ["embed", "similarity"])
+def test_batches_hold_model_size_images_and_results_do_not_change(
+    capsys, retrieval_checkpoints, photos, monkeypatch, tmp_path, command
+):
+    from blip2.embeddings_io import read_embeddings
+    from blip2.pipeline import Blip2
+
+    path = str(retrieval_checkpoints["plain"])
+    images = [str(p) for p in photos]  # different sizes, one odd-sized
+    model = blip2.load(path)
+    height, width = model.image_config.size
+    expected = {
+        "embed": model.embed_images(images)["image_embeds_proj"].numpy(),
+        "similarity": model.similarity(images, "a cat")[:, 0].tolist(),
+    }[command]
+    method = {"embed": "embed_images", "similarity": "similarity"}[command]
+    original, sizes = getattr(Blip2, method), []
+    monkeypatch.setattr(
+        Blip2, method, lambda self, imgs, *a: sizes.extend(i.size for i in imgs) or original(self, imgs, *a)
+    )
+    common = [*images, "-m", path, "--batch-size", "5"]
+    if command == "embed":
+        code, _, _ = run(capsys, "embed", *common, "-o", str(tmp_path / "E.npy"))
+        assert np.array_equal(read_embeddings(tmp_path / "E.npy")[1], expected)
+    else:
+        code, out, _ = run(capsys, "similarity", *common, "-t", "a cat", "--json")
+        assert [json.loads(line)["scores"][0]["score"] for line in out.splitlines()] == expected
+    assert code == 0
+    assert sizes == [(width, height)] * len(images)
