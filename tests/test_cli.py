@@ -335,3 +335,119 @@ def test_batches_hold_model_size_images_and_results_do_not_change(
         assert [json.loads(line)["scores"][0]["score"] for line in out.splitlines()] == expected
     assert code == 0
     assert sizes == [(width, height)] * len(images)
+
+
+# -- embed: the destination first, rows as they come, nothing stale ---------------------------------------------
+def test_embed_upper_case_extension_and_rewrite(capsys, retrieval_checkpoints, photos, tmp_path):
+    from blip2.embeddings_io import read_embeddings
+
+    path, out = str(retrieval_checkpoints["plain"]), tmp_path / "E.NPY"
+    assert run(capsys, "embed", *map(str, photos[:3]), "-m", path, "-o", str(out))[0] == 0
+    assert run(capsys, "embed", str(photos[3]), "-m", path, "-o", str(out))[0] == 0
+    paths, array = read_embeddings(out)
+    assert paths == [str(photos[3])] and len(array) == 1
+    assert sorted(os.listdir(tmp_path)) == ["E.NPY", "E.NPY.paths.jsonl"]
+
+
+def test_embed_refuses_a_bad_destination_before_loading(capsys, photos, tmp_path):
+    (tmp_path / "folder.npy").mkdir()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)  # root can still write there: /sys is a folder nobody may create files in
+    unwritable = locked if os.geteuid() else "/sys"
+    for out, message in [
+        (tmp_path / "folder.npy", "is a directory"),
+        (f"{unwritable}/E.npy", "cannot write in"),
+    ]:
+        code, _, err = run(capsys, "embed", str(photos[0]), "-o", str(out), "-m", str(tmp_path / "nowhere"))
+        assert code == 2 and message in err and err.count("\n") == 1  # 1 would mean the model was looked for
+
+
+def test_embed_with_no_good_image_leaves_no_stale_file(
+    capsys, retrieval_checkpoints, photos, bad_images, tmp_path
+):
+    path, out = str(retrieval_checkpoints["plain"]), tmp_path / "E.parquet"
+    assert run(capsys, "embed", str(photos[0]), "-m", path, "-o", str(out))[0] == 0
+    code, _, err = run(capsys, "embed", bad_images["notes.jpg"], "-m", path, "-o", str(out))
+    assert code == 1 and "nothing written" in err and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("stop, code", [(KeyboardInterrupt, 130), (RuntimeError("boom"), 3)])
+def test_embed_stopped_mid_run_keeps_the_rows_printed(
+    capsys, retrieval_checkpoints, photos, tmp_path, monkeypatch, stop, code
+):
+    from blip2.embeddings_io import read_embeddings
+    from blip2.pipeline import Blip2
+
+    path, out = str(retrieval_checkpoints["plain"]), tmp_path / "E.npy"
+    calls, embed_images = [], Blip2.embed_images
+
+    def embed_then_stop(self, images):
+        calls.append(1)
+        if len(calls) == 3:
+            raise stop
+        return embed_images(self, images)
+
+    monkeypatch.setattr(Blip2, "embed_images", embed_then_stop)
+    images = [str(p) for p in photos]
+    exit_code, stdout, err = run(
+        capsys, "embed", *images, "-m", path, "-o", str(out), "--json", "--batch-size", "1"
+    )
+    printed = [json.loads(line) for line in stdout.splitlines()]
+    assert exit_code == code and [p["row"] for p in printed] == [0, 1]
+    assert "stopped early: wrote 2 embeddings" in err and "Traceback" not in err
+    paths, array = read_embeddings(out)
+    assert paths == [p["image"] for p in printed] == images[:2] and len(array) == 2
+    assert sorted(os.listdir(tmp_path)) == ["E.npy", "E.npy.paths.jsonl"]
+
+
+def test_embed_ctrl_c_in_a_real_process(retrieval_checkpoints, photos, tmp_path):
+    import signal
+
+    from blip2.embeddings_io import read_embeddings
+
+    out = tmp_path / "E.parquet"
+    images = [str(photos[i % len(photos)]) for i in range(400)]
+    command = [sys.executable, "-m", "blip2", "embed", *images, "-m", str(retrieval_checkpoints["plain"])]
+    process = subprocess.Popen(
+        [*command, "-o", str(out), "--json", "--batch-size", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    printed = [process.stdout.readline()]  # the first row is written: interrupt the run
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    printed += stdout.splitlines()
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    paths, array = read_embeddings(out)
+    assert 1 <= len(paths) < len(images)
+    assert paths == [json.loads(line)["image"] for line in printed] and len(array) == len(paths)
+
+
+# -- errors: one line, exit 2, before the model loads ---------------------------------------------------------
+@pytest.mark.parametrize("device", ["foo", "cuda:99", "meta", "cuda"])
+def test_bad_device_is_a_usage_error_before_loading(capsys, photos, tmp_path, device):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, out, err = run(
+        capsys, "caption", str(photos[0]), "--device", device, "-m", str(tmp_path / "nowhere")
+    )
+    assert code == 2 and out == "" and "--device" in err and "nowhere" not in err
+    assert "Traceback" not in err and "internal error" not in err
+
+
+def test_help_lists_the_exit_codes(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for line in [
+        "0    every input",
+        "1    some inputs failed",
+        "2    usage error",
+        "3    internal error",
+        "130  ",
+    ]:
+        assert line in out

@@ -248,3 +248,21 @@ def test_not_a_parquet_file(tmp_path, content):
     (tmp_path / "E.parquet").write_bytes(content)
     with pytest.raises(InputError, match="E.parquet: not a readable"):
         read_embeddings(tmp_path / "E.parquet")
+
+
+def test_ctrl_c_during_a_row_waits_for_the_row(tmp_path, monkeypatch):
+    import signal
+
+    writer = open_writer(tmp_path / "E.npy")
+    write_row = type(writer)._write
+
+    def interrupted(self, path, vector):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of a row
+        write_row(self, path, vector)
+
+    monkeypatch.setattr(type(writer), "_write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        writer.append("a", rows(1)[0])
+    assert writer.rows == 1  # the row was finished before the interrupt was raised
+    writer.close()
+    assert read_embeddings(tmp_path / "E.npy")[0] == ["a"]

@@ -133,7 +133,7 @@ def cli():
     \b
     Exit codes:
       0    every input was processed
-      1    some inputs failed (an image could not be read), or the checkpoint could not be used
+      1    some inputs failed (an image could not be read), or the checkpoint is unusable
       2    usage error: a bad option, argument or input value
       3    internal error: a bug in blip2 (BLIP2_DEBUG=1 shows the traceback)
       130  interrupted (Ctrl-C)
@@ -419,7 +419,7 @@ def _valid(value):
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning every error into one line on stderr."""
     try:
-        cli.main(args=argv, prog_name="blip2", standalone_mode=False)
+        sys.exit(cli.main(args=argv, prog_name="blip2", standalone_mode=False))  # --help, --version: 0
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:

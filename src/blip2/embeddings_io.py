@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import math
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +103,26 @@ def check_output_path(out: str | Path) -> Path:
     return path
 
 
+def _uninterrupted(method):
+    """Hold Ctrl-C (SIGINT) while `method` runs, so that a row or a file is never half written: the interrupt
+    is raised as usual as soon as it returns. (Signals only reach the main thread; elsewhere it just runs.)"""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return method(*args, **kwargs)
+        held = []
+        previous = signal.signal(signal.SIGINT, lambda *received: held.append(received))
+        try:
+            return method(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if held and callable(previous):
+                previous(*held[0])  # Python's default handler raises KeyboardInterrupt
+
+    return wrapper
+
+
 def open_writer(out: str | Path) -> EmbeddingsWriter:
     """A writer for `out` (.npy or .parquet), its temporary files already created beside it: an unusable
     destination fails here, before any work."""
@@ -118,6 +141,7 @@ class EmbeddingsWriter:
         self._temps: list[Path] = []
         self._data = self._temp_file()
 
+    @_uninterrupted
     def append(self, path: str, vector: np.ndarray) -> int:
         """Add one row (float32, the same shape for every row) for image `path`; returns its row index."""
         vector = np.asarray(vector, dtype=np.float32)
@@ -132,6 +156,7 @@ class EmbeddingsWriter:
         self.rows += 1
         return self.rows - 1
 
+    @_uninterrupted
     def close(self) -> tuple[int, ...] | None:
         """Finish: move the complete files into place and return the array's shape. With no rows, nothing is
         written and an earlier run's file at the destination is removed (it would pass for this run's)."""
