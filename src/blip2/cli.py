@@ -28,10 +28,12 @@ DEFAULT_MATCH_MODEL = "Salesforce/blip2-itm-vit-g"
 PROGRESS_THRESHOLD = 8  # show a progress bar from this many images on
 ACCELERATORS = ("cuda", "mps", "xpu")  # device types besides cpu, each a torch module with is_available()
 
-# Characters that would break a line or a column of the plain output, and how they are written instead.
-_ESCAPES = {ord("\\"): "\\\\", ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"}
-_ESCAPES |= {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in _ESCAPES}
-_ESCAPES |= {0x2028: "\\u2028", 0x2029: "\\u2029"}  # line separators to str.splitlines
+# Characters that would break a line or a column of the output, and how they are written instead.
+_BREAKS = {ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"}
+_BREAKS |= {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in _BREAKS}
+_BREAKS |= {0x2028: "\\u2028", 0x2029: "\\u2029"}  # line separators to str.splitlines
+# In the fields of the plain output a backslash is escaped too, so that every escape reads back one way.
+_FIELD_ESCAPES = {ord("\\"): "\\\\", **_BREAKS}
 
 
 class _Text(click.ParamType):
@@ -42,7 +44,7 @@ class _Text(click.ParamType):
 
     def convert(self, value, param, ctx):
         if valid_text(value) != value:
-            self.fail(f"{valid_text(value)!r} is not valid UTF-8 text", param, ctx)
+            self.fail(f"'{valid_text(value)}' is not valid UTF-8 text", param, ctx)
         return value
 
 
@@ -293,7 +295,7 @@ def _embeddings(pipe, images: list) -> list:
 def _close(writer, out: str, stopped: bool) -> None:
     """Move the embeddings file into place and say what it holds."""
     shape = writer.close()
-    where = _cell(out)
+    where = _message(out)
     early = "stopped early: " if stopped else ""
     if shape is None:
         click.echo(f"blip2: {early}no image was embedded; nothing written to {where}", err=True)
@@ -387,7 +389,7 @@ def _emit(path: str, result, as_json: bool, fields, show_path: bool) -> bool:
         if as_json:
             click.echo(_json_line({**path_fields(path), "error": str(result)}))
         else:
-            click.echo(f"blip2: error: {_cell(str(result))}", err=True)
+            click.echo(f"blip2: error: {_message(str(result))}", err=True)
         return True
     if as_json:
         click.echo(_json_line({**path_fields(path), **fields(result)}))
@@ -398,7 +400,12 @@ def _emit(path: str, result, as_json: bool, fields, show_path: bool) -> bool:
 
 def _cell(text: str) -> str:
     """`text` for one field of the plain output: valid UTF-8, no tab or line break (see the module doc)."""
-    return valid_text(text.translate(_ESCAPES))
+    return valid_text(text.translate(_FIELD_ESCAPES))
+
+
+def _message(text: str) -> str:
+    """`text` for a message on stderr: valid UTF-8, on one line."""
+    return valid_text(text.translate(_BREAKS))
 
 
 def _json_line(record: dict) -> str:
@@ -422,23 +429,24 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(cli.main(args=argv, prog_name="blip2", standalone_mode=False))  # --help, --version: 0
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # usage errors (exit 2) included: one line, pointing to the help
+        hint = f" (see '{e.ctx.command_path} --help')" if isinstance(e, click.UsageError) and e.ctx else ""
+        click.echo(f"blip2: error: {_message(e.format_message())}{hint}", err=True)
         sys.exit(e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         click.echo("blip2: interrupted", err=True)
         sys.exit(130)
     except InputError as e:
-        click.echo(f"blip2: error: {_cell(str(e))}", err=True)
+        click.echo(f"blip2: error: {_message(str(e))}", err=True)
         sys.exit(2)
     except Blip2Error as e:
-        click.echo(f"blip2: error: {_cell(str(e))}", err=True)
+        click.echo(f"blip2: error: {_message(str(e))}", err=True)
         sys.exit(1)
     except Exception as e:  # never a raw traceback, unless asked for
         if os.environ.get("BLIP2_DEBUG"):
             raise
         click.echo(
-            f"blip2: internal error: {type(e).__name__}: {_cell(str(e))} (set BLIP2_DEBUG=1 for the traceback)",
+            f"blip2: internal error: {type(e).__name__}: {_message(str(e))} (set BLIP2_DEBUG=1 for the traceback)",
             err=True,
         )
         sys.exit(3)
