@@ -34,6 +34,7 @@ _BREAKS |= {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) i
 _BREAKS |= {0x2028: "\\u2028", 0x2029: "\\u2029"}  # line separators to str.splitlines
 # In the fields of the plain output a backslash is escaped too, so that every escape reads back one way.
 _FIELD_ESCAPES = {ord("\\"): "\\\\", **_BREAKS}
+_JSON_BREAKS = {c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}  # only ever inside JSON strings
 
 
 class _Text(click.ParamType):
@@ -369,7 +370,9 @@ def _per_batch(pipe, paths, batch_size: int, run: Callable) -> Iterator[tuple[st
     each."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=len(paths) < PROGRESS_THRESHOLD)
+    # A progress bar only on a terminal: in a log it would break the one-line-per-error output.
+    show = len(paths) >= PROGRESS_THRESHOLD and sys.stderr.isatty()
+    bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not show)
     try:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
@@ -409,8 +412,9 @@ def _message(text: str) -> str:
 
 
 def _json_line(record: dict) -> str:
-    """One JSON line, valid UTF-8 whatever the strings in it hold (see `valid_text`)."""
-    return json.dumps(_valid(record), ensure_ascii=False)
+    """One JSON line, valid UTF-8 whatever the strings in it hold (see `valid_text`); the line breaks that
+    json leaves raw (NEL, U+2028, U+2029: str.splitlines splits on them) are written as \\u escapes."""
+    return json.dumps(_valid(record), ensure_ascii=False).translate(_JSON_BREAKS)
 
 
 def _valid(value):

@@ -91,11 +91,11 @@ def check_output_path(out: str | Path) -> Path:
     folder is writable is checked by `open_writer`, which creates its temporary files there)."""
     path = Path(out)
     shown = valid_text(str(out))
-    if path.suffix.lower() not in FORMATS:
-        raise InputError(f"--out {shown}: use a .npy or .parquet file name")
     for target in (path, sidecar_path(path)):
         if target.is_dir():
             raise InputError(f"--out {shown}: {valid_text(str(target))} is a directory")
+    if path.suffix.lower() not in FORMATS:
+        raise InputError(f"--out {shown}: use a .npy or .parquet file name")
     if not path.parent.is_dir():
         raise InputError(f"--out {shown}: the folder {valid_text(str(path.parent))} does not exist")
     if path.suffix.lower() == ".parquet":
