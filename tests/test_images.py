@@ -428,3 +428,29 @@ def test_batch_failure_names_the_bad_image(tmp_path):
 def test_empty_batch_is_an_input_error():
     with pytest.raises(InputError):
         ours([])
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding straight to model size; settings from a checkpoint folder
+
+
+@pytest.mark.parametrize("size", [{"height": 160, "width": 192}, {"shortest_edge": 150}])
+def test_load_resized_gives_the_preprocessed_pixels(tmp_path, size):
+    config = ImageProcessorConfig.from_dict(dict(BLIP2_CONFIG, size=size))
+    path = save(Image.fromarray(skimage.data.coffee()), tmp_path / "coffee.jpg")  # 400 x 600
+    small = images.load_resized(path, config)
+    assert small.size == images.output_size(400, 600, config)[::-1]
+    assert torch.equal(images.to_tensor(small, config), preprocess_one(path, config))
+    assert_close(
+        images.to_tensor(small, config)[None], reference(Image.open(path), dict(BLIP2_CONFIG, size=size))
+    )
+
+
+def test_from_checkpoint_matches_what_transformers_saved(checkpoints):
+    folder = checkpoints["opt"]
+    config = ImageProcessorConfig.from_checkpoint(folder)
+    saved = transformers_blip.BlipImageProcessorPil.from_pretrained(folder)
+    assert config.size == (saved.size.height, saved.size.width)
+    assert (config.image_mean, config.image_std) == (tuple(saved.image_mean), tuple(saved.image_std))
+    image = astronaut(64)
+    assert_close(preprocess(image, config), saved(image, return_tensors="pt")["pixel_values"])

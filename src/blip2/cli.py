@@ -454,3 +454,33 @@ def main(argv: list[str] | None = None) -> None:
             err=True,
         )
         sys.exit(3)
+
+
+@cli.command("convert-lavis")
+@click.argument("checkpoint")
+@click.option(
+    "--base", required=True, help="The released checkpoint it was fine-tuned from (directory or Hub id)."
+)
+@click.option("--out", "-o", required=True, help="The directory to write (Hugging Face layout).")
+@click.option("--force", is_flag=True, help="Replace --out if it already holds a checkpoint.")
+@click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON on stdout.")
+def convert_lavis_command(checkpoint, base, out, force, as_json):
+    """Convert CHECKPOINT, a .pth saved by Salesforce LAVIS, into a directory that blip2 loads.
+
+    The .pth holds what the fine-tuning trained (Q-Former, query tokens, ln_vision, language projection); the
+    rest comes from --base, the released checkpoint it was fine-tuned from. Example:
+
+    \b
+        blip2 convert-lavis checkpoint_best.pth --base Salesforce/blip2-opt-2.7b --out my-blip2
+    """
+    from pathlib import Path
+
+    from .lavis import convert_lavis
+
+    report = convert_lavis(Path(checkpoint), base, Path(out), force=force)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), ensure_ascii=False))
+    click.echo(report.summary(), err=True)
+    if report.dropped:
+        click.echo(report.dropped_note(), err=True)
+    sys.exit(0)

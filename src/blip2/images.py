@@ -14,43 +14,132 @@ Where we differ from the reference on purpose:
   clips them at 255, which turns most photographs into a white page.
 - Pictures with transparency are always composited on white, as the reference does for PIL inputs
   (when the reference opens a path string itself it drops the alpha channel instead).
+
+Every input is treated as hostile: only regular files up to `MAX_FILE_BYTES` are read (FIFOs, devices and
+sockets are refused unopened), only the `allowed_formats()` are handed to Pillow (never EPS/PDF, which
+Pillow would give to Ghostscript), the pixel count is checked against `MAX_PIXELS` after the header is
+parsed and before any pixel is decoded, only the first frame of a multi-frame file is decoded, and any
+exception a decoder raises becomes the image's `ImageError`. The image processor config files are
+size-capped and every value is bounds-checked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
+import math
 import os
-import struct
+import reprlib
+import stat
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from blip2.errors import ImageError, InputError
+from blip2.errors import CheckpointError, ImageError, InputError
 
 # Refuse images with more pixels than this before decoding them: twice PIL's own warning threshold, which
 # is also the point where PIL itself refuses. Overridable (module attribute, or `max_pixels=`); PIL's
 # own limit (2 * PIL.Image.MAX_IMAGE_PIXELS) still applies to files above it.
 MAX_PIXELS = 178_956_970
+# Refuse image files larger than this before reading them (module attribute, read at call time).
+MAX_FILE_BYTES = 512 * 1024**2
+# Refuse image processor config files larger than this before parsing them.
+MAX_CONFIG_BYTES = 1024**2
+
+# The only formats Pillow may open for us: common raster formats with maintained decoders. Everything else
+# (EPS and PDF, which Pillow hands to Ghostscript; DDS, BLP, SPIDER, ICO, ...) is refused unread.
+# MPO (the multi-picture JPEG phones write) is opened by the JPEG plugin.
+RASTER_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Allowed too when their plugins are registered (Pillow's own AVIF plugin, pillow-heif's HEIF opener).
+OPTIONAL_FORMATS = ("AVIF", "HEIF")
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
-# What Pillow raises for files it cannot decode; plugins differ, so the list is long.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError)
+
+# --------------------------------------------------------------------------------------------------
+# Reading files
+
+
+class _Unreadable(Exception):
+    """Why a file was not read; callers turn it into their own named error."""
+
+
+# Not regular files, refused before they are opened: opening a FIFO blocks, reading /dev/zero never ends.
+_SPECIAL_FILES = (
+    (stat.S_ISDIR, "is a directory, not a file"),
+    (stat.S_ISFIFO, "is a FIFO (named pipe), not a regular file"),
+    (stat.S_ISCHR, "is a character device, not a regular file"),
+    (stat.S_ISBLK, "is a block device, not a regular file"),
+    (stat.S_ISSOCK, "is a socket, not a regular file"),
+)
+_OS_ERRORS = {
+    errno.ENOENT: "file not found",
+    errno.ENOTDIR: "file not found (a folder in its path is a file)",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENAMETOOLONG: "path too long",
+    errno.ELOOP: "too many levels of symbolic links",
+    errno.ENXIO: "not a regular file",  # what opening a socket gives
+}
+_OPEN_FLAGS = (
+    os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+)
+
+
+def _read_file(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of the regular file at `path`, refusing special files and files over `limit` bytes.
+
+    The file is opened once and checked through its descriptor, so a file swapped or grown after the first
+    check is still refused. Raises `_Unreadable` with a short reason.
+    """
+    raw = os.fspath(path)
+    if not raw:
+        raise _Unreadable("empty path")
+    if ("\0" if isinstance(raw, str) else b"\0") in raw:
+        raise _Unreadable("path contains a NUL byte")
+    try:
+        _check_regular(os.stat(raw), limit)  # before opening: open() itself blocks on a FIFO
+        with open(os.open(raw, _OPEN_FLAGS), "rb") as f:
+            _check_regular(os.fstat(f.fileno()), limit)  # the file actually opened
+            data = f.read(limit + 1)  # at most one byte past the limit, however much the file grows
+    except OSError as e:
+        raise _Unreadable(_OS_ERRORS.get(e.errno, f"cannot read file: {e.strerror or e}")) from e
+    if len(data) > limit:
+        raise _Unreadable(f"file grew past the limit of {limit} bytes while being read")
+    if not data:
+        raise _Unreadable("empty file")
+    return data
+
+
+def _check_regular(info: os.stat_result, limit: int) -> None:
+    for is_kind, reason in _SPECIAL_FILES:
+        if is_kind(info.st_mode):
+            raise _Unreadable(reason)
+    if not stat.S_ISREG(info.st_mode):
+        raise _Unreadable("not a regular file")
+    if info.st_size > limit:
+        raise _Unreadable(f"file is {info.st_size} bytes, more than the limit of {limit} bytes")
 
 
 # --------------------------------------------------------------------------------------------------
 # Loading
+
+
+def allowed_formats() -> tuple[str, ...]:
+    """The Pillow formats images are opened with, looked up now: AVIF and HEIF count once their plugin is in."""
+    Image.init()  # registers every plugin Pillow ships, so that AVIF shows up where it is built in
+    return RASTER_FORMATS + tuple(name for name in OPTIONAL_FORMATS if name in Image.OPEN)
 
 
 def source_name(source: object) -> str:
@@ -71,14 +160,17 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
 
     `source` is a path (str or `os.PathLike`), an encoded file as bytes/bytearray/memoryview, a PIL image,
     or a numpy array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) with dtype uint8, uint16, bool,
-    float in [0, 1] (or another integer dtype with values in [0, 255]). Multi-frame files give their first
-    frame. Images with more than `max_pixels` pixels (default: the module's `MAX_PIXELS` at call time) are
-    refused before decoding. Every failure raises `ImageError` whose message starts with the image's name.
+    float in [0, 1] (or another integer dtype with values in [0, 255]). Files must be in one of the
+    `allowed_formats()` and at most `MAX_FILE_BYTES` long. Multi-frame files give their first frame, and
+    only that frame is decoded. Images with more than `max_pixels` pixels (default: the module's
+    `MAX_PIXELS` at call time) are refused before decoding. Every failure raises `ImageError` whose
+    message starts with the image's name.
     """
     name = source_name(source)
     limit = MAX_PIXELS if max_pixels is None else max_pixels
     if isinstance(source, Image.Image):
         with _as_image_error(name):
+            _refuse_undecoded_format(source, name)
             _check_pixels(source.size, name, limit)
             source.load()
             return _upright_rgb(source, name)
@@ -88,56 +180,84 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
         data = bytes(source)
         if not data:
             raise ImageError(name, "empty input, no image bytes")
-        return _decode(io.BytesIO(data), name, limit)
+        return _decode(data, name, limit)
     if isinstance(source, (str, os.PathLike)):
-        return _decode(_checked_path(Path(os.fspath(source)), name), name, limit)
+        try:
+            data = _read_file(source, MAX_FILE_BYTES)
+        except _Unreadable as e:
+            raise ImageError(name, str(e)) from e
+        return _decode(data, name, limit)
     raise ImageError(
         name, f"unsupported input type {type(source).__name__}; give a path, bytes, a PIL image or an array"
     )
 
 
-def _checked_path(path: Path, name: str) -> Path:
-    """Turn the common path mistakes into clear messages before Pillow sees them."""
-    try:
-        if not path.exists():
-            raise ImageError(name, "file not found")
-        if path.is_dir():
-            raise ImageError(name, "is a directory, not an image file")
-        if path.stat().st_size == 0:
-            raise ImageError(name, "empty file")
-    except OSError as e:
-        raise ImageError(name, f"cannot read file: {e.strerror or e}") from e
-    return path
-
-
-def _decode(fp: Path | io.BytesIO, name: str, limit: int) -> Image.Image:
+def _decode(data: bytes, name: str, limit: int) -> Image.Image:
     with _as_image_error(name):
         # PIL warns between 1x and 2x its MAX_IMAGE_PIXELS; our own limit replaces that warning.
         # (catch_warnings swaps the process-wide filters; a concurrent thread may miss a warning meanwhile.)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(fp)
+            image = _open_allowed(data, name)
         with image:
-            _check_pixels(image.size, name, limit)
-            image.load()  # decode everything now, so a truncated file fails here and not later
+            _check_pixels(image.size, name, limit)  # the header is read, no pixel decoded yet
+            image.load()  # decode the first frame now, so a truncated file fails here and not later
             return _upright_rgb(image, name)
+
+
+def _open_allowed(data: bytes, name: str) -> ImageFile.ImageFile:
+    """Open (parse the header of) `data` with the allowed formats' plugins only."""
+    try:
+        return Image.open(io.BytesIO(data), formats=allowed_formats())
+    except UnidentifiedImageError as e:
+        raise ImageError(name, _not_allowed(_identify(data))) from e
+
+
+def _not_allowed(fmt: str | None) -> str:
+    """Why a file no allowed plugin would open was refused, given the format its first bytes suggest."""
+    allowed = allowed_formats()
+    if fmt is None:
+        return f"not an image, or not in an allowed format ({', '.join(allowed)})"
+    if fmt in allowed:  # the signature is right but the plugin rejected the header
+        return f"cannot decode image (damaged {fmt} header)"
+    return f"{fmt} images are not allowed (allowed: {', '.join(allowed)})"
+
+
+def _identify(data: bytes) -> str | None:
+    """The format a refused file seems to be in, from its first bytes only (each plugin's signature test)."""
+    prefix = data[:16]  # what Image.open shows each plugin's test
+    for fmt, (_, accept) in Image.OPEN.items():
+        with contextlib.suppress(Exception):  # a signature test that fails just says no
+            if accept is not None and accept(prefix) is True:
+                return fmt
+    return None
+
+
+def _refuse_undecoded_format(image: Image.Image, name: str) -> None:
+    """A lazily opened file in a format not allowed is refused before `load()` runs its decoder (for EPS,
+    Ghostscript). Pixels the caller has already decoded are accepted whatever their source."""
+    if not isinstance(image, ImageFile.ImageFile) or image.format in allowed_formats() + ("MPO",):
+        return
+    if image.tile or getattr(image, "_im", None) is None:  # not decoded yet
+        raise ImageError(name, _not_allowed(image.format))
 
 
 @contextlib.contextmanager
 def _as_image_error(name: str) -> Iterator[None]:
-    """Turn whatever Pillow raises into an `ImageError` naming the image."""
+    """The decode boundary: whatever a decoder raises becomes an `ImageError` naming the image.
+
+    Pillow's plugins raise nearly anything on hostile files (KeyError, ZeroDivisionError, MemoryError,
+    plain Exception, ...); one bad image must not abort a batch. KeyboardInterrupt and SystemExit pass.
+    """
     try:
         yield
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(name, f"too many pixels, refused as a possible decompression bomb ({e})") from e
-    except PermissionError as e:
-        raise ImageError(name, "permission denied") from e
-    except UnidentifiedImageError as e:
-        raise ImageError(name, "not an image, or an image format Pillow cannot read") from e
-    except _DECODE_ERRORS as e:
-        raise ImageError(name, f"cannot decode image: {e}") from e
+    except Exception as e:
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise ImageError(name, f"cannot decode image ({detail})") from e
 
 
 def _check_pixels(size: tuple[int, int], name: str, limit: int) -> None:
@@ -153,8 +273,8 @@ def _check_pixels(size: tuple[int, int], name: str, limit: int) -> None:
 def _upright_rgb(image: Image.Image, name: str) -> Image.Image:
     try:
         image = ImageOps.exif_transpose(image)
-    except _DECODE_ERRORS + (KeyError, AttributeError):
-        pass  # broken EXIF metadata: keep the pixels as stored rather than refuse a readable picture
+    except Exception:  # broken EXIF metadata: keep the pixels as stored rather than refuse a readable picture
+        pass
     with _as_image_error(name):
         return to_rgb(image)
 
@@ -243,7 +363,37 @@ def _array_to_uint8(array: np.ndarray, name: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Configuration
 
-_SCALAR_KEYS = ("resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")
+# Bounds every value from a (possibly hostile) config file must meet: a size of 100000 would allocate
+# gigabytes on the first image, a std of 0 would divide by zero. Each rule: (test, what the value must be).
+MAX_EDGE = 4096
+_RESAMPLE_FILTERS = sorted(int(f) for f in Image.Resampling)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a size
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "edge": (lambda v: _is_int(v) and 1 <= v <= MAX_EDGE, f"an int in [1, {MAX_EDGE}]"),
+    "resample": (
+        lambda v: _is_int(v) and v in _RESAMPLE_FILTERS,
+        f"a PIL filter, one of {_RESAMPLE_FILTERS}",
+    ),
+    "flag": (lambda v: isinstance(v, bool), "true or false"),
+    "positive": (lambda v: _is_finite(v) and v > 0, "a finite number > 0"),
+    "finite": (_is_finite, "a finite number"),
+}
+_FLAGS = ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb")
+
+
+def _check(rule: str, field: str, value: Any) -> None:
+    test, expected = _RULES[rule]
+    if not test(value):
+        raise InputError(f"image processor setting {field} must be {expected}, got {reprlib.repr(value)}")
 
 
 @dataclass(frozen=True)
@@ -252,7 +402,8 @@ class ImageProcessorConfig:
 
     Defaults are the reference `BlipImageProcessor` class defaults (384x384); BLIP-2 checkpoints override
     the size (224x224) in their file. The output size is either fixed, `size` = (height, width), or
-    aspect-preserving: `shortest_edge` (and optionally `longest_edge`) with `size` None.
+    aspect-preserving: `shortest_edge` (and optionally `longest_edge`) with `size` None. Every value is
+    bounds-checked on construction (`InputError` naming the field).
     """
 
     size: tuple[int, int] | None = (384, 384)  # (height, width)
@@ -273,51 +424,123 @@ class ImageProcessorConfig:
             raise InputError("give exactly one of size=(height, width) or shortest_edge")
         if self.longest_edge is not None and self.shortest_edge is None:
             raise InputError("longest_edge needs shortest_edge")
-        try:
-            Image.Resampling(self.resample)
-        except ValueError as e:
-            raise InputError(f"unknown PIL resample filter {self.resample!r}") from e
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            raise InputError("image_mean and image_std need one value per RGB channel")
+        for key in ("image_mean", "image_std"):
+            if not isinstance(getattr(self, key), tuple) or len(getattr(self, key)) != 3:
+                raise InputError(f"image processor setting {key} needs one value per RGB channel")
+        for rule, field, value in self._values():
+            _check(rule, field, value)
+
+    def _values(self) -> Iterator[tuple[str, str, Any]]:
+        """(rule, field, value) for every setting that is present."""
+        if self.size is not None:
+            if not isinstance(self.size, tuple) or len(self.size) != 2:
+                raise InputError(f"image processor setting size must be (height, width), got {self.size!r}")
+            yield from (("edge", "size.height", self.size[0]), ("edge", "size.width", self.size[1]))
+        for key in ("shortest_edge", "longest_edge"):
+            if getattr(self, key) is not None:
+                yield "edge", f"size.{key}", getattr(self, key)
+        yield "resample", "resample", self.resample
+        yield from (("flag", key, getattr(self, key)) for key in _FLAGS)
+        yield "positive", "rescale_factor", self.rescale_factor
+        yield from (("finite", f"image_mean[{i}]", v) for i, v in enumerate(self.image_mean))
+        yield from (("positive", f"image_std[{i}]", v) for i, v in enumerate(self.image_std))
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> ImageProcessorConfig:
-        """Build from a preprocessor_config.json dict; keys this package does not use are ignored."""
-        fields: dict[str, Any] = dict(_parse_size(config.get("size"), config.get("default_to_square", True)))
-        for key in _SCALAR_KEYS:
+        """Build from a preprocessor_config.json dict; keys this package does not use are ignored.
+
+        Raises `InputError` naming the field for a value out of bounds or of the wrong type.
+        """
+        square = config.get("default_to_square", True)
+        _check("flag", "default_to_square", square)
+        fields: dict[str, Any] = dict(_parse_size(config.get("size"), square))
+        for key in ("resample", "rescale_factor", *_FLAGS):
             if config.get(key) is not None:
                 fields[key] = config[key]
         for key in ("image_mean", "image_std"):
             if config.get(key) is not None:
-                value = config[key]
-                fields[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,) * 3
+                fields[key] = _per_channel(key, config[key])
         return cls(**fields)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> ImageProcessorConfig:
-        """Read a preprocessor_config.json file."""
+        """Read a preprocessor_config.json file; raises `InputError` naming the file."""
+        return cls._from_json(Path(path), key=None)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | os.PathLike) -> ImageProcessorConfig:
+        """The image settings of a checkpoint folder: its preprocessor_config.json, or else the
+        "image_processor" object of the processor_config.json that newer transformers versions write.
+
+        Raises `CheckpointError` naming the file for an unreadable, oversized, malformed or out-of-bounds one.
+        """
+        directory = Path(directory)
+        for filename, key in (
+            ("preprocessor_config.json", None),
+            ("processor_config.json", "image_processor"),
+        ):
+            path = directory / filename
+            if not os.path.lexists(path):
+                continue
+            try:
+                return cls._from_json(path, key)
+            except _NoSettings:
+                continue
+            except InputError as e:
+                raise CheckpointError(str(e)) from e
+        raise CheckpointError(f"{directory} has no preprocessor_config.json (image size, mean and std)")
+
+    @classmethod
+    def _from_json(cls, path: Path, key: str | None) -> ImageProcessorConfig:
+        """Settings from the JSON object in `path` (or its member `key`); `InputError` messages name the file."""
+        where = f"{path}" if key is None else f'{path} ("{key}")'
         try:
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
-        except (OSError, ValueError) as e:
-            raise InputError(f"{os.fspath(path)}: cannot read image processor config: {e}") from e
+            config = json.loads(_read_file(path, MAX_CONFIG_BYTES))
+        except _Unreadable as e:
+            raise InputError(f"{path}: cannot read image processor config: {e}") from e
+        except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+            raise InputError(f"{path}: image processor config is not valid JSON: {e}") from e
         if not isinstance(config, dict):
-            raise InputError(f"{os.fspath(path)}: image processor config is not a JSON object")
-        return cls.from_dict(config)
+            raise InputError(f"{path}: image processor config is not a JSON object")
+        if key is not None:
+            if not config.get(key):
+                raise _NoSettings
+            config = config[key]
+            if not isinstance(config, dict):
+                raise InputError(f"{where}: image processor config is not a JSON object")
+        try:
+            return cls.from_dict(config)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from e
+
+
+class _NoSettings(Exception):
+    """A processor_config.json without image processor settings."""
+
+
+def _per_channel(key: str, value: Any) -> tuple[Any, ...]:
+    """One value for all three channels (a number or a 1-list), or a list of three."""
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if len(values) not in (1, 3):
+        raise InputError(f"image processor setting {key} needs 3 values (or 1 for all), got {len(values)}")
+    return values * 3 if len(values) == 1 else values
 
 
 def _parse_size(size: Any, default_to_square: bool) -> dict[str, Any]:
-    """The reference's `get_size_dict` forms, for the keys a resize can use: int, [h, w], dict."""
+    """The reference's `get_size_dict` forms, for the keys a resize can use: int, [h, w], dict.
+
+    Values are passed on unconverted; the config's own checks refuse what is not an int in range.
+    """
     if size is None:
         return {}
-    if isinstance(size, int):
+    if _is_int(size):
         return {"size": (size, size)} if default_to_square else {"size": None, "shortest_edge": size}
     if isinstance(size, (list, tuple)) and len(size) == 2:
-        return {"size": (int(size[0]), int(size[1]))}
+        return {"size": tuple(size)}
     if isinstance(size, Mapping):
         keys = {k for k, v in size.items() if v is not None}
         if keys == {"height", "width"}:
-            return {"size": (int(size["height"]), int(size["width"]))}
+            return {"size": (size["height"], size["width"])}
         if keys in ({"shortest_edge"}, {"shortest_edge", "longest_edge"}):
             return {
                 "size": None,
@@ -325,7 +548,8 @@ def _parse_size(size: Any, default_to_square: bool) -> dict[str, Any]:
                 "longest_edge": size.get("longest_edge"),
             }
     raise InputError(
-        f"unsupported image size {size!r}; use an int, [height, width], {{height, width}} or {{shortest_edge}}"
+        "unsupported image size "
+        f"{reprlib.repr(size)}; use an int, [height, width], {{height, width}} or {{shortest_edge}}"
     )
 
 
@@ -382,12 +606,18 @@ def to_tensor(image: Image.Image, config: ImageProcessorConfig) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))  # (3, H, W)
 
 
+def load_resized(
+    source: ImageSource, config: ImageProcessorConfig, *, max_pixels: int | None = None
+) -> Image.Image:
+    """Decode `source` and resize it at once to the model's input size (when `config` resizes), so that a
+    batch holds model-size images rather than full-size ones. `to_tensor` of it is `preprocess_one`."""
+    rgb = load_image(source, max_pixels=max_pixels)
+    return resize(rgb, config) if config.do_resize else rgb
+
+
 def preprocess_one(image: ImageSource, config: ImageProcessorConfig) -> torch.Tensor:
     """One image -> (3, H, W) float32 pixel values. Raises `ImageError` naming the image."""
-    rgb = load_image(image)
-    if config.do_resize:
-        rgb = resize(rgb, config)
-    return to_tensor(rgb, config)
+    return to_tensor(load_resized(image, config), config)
 
 
 def preprocess(images: ImageSource | Sequence[ImageSource], config: ImageProcessorConfig) -> torch.Tensor:

@@ -335,7 +335,7 @@ def load_directory(directory: Path, device: torch.device, dtype: torch.dtype, na
         model = model_class(config)
     assign_weights(model, read_tensors(checkpoint_files(directory), device), dtype_plan(config, dtype))
     model.eval().requires_grad_(False)
-    image_config = image_io.ImageProcessorConfig.from_dict(_image_settings(directory))
+    image_config = image_io.ImageProcessorConfig.from_checkpoint(directory)
     qformer_text = None
     if config.model_type == "instructblip":
         qformer_text = TextProcessor.from_dir(directory / "qformer_tokenizer")
@@ -348,20 +348,6 @@ def load_directory(directory: Path, device: torch.device, dtype: torch.dtype, na
         name or str(directory),
         qformer_text=qformer_text,
     )
-
-
-def _image_settings(directory: Path) -> dict:
-    """The image processor's settings: preprocessor_config.json, or the processor_config.json that newer
-    transformers versions write instead."""
-    legacy = directory / "preprocessor_config.json"
-    if legacy.is_file():
-        return json.loads(legacy.read_text())
-    combined = directory / "processor_config.json"
-    if combined.is_file():
-        settings = json.loads(combined.read_text()).get("image_processor")
-        if settings:
-            return settings
-    raise CheckpointError(f"{directory} has no preprocessor_config.json (image size, mean and std)")
 
 
 def _default_device() -> torch.device:
