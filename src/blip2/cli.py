@@ -355,13 +355,12 @@ def _load(model: str, device: str | None, dtype: str | None, batch_size: int):
 def _decode(pipe, path: str):
     """One image decoded and resized to the model's input size at once, or the ImageError naming it.
     Resizing again to the same size gives the same image, so results do not change."""
-    from .images import load_image, resize
+    from .images import load_resized
 
     try:
-        image = load_image(path)
+        return load_resized(path, pipe.image_config)
     except Blip2Error as e:
         return e
-    return resize(image, pipe.image_config) if pipe.image_config.do_resize else image
 
 
 def _per_batch(pipe, paths, batch_size: int, run: Callable) -> Iterator[tuple[str, object]]:
