@@ -159,7 +159,7 @@ def usage_errors(photo, opt, retrieval, tmp):
         (["caption", photo, "--seed", "1.5"], "--seed"),
         (["caption", photo, "--frobnicate"], "--frobnicate"),
         (["caption"], "IMAGES"),
-        (["caption", photo, "-m", opt, "--dtype", "float8"], "float8"),
+        (["caption", photo, "-m", "/nowhere", "--dtype", "float8"], "float8"),
         (["caption", photo, "-m", opt, "--top-p", "3", "--sample"], "top_p"),
         (["caption", photo, "--prompt", SURROGATE], "--prompt"),
         (["ask", photo, SURROGATE], "QUESTIONS"),
@@ -185,3 +185,19 @@ def test_usage_errors_are_one_line_exit_2(capsys, checkpoints, retrieval_checkpo
         assert (code, out, err.count("\n")) == (2, "", 1), (argv, err)
         assert err.startswith("blip2: error: ") and named in err, (argv, err)
     assert os.listdir(tmp_path) == []
+
+
+def test_output_closed_early_is_not_an_error(retrieval_checkpoints, photos):
+    """`blip2 similarity ... | head -1`: the command stops quietly when its reader goes away (click's exit 1)."""
+    images = [str(photos[i % len(photos)]) for i in range(200)]
+    command = [sys.executable, "-m", "blip2", "similarity", *images, "-t", "a cat", "--batch-size", "1"]
+    process = subprocess.Popen(
+        [*command, "-m", str(retrieval_checkpoints["plain"])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_utf8_env(),
+    )
+    assert process.stdout.readline().startswith(b"image\t")
+    process.stdout.close()  # as head does after its line
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 1 and stderr == ""

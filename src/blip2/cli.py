@@ -76,6 +76,21 @@ def _check_device(ctx, param, value: str | None) -> str | None:
     return value
 
 
+def _check_dtype(ctx, param, value: str | None) -> str | None:
+    """Refuse an unknown dtype before the model is looked for (fetching a Hub checkpoint takes minutes)."""
+    if value is None:
+        return None
+    import torch
+
+    from .pipeline import parse_dtype
+
+    try:
+        parse_dtype(value, torch.device("cpu"))
+    except InputError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 def _generation_options(func):
     """The decoding options shared by the commands; unset ones keep the command's defaults."""
     options = [
@@ -112,7 +127,12 @@ def _model_options(func, envvar: str = "BLIP2_MODEL", default: str = DEFAULT_MOD
             callback=_check_device,
             help="cpu, cuda, cuda:1 ... (default: cuda if available).",
         ),
-        click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 on CPU)."),
+        click.option(
+            "--dtype",
+            default=None,
+            callback=_check_dtype,
+            help="float32, float16 or bfloat16 (default: float32 on CPU).",
+        ),
         click.option(
             "--batch-size",
             type=click.IntRange(min=1),
@@ -136,7 +156,8 @@ def cli():
     \b
     Exit codes:
       0    every input was processed
-      1    some inputs failed (an image could not be read), or the checkpoint is unusable
+      1    some inputs failed (an image could not be read), the checkpoint is unusable,
+           or the reader of the output went away (e.g. piped into head: stops quietly)
       2    usage error: a bad option, argument or input value
       3    internal error: a bug in blip2 (BLIP2_DEBUG=1 shows the traceback)
       130  interrupted (Ctrl-C)
