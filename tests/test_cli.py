@@ -369,7 +369,7 @@ def test_embed_with_no_good_image_leaves_no_stale_file(
     path, out = str(retrieval_checkpoints["plain"]), tmp_path / "E.parquet"
     assert run(capsys, "embed", str(photos[0]), "-m", path, "-o", str(out))[0] == 0
     code, _, err = run(capsys, "embed", bad_images["notes.jpg"], "-m", path, "-o", str(out))
-    assert code == 1 and "nothing written" in err and os.listdir(tmp_path) == []
+    assert code == 1 and "no embeddings written" in err and os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("stop, code", [(KeyboardInterrupt, 130), (RuntimeError("boom"), 3)])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from blip2.embeddings_io import (
+    PARQUET_ROW_GROUP,
     check_output_path,
     open_writer,
     path_fields,
@@ -266,3 +267,26 @@ def test_ctrl_c_during_a_row_waits_for_the_row(tmp_path, monkeypatch):
     assert writer.rows == 1  # the row was finished before the interrupt was raised
     writer.close()
     assert read_embeddings(tmp_path / "E.npy")[0] == ["a"]
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".parquet"])
+def test_a_full_disk_is_one_clear_error_and_leaves_no_temporary_file(tmp_path, suffix):
+    from blip2.errors import Blip2Error
+
+    out = tmp_path / f"E{suffix}"
+    write(out, ["old"], rows(1))
+    before = sorted(os.listdir(tmp_path))
+    writer = open_writer(out)
+    # Every write to /dev/full fails with ENOSPC: .npy writes through its open file, pyarrow opens the path.
+    if suffix == ".npy":
+        writer._data.close()
+        writer._data = open("/dev/full", "wb", buffering=0)
+    else:
+        writer._temps[0].unlink()
+        writer._temps[0].symlink_to("/dev/full")
+    with pytest.raises(Blip2Error, match="cannot write: .*No space left on device") as error:
+        for i in range(PARQUET_ROW_GROUP + 1):  # parquet writes a row group at a time
+            writer.append(f"img{i}.jpg", rows(1)[0])
+    assert f"E{suffix}" in str(error.value)
+    assert writer.close() is None
+    assert sorted(os.listdir(tmp_path)) == before and read_embeddings(out)[0] == ["old"]

@@ -157,7 +157,8 @@ def cli():
     Exit codes:
       0    every input was processed
       1    some inputs failed (an image could not be read), the checkpoint is unusable,
-           or the reader of the output went away (e.g. piped into head: stops quietly)
+           the output file could not be written (e.g. a full disk), or the reader of the
+           output went away (e.g. piped into head: blip2 stops quietly)
       2    usage error: a bad option, argument or input value
       3    internal error: a bug in blip2 (BLIP2_DEBUG=1 shows the traceback)
       130  interrupted (Ctrl-C)
@@ -320,7 +321,7 @@ def _close(writer, out: str, stopped: bool) -> None:
     where = _message(out)
     early = "stopped early: " if stopped else ""
     if shape is None:
-        click.echo(f"blip2: {early}no image was embedded; nothing written to {where}", err=True)
+        click.echo(f"blip2: {early}no embeddings written to {where}", err=True)
     else:
         rows = "the rows printed so far" if stopped else "one per image"
         click.echo(

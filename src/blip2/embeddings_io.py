@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import json
 import math
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import Blip2Error, InputError
 
 FORMATS = (".npy", ".parquet")
 SIDECAR = ".paths.jsonl"
@@ -139,20 +140,22 @@ class EmbeddingsWriter:
         self.rows = 0
         self.row_shape: tuple[int, ...] | None = None
         self._temps: list[Path] = []
+        self._failed = False
         self._data = self._temp_file()
 
     @_uninterrupted
     def append(self, path: str, vector: np.ndarray) -> int:
         """Add one row (float32, the same shape for every row) for image `path`; returns its row index."""
         vector = np.asarray(vector, dtype=np.float32)
-        if self.row_shape is None:
-            self.row_shape = vector.shape
-            self._start()
-        elif vector.shape != self.row_shape:
+        if self.row_shape is not None and vector.shape != self.row_shape:
             raise InputError(
-                f"{self.path}: a row of shape {vector.shape} after rows of shape {self.row_shape}"
+                f"{valid_text(str(self.path))}: a row of shape {vector.shape} after rows of shape {self.row_shape}"
             )
-        self._write(path, vector)
+        with self._writing():
+            if self.row_shape is None:
+                self.row_shape = vector.shape
+                self._start()
+            self._write(path, vector)
         self.rows += 1
         return self.rows - 1
 
@@ -160,22 +163,42 @@ class EmbeddingsWriter:
     def close(self) -> tuple[int, ...] | None:
         """Finish: move the complete files into place and return the array's shape. With no rows, nothing is
         written and an earlier run's file at the destination is removed (it would pass for this run's)."""
-        if not self.rows:
-            self.discard()
-            self._remove_outputs()
+        if self._failed:
             return None
-        self._finish()
-        for temp in self._temps:
-            _sync(temp)
-        self._remove_outputs()
-        self._commit()
+        with self._writing():
+            if not self.rows:
+                self.discard()
+                self._remove_outputs()
+                return None
+            self._finish()
+            for temp in self._temps:
+                _sync(temp)
+            self._remove_outputs()
+            self._commit()
         return (self.rows, *self.row_shape)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A failed write (a full disk, a folder gone) drops the temporary files and is one clear error;
+        the writer then writes nothing more."""
+        try:
+            yield
+        except OSError as e:
+            self._failed = True
+            self.discard()
+            raise Blip2Error(f"{valid_text(str(self.path))}: cannot write: {e.strerror or e}") from None
 
     def discard(self) -> None:
         """Remove the temporary files, leaving the destination as it was."""
-        self._data.close()
+        for file in self._open_files():
+            with contextlib.suppress(OSError):  # closing flushes; the data is being thrown away anyway
+                file.close()
         for temp in self._temps:
-            temp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
+
+    def _open_files(self) -> list:
+        return [self._data]
 
     def _temp_file(self):
         """A new temporary file in the destination folder, where os.replace can move it into place."""
@@ -192,7 +215,7 @@ class EmbeddingsWriter:
     def _remove_outputs(self) -> None:
         self.path.unlink(missing_ok=True)
 
-    # Format-specific steps.
+    # Format-specific steps (and _open_files above).
     def _start(self) -> None:
         """Called at the first row, when the row shape is known."""
 
@@ -232,9 +255,8 @@ class NpyWriter(EmbeddingsWriter):
         np.lib.format.write_array_header_1_0(self._data, header)
         return self._data.tell()
 
-    def discard(self) -> None:
-        self._paths.close()
-        super().discard()
+    def _open_files(self) -> list:
+        return [self._data, self._paths]
 
     def _remove_outputs(self) -> None:
         super()._remove_outputs()  # the array first: an old array never sits beside a new sidecar
@@ -296,10 +318,8 @@ class ParquetWriter(EmbeddingsWriter):
         self._flush()
         self._parquet.close()
 
-    def discard(self) -> None:
-        if self._parquet is not None:
-            self._parquet.close()
-        super().discard()
+    def _open_files(self) -> list:
+        return [self._data] if self._parquet is None else [self._parquet, self._data]
 
 
 def _sync(path: Path) -> None:
