@@ -52,6 +52,9 @@ def test_round_trip_keeps_every_name_exactly(tmp_path, name):
     # The file is where it was asked for (not E.NPY.npy), and no temporary file is left behind.
     expected = {name, name + ".paths.jsonl"} if name.lower().endswith(".npy") else {name}
     assert set(os.listdir(tmp_path)) == expected
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {(tmp_path / f).stat().st_mode & 0o777 for f in expected} == {0o666 & ~umask}  # not private
 
 
 def test_sidecar_is_valid_utf8_json_lines(tmp_path):

@@ -26,8 +26,8 @@ import functools
 import json
 import math
 import os
+import secrets
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -202,14 +202,17 @@ class EmbeddingsWriter:
 
     def _temp_file(self):
         """A new temporary file in the destination folder, where os.replace can move it into place."""
+        # Not tempfile.mkstemp: its files are private (0600), and the result should get the usual
+        # permissions (0666 less the umask), like any file the user writes.
+        name = self.path.with_name(f".{self.path.name}.{secrets.token_hex(8)}.part")
         try:
-            fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".part")
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except OSError as e:
             folder = valid_text(str(self.path.parent))
             raise InputError(
                 f"--out {valid_text(str(self.path))}: cannot write in {folder}: {e.strerror}"
             ) from e
-        self._temps.append(Path(name))
+        self._temps.append(name)
         return os.fdopen(fd, "wb")
 
     def _remove_outputs(self) -> None:
