@@ -323,10 +323,7 @@ def _close(writer, out: str, stopped: bool) -> None:
     if shape is None:
         click.echo(f"blip2: {early}no embeddings written to {where}", err=True)
     else:
-        rows = "the rows printed so far" if stopped else "one per image"
-        click.echo(
-            f"blip2: {early}wrote {shape[0]} embeddings of shape {shape[1:]} to {where} ({rows})", err=True
-        )
+        click.echo(f"blip2: {early}wrote {shape[0]} embeddings of shape {shape[1:]} to {where}", err=True)
 
 
 @cli.command()
