@@ -33,6 +33,20 @@ def run(capsys, *args):
     return exit_info.value.code, out, err
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims a size and holds no pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, photos):
     """(name, good) in the order given to the command: good photos, some under odd names, among bad inputs."""
@@ -45,6 +59,7 @@ def inputs(tmp_path_factory, photos):
         b"notes.jpg": b"not an image\n",
         b"random.png": os.urandom(2048),
         b"\xff\nbad name.jpg": b"not an image either",
+        b"bomb.png": png_header(100_000, 100_000),  # 10 gigapixels claimed in a few bytes
     }
     for name, content in bad_files.items():
         with open(raw + b"/" + name, "wb") as f:
