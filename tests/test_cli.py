@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import blip2
@@ -252,3 +253,201 @@ def test_tiny_checkpoint_command_writes_a_loadable_checkpoint(tmp_path, photos, 
     model = blip2.load(tmp_path / "tiny")
     assert model.instruct and model.family == "llama"
     assert isinstance(model.ask(photos[0], "what is it?", num_beams=1), str)
+
+
+# -- the same output as the library, for every checkpoint kind ---------------------------------------------------
+@pytest.fixture(scope="module")
+def every_kind(checkpoints, instruct_checkpoints):
+    return {
+        "opt": checkpoints["opt"],
+        "t5": checkpoints["t5"],
+        **{f"instructblip-{lm}": path for lm, path in instruct_checkpoints.items()},
+    }
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5", "instructblip-opt", "instructblip-t5", "instructblip-llama"])
+def test_caption_and_ask_json_equal_the_library(capsys, every_kind, photos, kind):
+    path = str(every_kind[kind])
+    model = blip2.load(path)
+    images = [str(p) for p in photos[:2]]
+    questions = ["what is it?", "is it red?", "where?"]
+    options = ["--beams", "2", "--max-new-tokens", "6", "-m", path, "--json", "--batch-size", "2"]
+    code, out, _ = run(capsys, "caption", *images, *options)
+    assert code == 0
+    expected = model.caption(images, num_beams=2, max_new_tokens=6)
+    assert [json.loads(line)["caption"] for line in out.splitlines()] == expected
+    code, out, _ = run(capsys, "ask", images[0], *questions, *options)
+    assert code == 0
+    expected = model.ask(images[0], questions, num_beams=2, max_new_tokens=6)
+    assert [a["answer"] for a in json.loads(out)["answers"]] == expected
+
+
+def test_ask_runs_batch_size_questions_per_pass_and_decodes_once(capsys, checkpoints, photos, monkeypatch):
+    from blip2 import images as image_io
+    from blip2.pipeline import Blip2
+
+    path = str(checkpoints["opt"])
+    questions = [f"question number {i}?" for i in range(7)]
+    expected = blip2.load(path).ask(str(photos[0]), questions, num_beams=1)
+    passes, reads = [], []
+    generate_text, load_image = Blip2.generate_text, image_io.load_image
+    monkeypatch.setattr(
+        Blip2, "generate_text", lambda self, *a: passes.append(len(a[2])) or generate_text(self, *a)
+    )
+    monkeypatch.setattr(
+        image_io, "load_image", lambda source, **k: reads.append(source) or load_image(source, **k)
+    )
+    code, out, _ = run(
+        capsys, "ask", str(photos[0]), *questions, "-m", path, "--beams", "1", "--batch-size", "3"
+    )
+    assert code == 0
+    assert passes == [3, 3, 1]
+    assert [r for r in reads if isinstance(r, str)] == [str(photos[0])]
+    assert [line.split("\t", 1)[1] for line in out.splitlines()] == expected
+
+
+@pytest.mark.parametrize("command", ["embed", "similarity"])
+def test_batches_hold_model_size_images_and_results_do_not_change(
+    capsys, retrieval_checkpoints, photos, monkeypatch, tmp_path, command
+):
+    from blip2.embeddings_io import read_embeddings
+    from blip2.pipeline import Blip2
+
+    path = str(retrieval_checkpoints["plain"])
+    images = [str(p) for p in photos]  # different sizes, one odd-sized
+    model = blip2.load(path)
+    height, width = model.image_config.size
+    expected = {
+        "embed": model.embed_images(images)["image_embeds_proj"].numpy(),
+        "similarity": model.similarity(images, "a cat")[:, 0].tolist(),
+    }[command]
+    method = {"embed": "embed_images", "similarity": "similarity"}[command]
+    original, sizes = getattr(Blip2, method), []
+    monkeypatch.setattr(
+        Blip2, method, lambda self, imgs, *a: sizes.extend(i.size for i in imgs) or original(self, imgs, *a)
+    )
+    common = [*images, "-m", path, "--batch-size", "5"]
+    if command == "embed":
+        code, _, _ = run(capsys, "embed", *common, "-o", str(tmp_path / "E.npy"))
+        assert np.array_equal(read_embeddings(tmp_path / "E.npy")[1], expected)
+    else:
+        code, out, _ = run(capsys, "similarity", *common, "-t", "a cat", "--json")
+        assert [json.loads(line)["scores"][0]["score"] for line in out.splitlines()] == expected
+    assert code == 0
+    assert sizes == [(width, height)] * len(images)
+
+
+# -- embed: the destination first, rows as they come, nothing stale ---------------------------------------------
+def test_embed_upper_case_extension_and_rewrite(capsys, retrieval_checkpoints, photos, tmp_path):
+    from blip2.embeddings_io import read_embeddings
+
+    path, out = str(retrieval_checkpoints["plain"]), tmp_path / "E.NPY"
+    assert run(capsys, "embed", *map(str, photos[:3]), "-m", path, "-o", str(out))[0] == 0
+    assert run(capsys, "embed", str(photos[3]), "-m", path, "-o", str(out))[0] == 0
+    paths, array = read_embeddings(out)
+    assert paths == [str(photos[3])] and len(array) == 1
+    assert sorted(os.listdir(tmp_path)) == ["E.NPY", "E.NPY.paths.jsonl"]
+
+
+def test_embed_refuses_a_bad_destination_before_loading(capsys, photos, tmp_path):
+    (tmp_path / "folder.npy").mkdir()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)  # root can still write there: /sys is a folder nobody may create files in
+    unwritable = locked if os.geteuid() else "/sys"
+    for out, message in [
+        (tmp_path / "folder.npy", "is a directory"),
+        (f"{unwritable}/E.npy", "cannot write in"),
+    ]:
+        code, _, err = run(capsys, "embed", str(photos[0]), "-o", str(out), "-m", str(tmp_path / "nowhere"))
+        assert code == 2 and message in err and err.count("\n") == 1  # 1 would mean the model was looked for
+
+
+def test_embed_with_no_good_image_leaves_no_stale_file(
+    capsys, retrieval_checkpoints, photos, bad_images, tmp_path
+):
+    path, out = str(retrieval_checkpoints["plain"]), tmp_path / "E.parquet"
+    assert run(capsys, "embed", str(photos[0]), "-m", path, "-o", str(out))[0] == 0
+    code, _, err = run(capsys, "embed", bad_images["notes.jpg"], "-m", path, "-o", str(out))
+    assert code == 1 and "no embeddings written" in err and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("stop, code", [(KeyboardInterrupt, 130), (RuntimeError("boom"), 3)])
+def test_embed_stopped_mid_run_keeps_the_rows_printed(
+    capsys, retrieval_checkpoints, photos, tmp_path, monkeypatch, stop, code
+):
+    from blip2.embeddings_io import read_embeddings
+    from blip2.pipeline import Blip2
+
+    path, out = str(retrieval_checkpoints["plain"]), tmp_path / "E.npy"
+    calls, embed_images = [], Blip2.embed_images
+
+    def embed_then_stop(self, images):
+        calls.append(1)
+        if len(calls) == 3:
+            raise stop
+        return embed_images(self, images)
+
+    monkeypatch.setattr(Blip2, "embed_images", embed_then_stop)
+    images = [str(p) for p in photos]
+    exit_code, stdout, err = run(
+        capsys, "embed", *images, "-m", path, "-o", str(out), "--json", "--batch-size", "1"
+    )
+    printed = [json.loads(line) for line in stdout.splitlines()]
+    assert exit_code == code and [p["row"] for p in printed] == [0, 1]
+    assert "stopped early: wrote 2 embeddings" in err and "Traceback" not in err
+    paths, array = read_embeddings(out)
+    assert paths == [p["image"] for p in printed] == images[:2] and len(array) == 2
+    assert sorted(os.listdir(tmp_path)) == ["E.npy", "E.npy.paths.jsonl"]
+
+
+def test_embed_ctrl_c_in_a_real_process(retrieval_checkpoints, photos, tmp_path):
+    import signal
+
+    from blip2.embeddings_io import read_embeddings
+
+    out = tmp_path / "E.parquet"
+    images = [str(photos[i % len(photos)]) for i in range(400)]
+    command = [sys.executable, "-m", "blip2", "embed", *images, "-m", str(retrieval_checkpoints["plain"])]
+    process = subprocess.Popen(
+        [*command, "-o", str(out), "--json", "--batch-size", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    printed = [process.stdout.readline()]  # the first row is written: interrupt the run
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    printed += stdout.splitlines()
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    paths, array = read_embeddings(out)
+    assert 1 <= len(paths) < len(images)
+    assert paths == [json.loads(line)["image"] for line in printed] and len(array) == len(paths)
+
+
+# -- errors: one line, exit 2, before the model loads ---------------------------------------------------------
+@pytest.mark.parametrize("device", ["foo", "cuda:99", "meta", "cuda"])
+def test_bad_device_is_a_usage_error_before_loading(capsys, photos, tmp_path, device):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, out, err = run(
+        capsys, "caption", str(photos[0]), "--device", device, "-m", str(tmp_path / "nowhere")
+    )
+    assert code == 2 and out == "" and "--device" in err and "nowhere" not in err
+    assert "Traceback" not in err and "internal error" not in err
+
+
+def test_help_lists_the_exit_codes(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for line in [
+        "0    every input",
+        "1    some inputs failed",
+        "2    usage error",
+        "3    internal error",
+        "130  ",
+    ]:
+        assert line in out

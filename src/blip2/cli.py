@@ -3,6 +3,11 @@
 Bad images never stop a run: each gets a one-line error naming the file (or a JSON error line with
 --json), the others are still processed, and the exit code is 1. Nothing prints a traceback unless
 BLIP2_DEBUG=1 is set.
+
+Output is always valid UTF-8 and one line per record. In --json lines, a file name that is not valid UTF-8
+has its undecodable bytes written as \\xNN in "image" and its exact bytes, base64, in "image_bytes". In the
+plain (tab-separated) output, backslashes, tabs, newlines and other control characters in names and texts
+are written as escapes (\\\\, \\t, \\n, \\xNN), so that a name can break neither a line nor a column.
 """
 
 from __future__ import annotations
@@ -14,12 +19,76 @@ from collections.abc import Callable, Iterator
 
 import click
 
+from .embeddings_io import path_fields, valid_text
 from .errors import Blip2Error, InputError
 
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 # Matching needs the Q-Former's text path, which only the retrieval checkpoints have.
 DEFAULT_MATCH_MODEL = "Salesforce/blip2-itm-vit-g"
 PROGRESS_THRESHOLD = 8  # show a progress bar from this many images on
+ACCELERATORS = ("cuda", "mps", "xpu")  # device types besides cpu, each a torch module with is_available()
+
+# Characters that would break a line or a column of the output, and how they are written instead.
+_BREAKS = {ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"}
+_BREAKS |= {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in _BREAKS}
+_BREAKS |= {0x2028: "\\u2028", 0x2029: "\\u2029"}  # line separators to str.splitlines
+# In the fields of the plain output a backslash is escaped too, so that every escape reads back one way.
+_FIELD_ESCAPES = {ord("\\"): "\\\\", **_BREAKS}
+_JSON_BREAKS = {c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}  # only ever inside JSON strings
+
+
+class _Text(click.ParamType):
+    """Text from the command line. Arguments that are not valid UTF-8 reach Python with their undecodable
+    bytes as lone surrogates, which no tokenizer can read: they are a usage error."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        if valid_text(value) != value:
+            self.fail(f"'{valid_text(value)}' is not valid UTF-8 text", param, ctx)
+        return value
+
+
+TEXT = _Text()
+
+
+def _check_device(ctx, param, value: str | None) -> str | None:
+    """Refuse a device that is misspelt or not on this machine before the model is loaded."""
+    if value is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", *ACCELERATORS):
+        raise click.BadParameter(f"{value!r} is not a device blip2 runs on (cpu, cuda, cuda:1, mps ...)")
+    if device.type == "cpu":
+        return value
+    backend = getattr(torch, device.type)
+    if not backend.is_available():
+        raise click.BadParameter(f"{value!r}: no {device.type} device is available on this machine")
+    if device.index is not None and device.index >= backend.device_count():
+        raise click.BadParameter(
+            f"{value!r}: this machine has {backend.device_count()} {device.type} device(s)"
+        )
+    return value
+
+
+def _check_dtype(ctx, param, value: str | None) -> str | None:
+    """Refuse an unknown dtype before the model is looked for (fetching a Hub checkpoint takes minutes)."""
+    if value is None:
+        return None
+    import torch
+
+    from .pipeline import parse_dtype
+
+    try:
+        parse_dtype(value, torch.device("cpu"))
+    except InputError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
 
 
 def _generation_options(func):
@@ -52,14 +121,24 @@ def _model_options(func, envvar: str = "BLIP2_MODEL", default: str = DEFAULT_MOD
             show_default=True,
             help=f"Checkpoint directory or Hub repo id (env {envvar}).",
         ),
-        click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
-        click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 on CPU)."),
+        click.option(
+            "--device",
+            default=None,
+            callback=_check_device,
+            help="cpu, cuda, cuda:1 ... (default: cuda if available).",
+        ),
+        click.option(
+            "--dtype",
+            default=None,
+            callback=_check_dtype,
+            help="float32, float16 or bfloat16 (default: float32 on CPU).",
+        ),
         click.option(
             "--batch-size",
             type=click.IntRange(min=1),
             default=8,
             show_default=True,
-            help="Images per forward pass.",
+            help="Images (ask: questions) per forward pass.",
         ),
         click.option("--json", "as_json", is_flag=True, help="One JSON line per input image on stdout."),
     ]
@@ -72,63 +151,66 @@ def _model_options(func, envvar: str = "BLIP2_MODEL", default: str = DEFAULT_MOD
 @click.version_option(package_name="blip2")
 def cli():
     """BLIP-2 from the command line: caption images, answer questions about them, match them with texts,
-    embed them, and label them zero-shot."""
+    embed them, and label them zero-shot.
+
+    \b
+    Exit codes:
+      0    every input was processed
+      1    some inputs failed (an image could not be read), the checkpoint is unusable,
+           the output file could not be written (e.g. a full disk), or the reader of the
+           output went away (e.g. piped into head: blip2 stops quietly)
+      2    usage error: a bad option, argument or input value
+      3    internal error: a bug in blip2 (BLIP2_DEBUG=1 shows the traceback)
+      130  interrupted (Ctrl-C)
+    """
 
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True)
-@click.option("--prompt", "-p", default=None, help="Text the caption continues (e.g. 'a photo of').")
+@click.option(
+    "--prompt", "-p", type=TEXT, default=None, help="Text the caption continues (e.g. 'a photo of')."
+)
 @_model_options
 @_generation_options
 def caption(images, prompt, model, device, dtype, batch_size, as_json, **generation):
-    """Caption IMAGES (files). Defaults: 5 beams, at most 30 new tokens."""
-    pipe = _load(model, device, dtype)
-    options = {k: v for k, v in generation.items() if v is not None}
-
-    def run(pixels, count):
-        return pipe.generate_text(
-            pixels, list(range(count)), [prompt or ""] * count, task_options("caption", options)
-        )
+    """Caption IMAGES (files). Defaults: 5 beams, at most 30 new tokens; InstructBLIP checkpoints are asked
+    "A short image caption:" unless --prompt is given (as `model.caption` does)."""
+    options = _task_options("caption", generation)
+    pipe = _load(model, device, dtype, batch_size)
 
     failed = False
-    for path, result in _per_image(pipe, images, batch_size, run):
+    for path, result in _per_batch(
+        pipe, images, batch_size, lambda good: pipe.caption(good, prompt, **options)
+    ):
         failed |= _emit(path, result, as_json, lambda text: {"caption": text}, len(images) > 1)
     sys.exit(1 if failed else 0)
 
 
 @cli.command()
 @click.argument("image")
-@click.argument("questions", nargs=-1, required=True)
-@click.option("--template", default=None, help="Prompt template with {} for the question.")
+@click.argument("questions", nargs=-1, required=True, type=TEXT)
+@click.option("--template", type=TEXT, default=None, help="Prompt template with {} for the question.")
 @_model_options
 @_generation_options
 def ask(image, questions, template, model, device, dtype, batch_size, as_json, **generation):
-    """Answer QUESTIONS about IMAGE. Defaults: 5 beams, at most 10 new tokens, length penalty -1."""
+    """Answer QUESTIONS about IMAGE, --batch-size questions per pass (the image is decoded once). Defaults:
+    5 beams, at most 10 new tokens, length penalty -1."""
     for q in questions:
         if not q.strip():
             raise click.BadParameter("a question is empty", param_hint="QUESTIONS")
-    pipe = _load(model, device, dtype)
-    template = template or pipe.template
-    if "{}" not in template:
-        raise click.BadParameter(f"{template!r} has no '{{}}' for the question", param_hint="--template")
-    options = {k: v for k, v in generation.items() if v is not None}
-    prompts = [template.format(q.strip()) for q in questions]
-
-    def run(pixels, count):
-        return [pipe.generate_text(pixels, [0] * len(prompts), prompts, task_options("ask", options))]
-
-    failed = False
-    for path, result in _per_image(pipe, [image], 1, run):
-        if isinstance(result, Exception):
-            failed |= _emit(path, result, as_json, None, False)
-            continue
-        if as_json:
-            answers = [{"question": q, "answer": a} for q, a in zip(questions, result)]
-            click.echo(json.dumps({"image": path, "answers": answers}, ensure_ascii=False))
-        else:
-            for q, a in zip(questions, result):
-                click.echo(f"{q}\t{a}" if len(questions) > 1 else a)
-    sys.exit(1 if failed else 0)
+    options = _task_options("ask", generation)
+    pipe = _load(model, device, dtype, batch_size)
+    decoded = _decode(pipe, image)
+    if isinstance(decoded, Exception):
+        sys.exit(_emit(image, decoded, as_json, None, False))
+    answers = pipe.ask(decoded, list(questions), template, **options)
+    if as_json:
+        rows = [{"question": q, "answer": a} for q, a in zip(questions, answers)]
+        click.echo(_json_line({**path_fields(image), "answers": rows}))
+    else:
+        for q, a in zip(questions, answers):
+            click.echo(f"{_cell(q)}\t{_cell(a)}" if len(questions) > 1 else _cell(a))
+    sys.exit(0)
 
 
 def _match_options(func):
@@ -137,46 +219,52 @@ def _match_options(func):
 
 @cli.command()
 @click.argument("image")
-@click.argument("texts", nargs=-1, required=True)
+@click.argument("texts", nargs=-1, required=True, type=TEXT)
 @_match_options
 def match(image, texts, model, device, dtype, batch_size, as_json):
     """ITM: the probability that IMAGE matches each of TEXTS."""
-    pipe = _load(model, device, dtype)
-    (decoded,) = _decode([image])
+    pipe = _load(model, device, dtype, batch_size)
+    decoded = _decode(pipe, image)
     if isinstance(decoded, Exception):
         sys.exit(_emit(image, decoded, as_json, None, False))
     probs = pipe.match(decoded, list(texts))
     if as_json:
         rows = [{"text": t, "probability": p} for t, p in zip(texts, probs)]
-        click.echo(json.dumps({"image": image, "matches": rows}, ensure_ascii=False))
+        click.echo(_json_line({**path_fields(image), "matches": rows}))
     else:
         for t, p in zip(texts, probs):
-            click.echo(f"{p:.4f}\t{t}")
+            click.echo(f"{p:.4f}\t{_cell(t)}")
     sys.exit(0)
 
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True)
 @click.option(
-    "--text", "-t", "texts", multiple=True, required=True, help="A text to compare with (repeatable)."
+    "--text",
+    "-t",
+    "texts",
+    multiple=True,
+    required=True,
+    type=TEXT,
+    help="A text to compare with (repeatable).",
 )
 @_match_options
 def similarity(images, texts, model, device, dtype, batch_size, as_json):
     """ITC: the similarity of each of IMAGES with each --text (best cosine over the query tokens)."""
-    pipe = _load(model, device, dtype)
+    pipe = _load(model, device, dtype, batch_size)
     failed = False
     if not as_json:
-        click.echo("image\t" + "\t".join(texts))
-    for path, result in _per_decoded(
-        images, batch_size, lambda good: pipe.similarity(good, list(texts)).tolist()
+        click.echo("\t".join(_cell(t) for t in ("image", *texts)))
+    for path, result in _per_batch(
+        pipe, images, batch_size, lambda good: pipe.similarity(good, list(texts)).tolist()
     ):
         if isinstance(result, Exception):
             failed |= _emit(path, result, as_json, None, False)
         elif as_json:
             rows = [{"text": t, "score": s} for t, s in zip(texts, result)]
-            click.echo(json.dumps({"image": path, "scores": rows}, ensure_ascii=False))
+            click.echo(_json_line({**path_fields(path), "scores": rows}))
         else:
-            click.echo(path + "\t" + "\t".join(f"{s:.4f}" for s in result))
+            click.echo("\t".join([_cell(path), *(f"{s:.4f}" for s in result)]))
     sys.exit(1 if failed else 0)
 
 
@@ -187,42 +275,63 @@ def similarity(images, texts, model, device, dtype, batch_size, as_json):
     "-o",
     "out",
     required=True,
-    type=click.Path(dir_okay=False),
-    help="Output file: .npy (paths in FILE.paths.txt beside it) or .parquet (an 'image' column).",
+    help="Output file: .npy (image names in FILE.paths.jsonl beside it) or .parquet (an 'image' column).",
 )
 @_match_options
 def embed(images, out, model, device, dtype, batch_size, as_json):
     """Embed IMAGES for search: projected, normalised query embeddings (N, 32, 256) when the checkpoint has
-    them (retrieval checkpoints), else the Q-Former outputs (N, 32, 768). Bad images are left out."""
-    from .embeddings_io import check_output_path, write_embeddings
+    them (retrieval checkpoints), else the Q-Former outputs (N, 32, 768). Bad images are left out.
 
-    check_output_path(out)
-    pipe = _load(model, device, dtype)
+    Rows are written as they are computed; an interrupted run (Ctrl-C) or one stopped by an error keeps the
+    rows done so far, the ones printed with --json. `blip2.embeddings_io.read_embeddings(FILE)` reads the
+    file back."""
+    from .embeddings_io import open_writer
 
-    def run(good):
-        result = pipe.embed_images(good)
-        return list(result.get("image_embeds_proj", result["image_embeds"]).numpy())
-
-    kept_paths, vectors, failed = [], [], False
-    for path, result in _per_decoded(images, batch_size, run):
-        if isinstance(result, Exception):
-            failed |= _emit(path, result, as_json, None, False)
-            continue
-        if as_json:
-            click.echo(json.dumps({"image": path, "row": len(vectors), "out": out}, ensure_ascii=False))
-        kept_paths.append(path)
-        vectors.append(result)
-    if vectors:
-        shape = write_embeddings(out, kept_paths, vectors)
-        if not as_json:
-            click.echo(f"wrote {shape[0]} embeddings of shape {tuple(shape[1:])} to {out}", err=True)
+    writer = open_writer(out)  # an unusable destination fails here, before the model is loaded
+    try:
+        pipe = _load(model, device, dtype, batch_size)
+    except BaseException:
+        writer.discard()
+        raise
+    failed = False
+    try:
+        for path, result in _per_batch(pipe, images, batch_size, lambda good: _embeddings(pipe, good)):
+            if isinstance(result, Exception):
+                failed |= _emit(path, result, as_json, None, False)
+                continue
+            row = writer.append(path, result)
+            if as_json:
+                click.echo(_json_line({**path_fields(path), "row": row, "out": out}))
+    except BaseException:
+        _close(writer, out, stopped=True)
+        raise
+    _close(writer, out, stopped=False)
     sys.exit(1 if failed else 0)
+
+
+def _embeddings(pipe, images: list) -> list:
+    """One embedding per image: the ITC projections where the checkpoint has them, else the query outputs."""
+    result = pipe.embed_images(images)
+    return list(result.get("image_embeds_proj", result["image_embeds"]).numpy())
+
+
+def _close(writer, out: str, stopped: bool) -> None:
+    """Move the embeddings file into place and say what it holds."""
+    shape = writer.close()
+    where = _message(out)
+    early = "stopped early: " if stopped else ""
+    if shape is None:
+        click.echo(f"blip2: {early}no embeddings written to {where}", err=True)
+    else:
+        click.echo(f"blip2: {early}wrote {shape[0]} embeddings of shape {shape[1:]} to {where}", err=True)
 
 
 @cli.command()
 @click.argument("image")
-@click.option("--labels", "-l", required=True, help="Comma-separated labels, e.g. 'cat,dog,car'.")
-@click.option("--template", default="a photo of {}", show_default=True, help="Prompt with {} for the label.")
+@click.option("--labels", "-l", required=True, type=TEXT, help="Comma-separated labels, e.g. 'cat,dog,car'.")
+@click.option(
+    "--template", type=TEXT, default="a photo of {}", show_default=True, help="Prompt with {} for the label."
+)
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep the k best labels.")
 @click.option("--rerank", is_flag=True, help="Re-rank the candidates by ITM (image and text read together).")
 @_match_options
@@ -231,42 +340,61 @@ def classify(image, labels, template, top_k, rerank, model, device, dtype, batch
     names = [label.strip() for label in labels.split(",") if label.strip()]
     if not names:
         raise click.BadParameter("no labels given", param_hint="--labels")
-    pipe = _load(model, device, dtype)
-    (decoded,) = _decode([image])
+    pipe = _load(model, device, dtype, batch_size)
+    decoded = _decode(pipe, image)
     if isinstance(decoded, Exception):
         sys.exit(_emit(image, decoded, as_json, None, False))
     ranked = pipe.classify(decoded, names, template=template, top_k=top_k, rerank=rerank)
     if as_json:
-        click.echo(json.dumps({"image": image, "labels": ranked}, ensure_ascii=False))
+        click.echo(_json_line({**path_fields(image), "labels": ranked}))
     else:
         for row in ranked:
             extra = f"\tmatch {row['match']:.4f}" if "match" in row else ""
-            click.echo(f"{row['label']}\t{row['probability']:.4f}\t(score {row['score']:.4f}){extra}")
+            click.echo(f"{_cell(row['label'])}\t{row['probability']:.4f}\t(score {row['score']:.4f}){extra}")
     sys.exit(0)
 
 
-def _decode(paths) -> list:
-    """Each path decoded to an upright RGB image, or the ImageError naming it."""
-    from .images import load_image
+def _task_options(task: str, generation: dict) -> dict:
+    """The options given on the command line, checked (with the task's defaults) before the model loads."""
+    from .pipeline import task_options
 
-    decoded = []
-    for path in paths:
-        try:
-            decoded.append(load_image(path))
-        except Blip2Error as e:
-            decoded.append(e)
-    return decoded
+    options = {k: v for k, v in generation.items() if v is not None}
+    task_options(task, options)
+    return options
 
 
-def _per_decoded(paths, batch_size: int, run: Callable) -> Iterator[tuple[str, object]]:
-    """Like _per_image for the matching commands: `run` takes decoded images and returns one result each."""
+def _load(model: str, device: str | None, dtype: str | None, batch_size: int):
+    from .pipeline import load
+
+    pipe = load(model, device=device, dtype=dtype)
+    pipe.batch_size = batch_size  # caption / ask: (image, prompt) pairs per forward pass
+    return pipe
+
+
+def _decode(pipe, path: str):
+    """One image decoded and resized to the model's input size at once, or the ImageError naming it.
+    Resizing again to the same size gives the same image, so results do not change."""
+    from .images import load_resized
+
+    try:
+        return load_resized(path, pipe.image_config)
+    except Blip2Error as e:
+        return e
+
+
+def _per_batch(pipe, paths, batch_size: int, run: Callable) -> Iterator[tuple[str, object]]:
+    """Yield (path, result or ImageError) in input order, `batch_size` images at a time; a bad image fails
+    alone. `run` takes the decoded images of a batch (model-size, never full-size) and returns one result
+    each."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=len(paths) < PROGRESS_THRESHOLD)
+    # A progress bar only on a terminal: in a log it would break the one-line-per-error output.
+    show = len(paths) >= PROGRESS_THRESHOLD and sys.stderr.isatty()
+    bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not show)
     try:
         for start in range(0, len(paths), batch_size):
-            chunk = list(paths[start : start + batch_size])
-            decoded = _decode(chunk)
+            chunk = paths[start : start + batch_size]
+            decoded = [_decode(pipe, path) for path in chunk]
             good = [d for d in decoded if not isinstance(d, Exception)]
             results = iter(run(good) if good else [])
             for path, d in zip(chunk, decoded):
@@ -276,89 +404,72 @@ def _per_decoded(paths, batch_size: int, run: Callable) -> Iterator[tuple[str, o
         bar.close()
 
 
-def task_options(task: str, options: dict) -> dict:
-    from .pipeline import task_options
-
-    return task_options(task, options)
-
-
-def _load(model: str, device: str | None, dtype: str | None):
-    from .pipeline import load
-
-    return load(model, device=device, dtype=dtype)
-
-
-def _per_image(pipe, paths, batch_size: int, run: Callable) -> Iterator[tuple[str, object]]:
-    """Yield (path, result or exception) in input order; a bad image fails alone."""
-    import torch
-    from tqdm import tqdm
-
-    from .images import preprocess_one
-
-    bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=len(paths) < PROGRESS_THRESHOLD)
-    try:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            results: list[object] = []
-            good: list[tuple[int, torch.Tensor]] = []
-            for i, path in enumerate(chunk):
-                try:
-                    good.append((i, preprocess_one(path, pipe.image_config)))
-                    results.append(None)
-                except Blip2Error as e:
-                    results.append(e)
-            if good:
-                texts = run(torch.stack([t for _, t in good]), len(good))
-                for (i, _), text in zip(good, texts):
-                    results[i] = text
-            for path, result in zip(chunk, results):
-                yield path, result
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-
-
 def _emit(path: str, result, as_json: bool, fields, show_path: bool) -> bool:
     """Print one result line; return True when it is an error."""
     if isinstance(result, Exception):
         if as_json:
-            click.echo(json.dumps({"image": path, "error": str(result)}, ensure_ascii=False))
+            click.echo(_json_line({**path_fields(path), "error": str(result)}))
         else:
-            click.echo(f"blip2: error: {result}", err=True)
+            click.echo(f"blip2: error: {_message(str(result))}", err=True)
         return True
     if as_json:
-        click.echo(json.dumps({"image": path, **fields(result)}, ensure_ascii=False))
+        click.echo(_json_line({**path_fields(path), **fields(result)}))
     else:
-        click.echo(f"{path}\t{result}" if show_path else result)
+        click.echo(f"{_cell(path)}\t{_cell(result)}" if show_path else _cell(result))
     return False
+
+
+def _cell(text: str) -> str:
+    """`text` for one field of the plain output: valid UTF-8, no tab or line break (see the module doc)."""
+    return valid_text(text.translate(_FIELD_ESCAPES))
+
+
+def _message(text: str) -> str:
+    """`text` for a message on stderr: valid UTF-8, on one line."""
+    return valid_text(text.translate(_BREAKS))
+
+
+def _json_line(record: dict) -> str:
+    """One JSON line, valid UTF-8 whatever the strings in it hold (see `valid_text`); the line breaks that
+    json leaves raw (NEL, U+2028, U+2029: str.splitlines splits on them) are written as \\u escapes."""
+    return json.dumps(_valid(record), ensure_ascii=False).translate(_JSON_BREAKS)
+
+
+def _valid(value):
+    if isinstance(value, str):
+        return valid_text(value)
+    if isinstance(value, dict):
+        return {k: _valid(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_valid(v) for v in value]
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning every error into one line on stderr."""
     try:
-        cli.main(args=argv, prog_name="blip2", standalone_mode=False)
+        sys.exit(cli.main(args=argv, prog_name="blip2", standalone_mode=False))  # --help, --version: 0
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # usage errors (exit 2) included: one line, pointing to the help
+        hint = f" (see '{e.ctx.command_path} --help')" if isinstance(e, click.UsageError) and e.ctx else ""
+        click.echo(f"blip2: error: {_message(e.format_message())}{hint}", err=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("blip2: aborted", err=True)
-        sys.exit(130)
-    except InputError as e:
-        click.echo(f"blip2: error: {e}", err=True)
-        sys.exit(2)
-    except Blip2Error as e:
-        click.echo(f"blip2: error: {e}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         click.echo("blip2: interrupted", err=True)
         sys.exit(130)
+    except InputError as e:
+        click.echo(f"blip2: error: {_message(str(e))}", err=True)
+        sys.exit(2)
+    except Blip2Error as e:
+        click.echo(f"blip2: error: {_message(str(e))}", err=True)
+        sys.exit(1)
     except Exception as e:  # never a raw traceback, unless asked for
         if os.environ.get("BLIP2_DEBUG"):
             raise
         click.echo(
-            f"blip2: internal error: {type(e).__name__}: {e} (set BLIP2_DEBUG=1 for the traceback)", err=True
+            f"blip2: internal error: {type(e).__name__}: {_message(str(e))} (set BLIP2_DEBUG=1 for the traceback)",
+            err=True,
         )
         sys.exit(3)
 
