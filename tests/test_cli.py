@@ -282,17 +282,20 @@ def test_caption_and_ask_json_equal_the_library(capsys, every_kind, photos, kind
     assert [a["answer"] for a in json.loads(out)["answers"]] == expected
 
 
-def test_ask_runs_batch_size_questions_per_pass_and_decodes_once(capsys, checkpoints, photos, monkeypatch):
+def test_ask_runs_batch_size_questions_per_pass_and_encodes_once(capsys, checkpoints, photos, monkeypatch):
     from blip2 import images as image_io
     from blip2.pipeline import Blip2
 
     path = str(checkpoints["opt"])
     questions = [f"question number {i}?" for i in range(7)]
     expected = blip2.load(path).ask(str(photos[0]), questions, num_beams=1)
-    passes, reads = [], []
-    generate_text, load_image = Blip2.generate_text, image_io.load_image
+    passes, encoded, reads = [], [], []
+    generate_text, encode_vision, load_image = Blip2._generate_text, Blip2.encode_vision, image_io.load_image
     monkeypatch.setattr(
-        Blip2, "generate_text", lambda self, *a: passes.append(len(a[2])) or generate_text(self, *a)
+        Blip2, "_generate_text", lambda self, *a: passes.append(len(a[2])) or generate_text(self, *a)
+    )
+    monkeypatch.setattr(
+        Blip2, "encode_vision", lambda self, p: encoded.append(len(p)) or encode_vision(self, p)
     )
     monkeypatch.setattr(
         image_io, "load_image", lambda source, **k: reads.append(source) or load_image(source, **k)
@@ -302,6 +305,7 @@ def test_ask_runs_batch_size_questions_per_pass_and_decodes_once(capsys, checkpo
     )
     assert code == 0
     assert passes == [3, 3, 1]
+    assert encoded == [1]  # the vision tower ran once for the image, not once per pass
     assert [r for r in reads if isinstance(r, str)] == [str(photos[0])]
     assert [line.split("\t", 1)[1] for line in out.splitlines()] == expected
 

@@ -107,9 +107,22 @@ class Blip2:
         InstructBLIP also reads the prompt in its Q-Former, so there the prefix depends on `prompts`
         (one per row) and the Q-Former runs once per row; BLIP-2 runs it once per image.
         """
+        return self.prefix(self.encode_vision(pixels), rows, prompts)
+
+    @torch.inference_mode()
+    def encode_vision(self, pixels: Tensor) -> Tensor:
+        """Pixels (B, 3, H, W) -> vision-tower outputs (B, 257, C), in the tower's dtype."""
         dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
-        image_embeds = self.model.encode_images(pixels.to(self.device, dtype))  # (B, 257, C)
-        index = torch.tensor(list(range(len(pixels))) if rows is None else list(rows), device=self.device)
+        return self.model.encode_images(pixels.to(self.device, dtype))
+
+    @torch.inference_mode()
+    def prefix(
+        self, image_embeds: Tensor, rows: Sequence[int] | None = None, prompts: Sequence[str] | None = None
+    ) -> Tensor:
+        """Vision-tower outputs (B, 257, C) -> the image prefix (N, Q, D) of `encode`."""
+        index = torch.tensor(
+            list(range(len(image_embeds))) if rows is None else list(rows), device=self.device
+        )
         if self.qformer_text is None:
             return self.model.project(self.model.query(image_embeds)).index_select(0, index)
         prompts = list(prompts) if prompts is not None else [""] * len(index)
@@ -188,13 +201,21 @@ class Blip2:
         opts = make_options(options)
         self.check_lengths(prompts, opts)
         texts: list[str] = []
+        encoded: dict[int, Tensor] = {}  # vision-tower outputs of the images the previous chunk used
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
             used = sorted(set(chunk))
+            # An image that spans chunks (one image, many questions) is decoded and encoded once.
+            new = [row for row in used if row not in encoded]
+            if new:
+                encoded.update(zip(new, self.encode_vision(self.preprocess([images[row] for row in new]))))
+            encoded = {row: encoded[row] for row in used}
             local = {row: i for i, row in enumerate(used)}
-            pixels = self.preprocess([images[row] for row in used])
             texts += self._generate_text(
-                pixels, [local[row] for row in chunk], prompts[start : start + self.batch_size], opts
+                torch.stack([encoded[row] for row in used]),
+                [local[row] for row in chunk],
+                prompts[start : start + self.batch_size],
+                opts,
             )
         return group_returns(texts, opts.num_return_sequences)
 
@@ -205,13 +226,14 @@ class Blip2:
         self._require_language_model()
         opts = make_options(options)
         self.check_lengths(prompts, opts)
-        return self._generate_text(pixels, rows, prompts, opts)
+        return self._generate_text(self.encode_vision(pixels), rows, prompts, opts)
 
     @torch.inference_mode()
     def _generate_text(
-        self, pixels: Tensor, rows: list[int], prompts: list[str], opts: GenerationOptions
+        self, image_embeds: Tensor, rows: list[int], prompts: list[str], opts: GenerationOptions
     ) -> list[str]:
-        prefix = self.encode(pixels, rows, prompts)  # (N, Q, D)
+        """Vision-tower outputs (B, 257, C) and (row, prompt) pairs -> texts."""
+        prefix = self.prefix(image_embeds, rows, prompts)  # (N, Q, D)
         ids = self.generate_ids(prefix, prompts, opts)
         return [self.text.decode(row) for row in ids.tolist()]
 
