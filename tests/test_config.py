@@ -62,7 +62,7 @@ def test_llama_rope_theta_both_layouts():
 def test_blip2_config_from_a_sparse_config_json():
     raw = {
         "model_type": "blip-2",
-        "text_config": {"model_type": "opt", "hidden_size": 2560},
+        "text_config": {"model_type": "opt", "hidden_size": 2560, "num_attention_heads": 32},
         "vision_config": {},
     }
     config = Blip2Config.from_dict(raw)
