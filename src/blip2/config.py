@@ -449,7 +449,8 @@ class Blip2Config:
     @classmethod
     def from_dict(cls, data: dict) -> Blip2Config:
         """The config of a checkpoint's config.json (already parsed); every value bounds-checked."""
-        data = _object(data, CONFIG_FILE)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{CONFIG_FILE} is not a JSON object (got {type(data).__name__})")
         where = f"{CONFIG_FILE}: "
         model_type = data.get("model_type", "blip-2")
         if model_type not in ("blip-2", "instructblip"):
