@@ -216,19 +216,31 @@ def _untie_t5_head(path: Path, std: float, seed: int) -> None:
     save_file(state, file, metadata={"format": "pt"})
 
 
+def _wordpiece_vocab(specials: list[str], vocab_size: int) -> dict[str, int]:
+    """A WordPiece vocabulary of CORPUS, the same on every run (the WordPiece trainer breaks ties between
+    merges in hash order, which changes from one process to the next): the specials, each character alone
+    and as a continuation, then whole words, most frequent first."""
+    import re
+    from collections import Counter
+
+    words = Counter(w for line in CORPUS for w in re.findall(r"\w+|[^\w\s]", line.lower()))
+    chars = sorted({c for w in words for c in w})
+    tokens = [*specials, *chars, *("##" + c for c in chars)]
+    tokens += [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])) if w not in tokens]
+    return {token: i for i, token in enumerate(tokens[:vocab_size])}
+
+
 def bert_tokenizer(vocab_size: int = 150):
     """A lowercasing WordPiece tokenizer with BERT's special tokens ([PAD]=0, [UNK], [CLS], [SEP], [MASK]),
     '[CLS] text [SEP]', and the '[DEC]' BOS token the BLIP-2 retrieval checkpoints add (unused by ITC/ITM)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizer
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok = Tokenizer(models.WordPiece(_wordpiece_vocab(specials, vocab_size), unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    tok.train_from_iterator(CORPUS * 3, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
