@@ -500,12 +500,28 @@ def _default_sub_config(sub: dict) -> dict:
     return AutoConfig.for_model(sub["model_type"]).to_dict()
 
 
+def _as_transformers_4(config: dict) -> dict:
+    """A config (or sub-config) in the names transformers 4.x wrote: torch_dtype; Flan-T5's unscaled output
+    said as tie_word_embeddings false (transformers 5 writes scale_decoder_outputs); LLaMA's rope_theta at the
+    top and rope_scaling null (transformers 5 writes rope_parameters)."""
+    out = dict(config)
+    if "dtype" in out:
+        out["torch_dtype"] = out.pop("dtype")
+    if "scale_decoder_outputs" in out:
+        out["tie_word_embeddings"] = out.pop("scale_decoder_outputs")
+    rope = out.pop("rope_parameters", None)
+    if rope is not None:
+        out.update(rope_theta=rope["rope_theta"], rope_scaling=None)
+    return out
+
+
 def _diff(config: dict) -> dict:
     """config.json as transformers 4.47 wrote it: each sub-config as a diff against its class defaults."""
-    out = dict(config)
+    out = _as_transformers_4(config)
     for key in SUB_CONFIGS:
         if isinstance(config.get(key), dict):
-            sub, defaults = config[key], _default_sub_config(config[key])
+            sub = _as_transformers_4(config[key])
+            defaults = _as_transformers_4(_default_sub_config(sub))
             kept = {k: v for k, v in sub.items() if k not in defaults or defaults[k] != v}
             out[key] = {**kept, "model_type": sub["model_type"]}
     return out
@@ -515,7 +531,7 @@ def _complete(config: dict) -> dict:
     """config.json as the 2023 uploads have it: every field in every sub-config, legacy ones included, and
     no image token (those configs predate it)."""
     out = {
-        **config,
+        **_as_transformers_4(config),
         "initializer_factor": 1.0,
         "use_decoder_only_language_model": config.get("text_config", {}).get("model_type") != "t5",
     }
@@ -523,7 +539,8 @@ def _complete(config: dict) -> dict:
     for key in SUB_CONFIGS:
         if isinstance(config.get(key), dict):
             sub = config[key]
-            out[key] = {**LEGACY_COMMON_FIELDS, **_default_sub_config(sub), **sub}
+            full = {**LEGACY_COMMON_FIELDS, **_default_sub_config(sub), **sub}
+            out[key] = _as_transformers_4(full)
             out[key]["transformers_version"] = ERA_VERSIONS["2023"]
     return out
 
