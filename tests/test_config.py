@@ -181,6 +181,7 @@ BAD_VALUES = [
     ("image_text_hidden_size", -5, "outside"),
     ("image_token_index", 50272, "out of vocab"),
     ("image_token_index", "50265", "not a token id"),
+    ("image_token_id", -1, "out of vocab"),
 ]
 
 
@@ -252,6 +253,12 @@ def test_sub_configs_not_objects(key, value):
 def test_text_model_type_checked(model_type):
     with pytest.raises(CheckpointError, match="text_config.model_type .* is not supported"):
         Blip2Config.from_dict({"text_config": {"model_type": model_type}})
+
+
+def test_retrieval_image_token_is_not_a_language_model_token():
+    # blip2-itm-vit-g has no text_config: its <image> comes after BERT's vocabulary and is never embedded
+    config = Blip2Config.from_dict({"qformer_config": {"vocab_size": 30523}, "image_token_index": 30523})
+    assert config.text is None and config.image_token_index == 30523
 
 
 def test_long_values_are_shortened_in_messages():

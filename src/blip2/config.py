@@ -121,7 +121,8 @@ FIELD_RULES = {
     ),
     **dict.fromkeys(["hidden_act", "activation_function", "dense_act_fn"], Activation()),
     **dict.fromkeys(
-        ["pad_token_id", "bos_token_id", "decoder_start_token_id", "image_token_index"], TokenIds()
+        ["pad_token_id", "bos_token_id", "decoder_start_token_id", "image_token_index", "image_token_id"],
+        TokenIds(),
     ),
     "eos_token_id": TokenIds(lists=True),
 }
@@ -469,9 +470,10 @@ class Blip2Config:
         image_token_key = "image_token_index" if "image_token_index" in data else "image_token_id"
         image_token_index = data.get(image_token_key)
         if image_token_index is not None:
-            _checked(where, "image_token_index", image_token_index)
-            # the placeholders are part of the history the logits processors index with
-            vocab = text.vocab_size if text is not None else qformer.vocab_size
+            _checked(where, image_token_key, image_token_index)
+            # the language model embeds the placeholders, and the logits processors index with them; a
+            # retrieval checkpoint only drops them
+            vocab = text.vocab_size if text is not None else FIELD_RULES["vocab_size"].high
             _require(
                 0 <= image_token_index < vocab, where, image_token_key, image_token_index, "is out of vocab"
             )
