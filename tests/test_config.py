@@ -176,6 +176,7 @@ BAD_VALUES = [
     ("text_config.eos_token_id", [], "not a token id"),
     ("text_config.eos_token_id", "</s>", "not a token id"),
     ("text_config.pad_token_id", 1.0, "not a token id"),
+    ("text_config._remove_final_layer_norm", "no", "not true or false"),
     ("num_query_tokens", 0, "outside"),
     ("num_query_tokens", 1025, "outside"),
     ("image_text_hidden_size", -5, "outside"),
@@ -225,6 +226,15 @@ def test_t5_bounds(path, value, problem):
 def test_llama_bounds(fields, field, problem):
     with pytest.raises(CheckpointError, match=rf"^config.json: text_config.{field}.*{problem}"):
         Blip2Config.from_dict({"text_config": {"model_type": "llama", **fields}})
+
+
+@pytest.mark.parametrize("ours", [VisionConfig, QFormerConfig, OPTConfig, T5Config, LlamaConfig])
+def test_every_field_read_has_a_rule(ours):
+    from blip2.config import FIELD_RULES
+
+    checked_elsewhere = {"feed_forward_proj"}  # T5Config.from_dict parses it
+    keys = {RENAMED.get(f.name, f.name) for f in dataclasses.fields(ours)} - checked_elsewhere
+    assert keys <= set(FIELD_RULES), keys - set(FIELD_RULES)
 
 
 def test_a_million_layers_fail_before_anything_is_built():

@@ -112,7 +112,7 @@ FIELD_RULES = {
             "do_layer_norm_before",
             "layer_norm_elementwise_affine",
             "enable_bias",
-            "remove_final_layer_norm",
+            "_remove_final_layer_norm",  # OPT's name in config.json for remove_final_layer_norm
             "tie_word_embeddings",
             "scale_decoder_outputs",
             "is_gated_act",
