@@ -396,3 +396,11 @@ def test_bad_generation_config_file_is_named(tmp_path):
     (tmp_path / "generation_config.json").write_text("[]")
     with pytest.raises(CheckpointError, match="generation_config.json: not a JSON object"):
         read_config(tmp_path)
+
+
+def test_read_config_on_the_test_checkpoints(checkpoints, instruct_checkpoints, retrieval_checkpoints):
+    """transformers 5.24 writes generation_config.json with the text_config's ids: reading it changes nothing."""
+    for path in [*checkpoints.values(), *instruct_checkpoints.values(), *retrieval_checkpoints.values()]:
+        config, raw = read_config(path)
+        assert raw == json.loads((path / "config.json").read_text())
+        assert config == Blip2Config.from_dict(raw), path.name
