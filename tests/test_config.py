@@ -392,10 +392,23 @@ def test_read_json_missing_or_not_a_file(tmp_path):
 
 
 def test_bad_generation_config_file_is_named(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {}}))
     (tmp_path / "generation_config.json").write_text("[]")
     with pytest.raises(CheckpointError, match="generation_config.json: not a JSON object"):
         read_config(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": -2}')
+    with pytest.raises(CheckpointError) as info:
+        read_config(tmp_path)
+    assert str(info.value) == f"{tmp_path}/generation_config.json: eos_token_id = -2 " + (
+        "is not a token of the vocabulary (vocab_size 50272)"
+    )
+
+
+def test_read_config_names_the_directory(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(_with("vision_config.num_hidden_layers", 10**6)))
+    with pytest.raises(CheckpointError) as info:
+        read_config(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path}/config.json: vision_config.num_hidden_layers = 1000000 ")
 
 
 def test_read_config_on_the_test_checkpoints(checkpoints, instruct_checkpoints, retrieval_checkpoints):

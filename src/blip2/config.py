@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -527,12 +528,20 @@ def read_json(file: Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
 def read_config(directory: Path) -> tuple[Blip2Config, dict[str, Any]]:
     """A checkpoint directory's config: config.json, bounds-checked, with the token ids of its
     generation_config.json when there is one (as transformers' from_pretrained reads them). Also returns
-    config.json as parsed, for what it says beyond the model (e.g. its `architectures`)."""
+    config.json as parsed, for what it says beyond the model (e.g. its `architectures`). Errors name the
+    file with its directory."""
+    directory = Path(directory)
     raw = read_json(directory / CONFIG_FILE)
-    config = Blip2Config.from_dict(raw)
-    generation_file = directory / GENERATION_CONFIG_FILE
-    if generation_file.exists():
-        config = apply_generation_config(config, read_json(generation_file))
+    try:
+        config = Blip2Config.from_dict(raw)
+        generation_file = directory / GENERATION_CONFIG_FILE
+        if generation_file.exists():
+            config = apply_generation_config(config, read_json(generation_file))
+    except CheckpointError as e:
+        message = str(e)
+        if not message.startswith(str(directory)):  # from_dict names the file alone
+            message = f"{directory}{os.sep}{message}"
+        raise CheckpointError(message) from None
     return config, raw
 
 
