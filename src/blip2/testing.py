@@ -4,7 +4,11 @@ Needs the `test` extra (transformers is our oracle, never a runtime dependency).
 widened (transformers' default init gives near-uniform logits, where token choices are near-ties), the
 tokenizer is a byte-level BPE (OPT) or a Unigram (T5) trained on a few sentences, and the processor files are
 those a real checkpoint has: config.json, model.safetensors (or shards + index), tokenizer.json,
-tokenizer_config.json, preprocessor_config.json.
+tokenizer_config.json, processor_config.json (transformers 5), generation_config.json.
+
+The config values are the released ones where they matter (Flan-T5's exact GELU; with `vicuna_ids`,
+instructblip-vicuna's token ids), and `era` rewrites the files as the 2023 and 2024 Salesforce uploads have them
+(`restyle_as_release`).
 """
 
 from __future__ import annotations
