@@ -1,30 +1,209 @@
-"""One config dataclass per tower, filled from a checkpoint's config.json.
+"""One config dataclass per tower, filled from a checkpoint's config.json, bounds-checked.
 
 Only the fields a released checkpoint needs. Defaults are those of the matching transformers config
 classes, because transformers writes config.json as a diff against them: a field left out means its
 default there (tests/test_config.py checks each against transformers).
+
+config.json is untrusted: every value read is checked against `FIELD_RULES` (and the relations between
+fields a tower needs) before anything is built from it, so that a crafted file fails with a CheckpointError
+naming the field, instead of building a million layers or dividing by zero.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
 
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+MAX_CONFIG_BYTES = 1 << 20  # released config files are a few kB
 
-def _from_dict(cls, data: dict[str, Any] | None, **renames: str):
-    """Build dataclass `cls` from `data`, ignoring unknown keys; `renames` maps field -> json key."""
-    data = dict(data or {})
+# The activations the towers implement (blip2.models.layers.ACTIVATIONS; a test keeps the two in step).
+ACTIVATION_NAMES = frozenset({"gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"})
+
+
+# -- what a value may be ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IntRange:
+    low: int
+    high: int
+
+    def problem(self, value: Any) -> str | None:
+        if type(value) is not int:  # JSON true, 2.0 and "2" are not layer counts
+            return "is not an integer"
+        if not self.low <= value <= self.high:
+            return f"is outside [{self.low}, {self.high}]"
+        return None
+
+
+@dataclass(frozen=True)
+class PositiveNumber:
+    high: float
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "is not a number"
+        if not (math.isfinite(value) and 0 < value <= self.high):
+            return f"is not a finite number in (0, {self.high:g}]"
+        return None
+
+
+@dataclass(frozen=True)
+class Flag:
+    def problem(self, value: Any) -> str | None:
+        return None if isinstance(value, bool) else "is not true or false"
+
+
+@dataclass(frozen=True)
+class Activation:
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, str) and value in ACTIVATION_NAMES:
+            return None
+        return f"is not a supported activation ({', '.join(sorted(ACTIVATION_NAMES))})"
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """An id or (eos) a list of ids; whether it is in the vocabulary is decided with the vocab size."""
+
+    lists: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        ids = value if self.lists and isinstance(value, list) else [value]
+        if not ids or any(type(i) is not int for i in ids):
+            return "is not a token id" + (" or a non-empty list of them" if self.lists else "")
+        return None
+
+
+SIZE = IntRange(1, 65536)
+LAYERS = IntRange(1, 1000)
+HEADS = IntRange(1, 65536)
+EPS = PositiveNumber(1.0)
+
+# Conversion rules as data: every field of the tower dataclasses that config.json can set, by name.
+FIELD_RULES = {
+    **dict.fromkeys(
+        ["hidden_size", "intermediate_size", "d_model", "d_kv", "d_ff", "ffn_dim", "word_embed_proj_dim"],
+        SIZE,
+    ),
+    **dict.fromkeys(["head_dim", "encoder_hidden_size", "image_text_hidden_size", "patch_size"], SIZE),
+    "image_size": IntRange(1, 4096),  # as the image processor's bound
+    "max_position_embeddings": IntRange(1, 1 << 20),
+    **dict.fromkeys(
+        ["num_hidden_layers", "num_layers", "num_decoder_layers", "cross_attention_frequency"], LAYERS
+    ),
+    **dict.fromkeys(["num_attention_heads", "num_heads", "num_key_value_heads"], HEADS),
+    "vocab_size": IntRange(1, 10**7),
+    "num_query_tokens": IntRange(1, 1024),
+    "relative_attention_num_buckets": IntRange(4, 65536),
+    "relative_attention_max_distance": IntRange(1, 1 << 20),
+    **dict.fromkeys(["layer_norm_eps", "layer_norm_epsilon", "rms_norm_eps"], EPS),
+    "rope_theta": PositiveNumber(1e12),
+    **dict.fromkeys(
+        [
+            "qkv_bias",
+            "use_qformer_text_input",
+            "do_layer_norm_before",
+            "layer_norm_elementwise_affine",
+            "enable_bias",
+            "_remove_final_layer_norm",  # OPT's name in config.json for remove_final_layer_norm
+            "tie_word_embeddings",
+            "scale_decoder_outputs",
+            "is_gated_act",
+        ],
+        Flag(),
+    ),
+    **dict.fromkeys(["hidden_act", "activation_function", "dense_act_fn"], Activation()),
+    **dict.fromkeys(
+        ["pad_token_id", "bos_token_id", "decoder_start_token_id", "image_token_index", "image_token_id"],
+        TokenIds(),
+    ),
+    "eos_token_id": TokenIds(lists=True),
+}
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fail(where: str, name: str, value: Any, problem: str) -> CheckpointError:
+    """`where` is the file and the path so far, e.g. 'config.json: text_config.'."""
+    return CheckpointError(f"{where}{name} = {_show(value)} {problem}")
+
+
+def _checked(where: str, name: str, value: Any) -> Any:
+    rule = FIELD_RULES.get(name)
+    problem = rule.problem(value) if rule is not None else None
+    if problem:
+        raise _fail(where, name, value, problem)
+    return value
+
+
+def _require(ok: bool, where: str, name: str, value: Any, problem: str) -> None:
+    if not ok:
+        raise _fail(where, name, value, problem)
+
+
+def _object(data: Any, where: str) -> dict[str, Any]:
+    """`data` as a dict; a JSON list, string or number where an object belongs is a CheckpointError."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where.rstrip('.: ')} is not a JSON object (got {type(data).__name__})")
+    return data
+
+
+def _from_dict(cls, data: Any, where: str, **renames: str):
+    """Build dataclass `cls` from `data`, ignoring unknown keys; `renames` maps field -> json key.
+
+    Each value is checked against FIELD_RULES before the dataclass exists (its __post_init__ divides by
+    some of them), then the relations between fields with the instance's `check`."""
+    data = _object(data, where)
     kwargs = {}
     for f in dataclasses.fields(cls):
         key = renames.get(f.name, f.name)
-        if key in data and data[key] is not None:
-            kwargs[f.name] = data[key]
-    return cls(**kwargs)
+        if data.get(key) is not None:
+            kwargs[f.name] = _checked(where, key, data[key])
+    config = cls(**kwargs)
+    config.check(where)
+    return config
 
 
+def _divides(where: str, heads_name: str, heads: int, size_name: str, size: int) -> None:
+    _require(size % heads == 0, where, heads_name, heads, f"does not divide {size_name} ({size})")
+
+
+# -- token ids ----------------------------------------------------------------------------------------------------
+# pad and bos ids outside the vocabulary mean none: instructblip-vicuna's text_config says pad -1 (from an early
+# LLaMA conversion), and a finished row filled with -1 would index the embedding out of range. Without a pad id
+# finished rows get EOS, as the reference does. eos and the decoder start must be real tokens.
+OPTIONAL_IDS = ("pad_token_id", "bos_token_id")
+REQUIRED_IDS = ("eos_token_id", "decoder_start_token_id")
+
+
+def _settle_token_ids(config, where: str) -> None:
+    """Drop `config`'s out-of-vocabulary pad/bos ids; raise on an eos/decoder-start id outside it."""
+    vocab = config.vocab_size
+    for name in OPTIONAL_IDS:
+        value = getattr(config, name, None)
+        if value is not None and not 0 <= value < vocab:
+            setattr(config, name, None)
+    for name in REQUIRED_IDS:
+        value = getattr(config, name, None)
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and not all(0 <= i < vocab for i in ids):
+            raise _fail(where, name, value, f"is not a token of the vocabulary (vocab_size {vocab})")
+
+
+# -- towers -------------------------------------------------------------------------------------------------------
 @dataclass
 class VisionConfig:
     hidden_size: int = 1408
@@ -38,8 +217,19 @@ class VisionConfig:
     hidden_act: str = "gelu"
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> VisionConfig:
-        return _from_dict(cls, data)
+    def from_dict(cls, data: dict | None, where: str = "config.json: vision_config.") -> VisionConfig:
+        return _from_dict(cls, data, where)
+
+    def check(self, where: str) -> None:
+        _divides(where, "num_attention_heads", self.num_attention_heads, "hidden_size", self.hidden_size)
+        # the patch grid covers the image exactly (224 / 14, 364 / 14), one position embedding per patch
+        _require(
+            self.image_size % self.patch_size == 0,
+            where,
+            "patch_size",
+            self.patch_size,
+            f"does not divide image_size ({self.image_size})",
+        )
 
 
 @dataclass
@@ -58,8 +248,19 @@ class QFormerConfig:
     hidden_act: str = "gelu"
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> QFormerConfig:
-        return _from_dict(cls, data)
+    def from_dict(cls, data: dict | None, where: str = "config.json: qformer_config.") -> QFormerConfig:
+        return _from_dict(cls, data, where)
+
+    def check(self, where: str) -> None:
+        _divides(where, "num_attention_heads", self.num_attention_heads, "hidden_size", self.hidden_size)
+        # the padding row of the word embeddings
+        _require(
+            0 <= self.pad_token_id < self.vocab_size,
+            where,
+            "pad_token_id",
+            self.pad_token_id,
+            f"is not a token of the vocabulary (vocab_size {self.vocab_size})",
+        )
 
 
 @dataclass
@@ -77,17 +278,21 @@ class OPTConfig:
     enable_bias: bool = True
     remove_final_layer_norm: bool = False
     tie_word_embeddings: bool = True
-    pad_token_id: int = 1
-    bos_token_id: int = 2
-    eos_token_id: int = 2
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] = 2
 
     def __post_init__(self):
         if self.word_embed_proj_dim is None:
             self.word_embed_proj_dim = self.hidden_size
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> OPTConfig:
-        return _from_dict(cls, data, remove_final_layer_norm="_remove_final_layer_norm")
+    def from_dict(cls, data: dict | None, where: str = "config.json: text_config.") -> OPTConfig:
+        return _from_dict(cls, data, where, remove_final_layer_norm="_remove_final_layer_norm")
+
+    def check(self, where: str) -> None:
+        _divides(where, "num_attention_heads", self.num_attention_heads, "hidden_size", self.hidden_size)
+        _settle_token_ids(self, where)
 
 
 @dataclass
@@ -103,9 +308,14 @@ class T5Config:
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "relu"
+    # The feed-forward activation and gating. Derived from feed_forward_proj when config.json leaves them out
+    # ("gated-gelu" meaning the tanh approximation, gelu_new), but a written value wins, as in transformers:
+    # every released Flan-T5 BLIP-2 config says dense_act_fn "gelu" (exact) with feed_forward_proj "gated-gelu".
+    dense_act_fn: str | None = None
+    is_gated_act: bool | None = None
     tie_word_embeddings: bool = True
-    pad_token_id: int = 0
-    eos_token_id: int = 1
+    pad_token_id: int | None = 0
+    eos_token_id: int | list[int] = 1
     decoder_start_token_id: int = 0
     # Original T5 scales the decoder output by d_model**-0.5 before the head; T5 v1.1 / Flan-T5 do not.
     # Old configs said so through tie_word_embeddings=False; transformers 5 writes scale_decoder_outputs.
@@ -116,20 +326,42 @@ class T5Config:
             self.num_decoder_layers = self.num_layers
         if self.scale_decoder_outputs is None:
             self.scale_decoder_outputs = self.tie_word_embeddings
-
-    @property
-    def is_gated(self) -> bool:
-        return self.feed_forward_proj.startswith("gated-")
-
-    @property
-    def act(self) -> str:
-        """The activation's name: 'gated-gelu' means the tanh approximation (HF's gelu_new)."""
-        name = self.feed_forward_proj.split("-")[-1]
-        return "gelu_new" if name == "gelu" and self.is_gated else name
+        gated, act = feed_forward_activation(self.feed_forward_proj)
+        if self.dense_act_fn is None:
+            self.dense_act_fn = act
+        if self.is_gated_act is None:
+            self.is_gated_act = gated
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> T5Config:
-        return _from_dict(cls, data)
+    def from_dict(cls, data: dict | None, where: str = "config.json: text_config.") -> T5Config:
+        data = _object(data, where)
+        proj = data.get("feed_forward_proj")
+        if proj is not None and feed_forward_activation(proj)[1] not in ACTIVATION_NAMES:
+            raise _fail(where, "feed_forward_proj", proj, "is not 'gated-ACT' or 'ACT' with a supported ACT")
+        return _from_dict(cls, data, where)
+
+    def check(self, where: str) -> None:
+        # relative_position_bucket divides by log(max_distance / max_exact), max_exact = num_buckets // 2
+        _require(
+            self.relative_attention_max_distance > self.relative_attention_num_buckets // 2,
+            where,
+            "relative_attention_max_distance",
+            self.relative_attention_max_distance,
+            f"is not above half of relative_attention_num_buckets ({self.relative_attention_num_buckets})",
+        )
+        _settle_token_ids(self, where)
+
+
+def feed_forward_activation(feed_forward_proj: Any) -> tuple[bool, str | None]:
+    """T5's feed_forward_proj -> (gated, activation): 'gated-gelu' is (True, 'gelu_new') for backward
+    compatibility, as transformers resolves it; 'relu' is (False, 'relu'); anything else (False, None)."""
+    if not isinstance(feed_forward_proj, str):
+        return False, None
+    parts = feed_forward_proj.split("-")
+    if len(parts) > 2 or len(parts) == 2 and parts[0] != "gated":
+        return False, None
+    gated = len(parts) == 2
+    return gated, "gelu_new" if feed_forward_proj == "gated-gelu" else parts[-1]
 
 
 @dataclass
@@ -148,11 +380,12 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
-    # instructblip-vicuna's text_config is said to keep the ids of the LLaMA conversion it came from (bos 0,
-    # eos 1, pad -1), which are not its tokenizer's (<s> 1, </s> 2, [PAD] 32000); they are in its config.json.
+    # instructblip-vicuna's text_config keeps the ids of the LLaMA conversion it came from (bos 0, eos 1,
+    # pad -1), which are not its tokenizer's (<s> 1, </s> 2); its generation_config.json has the right ones
+    # (see apply_generation_config). The pad -1 reads as no pad id (see _settle_token_ids).
     pad_token_id: int | None = None
-    bos_token_id: int = 1
-    eos_token_id: int = 2
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] = 2
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -161,17 +394,39 @@ class LlamaConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> LlamaConfig:
-        data = dict(data or {})
+    def from_dict(cls, data: dict | None, where: str = "config.json: text_config.") -> LlamaConfig:
+        data = dict(_object(data, where))
         # transformers 5 writes {"rope_theta": ..., "rope_type": "default"} as rope_parameters; older
         # configs have a top-level rope_theta (or none: 10000) and rope_scaling, null for LLaMA-1.
-        rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+        key = "rope_parameters" if data.get("rope_parameters") is not None else "rope_scaling"
+        rope = _object(data.get(key), f"{where}{key}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise CheckpointError(f"rope type {rope_type!r} is not supported (supported: 'default')")
+            raise _fail(f"{where}{key}.", "rope_type", rope_type, "is not supported (supported: 'default')")
         if rope.get("rope_theta") is not None:
             data["rope_theta"] = rope["rope_theta"]
-        return _from_dict(cls, data)
+        if data.get("head_dim") is None:
+            heads, hidden = data.get("num_attention_heads"), data.get("hidden_size")
+            _checked(where, "num_attention_heads", heads if heads is not None else cls.num_attention_heads)
+            _checked(where, "hidden_size", hidden if hidden is not None else cls.hidden_size)
+        return _from_dict(cls, data, where)
+
+    def check(self, where: str) -> None:
+        _divides(
+            where,
+            "num_key_value_heads",
+            self.num_key_value_heads,
+            "num_attention_heads",
+            self.num_attention_heads,
+        )
+        # rotary embeddings turn pairs of dimensions: (i, i + head_dim / 2)
+        _require(
+            self.head_dim >= 2 and self.head_dim % 2 == 0, where, "head_dim", self.head_dim, "is not even"
+        )
+        _settle_token_ids(self, where)
+
+
+TEXT_MODEL_TYPES = {OPTConfig: "opt", T5Config: "t5", LlamaConfig: "llama"}
 
 
 @dataclass
@@ -195,35 +450,127 @@ class Blip2Config:
 
     @classmethod
     def from_dict(cls, data: dict) -> Blip2Config:
+        """The config of a checkpoint's config.json (already parsed); every value bounds-checked."""
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{CONFIG_FILE} is not a JSON object (got {type(data).__name__})")
+        where = f"{CONFIG_FILE}: "
         model_type = data.get("model_type", "blip-2")
         if model_type not in ("blip-2", "instructblip"):
             raise CheckpointError(
-                f"config.json has model_type {model_type!r}; blip2 loads 'blip-2' checkpoints"
+                f"config.json has model_type {_show(model_type)}; blip2 loads 'blip-2' checkpoints"
             )
-        vision = VisionConfig.from_dict(data.get("vision_config"))
-        qformer = QFormerConfig.from_dict(data.get("qformer_config"))
+        vision = VisionConfig.from_dict(data.get("vision_config"), f"{where}vision_config.")
+        qformer = QFormerConfig.from_dict(data.get("qformer_config"), f"{where}qformer_config.")
         qformer.encoder_hidden_size = vision.hidden_size  # as the reference: always the vision width
-        text_data = data.get("text_config")
-        text: OPTConfig | T5Config | LlamaConfig | None
-        if text_data is None:
-            text = None  # retrieval checkpoints have no language model
-        else:
-            text_type = text_data.get("model_type", "opt")
-            parsers = {name: cls for cls, name in TEXT_MODEL_TYPES.items()}
-            if text_type not in parsers:
-                raise CheckpointError(
-                    f"text_config.model_type {text_type!r} is not supported (supported: {', '.join(parsers)})"
-                )
-            text = parsers[text_type].from_dict(text_data)
+        text = _text_config(data.get("text_config"), f"{where}text_config.")
+        top = {
+            name: _checked(where, name, data[name])
+            for name in ("num_query_tokens", "image_text_hidden_size")
+            if data.get(name) is not None
+        }
+        image_token_key = "image_token_index" if "image_token_index" in data else "image_token_id"
+        image_token_index = data.get(image_token_key)
+        if image_token_index is not None:
+            _checked(where, image_token_key, image_token_index)
+            # the language model embeds the placeholders, and the logits processors index with them; a
+            # retrieval checkpoint only drops them
+            vocab = text.vocab_size if text is not None else FIELD_RULES["vocab_size"].high
+            _require(
+                0 <= image_token_index < vocab, where, image_token_key, image_token_index, "is out of vocab"
+            )
         return cls(
             vision=vision,
             qformer=qformer,
             text=text,
-            num_query_tokens=data.get("num_query_tokens", 32),
-            image_text_hidden_size=data.get("image_text_hidden_size", 256),
-            image_token_index=data.get("image_token_index", data.get("image_token_id")),
+            image_token_index=image_token_index,
             model_type=model_type,
+            **top,
         )
 
 
-TEXT_MODEL_TYPES = {OPTConfig: "opt", T5Config: "t5", LlamaConfig: "llama"}
+def _text_config(data: Any, where: str) -> OPTConfig | T5Config | LlamaConfig | None:
+    """The language model's config, by text_config.model_type; None when there is none (retrieval)."""
+    if data is None:
+        return None
+    data = _object(data, where)
+    text_type = data.get("model_type", "opt")
+    parsers = {name: cls for cls, name in TEXT_MODEL_TYPES.items()}
+    if not isinstance(text_type, str) or text_type not in parsers:
+        raise CheckpointError(
+            f"{where}model_type {_show(text_type)} is not supported (supported: {', '.join(parsers)})"
+        )
+    return parsers[text_type].from_dict(data, where)
+
+
+# -- files ---------------------------------------------------------------------------------------------------------
+def read_json(file: Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
+    """A checkpoint's JSON file as a dict: refused, naming the file, if it is not a regular file, is larger
+    than `max_bytes`, is not UTF-8 JSON (or nests too deep to parse) or is not an object."""
+    try:
+        if not file.is_file():
+            raise CheckpointError(f"{file}: not found (or not a regular file)")
+        if file.stat().st_size > max_bytes:
+            raise CheckpointError(f"{file}: larger than {max_bytes} bytes; refusing to read it")
+        with open(file, "rb") as f:
+            text = f.read(max_bytes + 1)  # the size may have changed since stat
+        if len(text) > max_bytes:
+            raise CheckpointError(f"{file}: larger than {max_bytes} bytes; refusing to read it")
+        data = json.loads(text.decode("utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{file}: not valid JSON ({_show(str(e))})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: not a JSON object (got {type(data).__name__})")
+    return data
+
+
+def read_config(directory: Path) -> tuple[Blip2Config, dict[str, Any]]:
+    """A checkpoint directory's config: config.json, bounds-checked, with the token ids of its
+    generation_config.json when there is one (as transformers' from_pretrained reads them). Also returns
+    config.json as parsed, for what it says beyond the model (e.g. its `architectures`). Errors name the
+    file with its directory."""
+    directory = Path(directory)
+    raw = read_json(directory / CONFIG_FILE)
+    try:
+        config = Blip2Config.from_dict(raw)
+        generation_file = directory / GENERATION_CONFIG_FILE
+        if generation_file.exists():
+            config = apply_generation_config(config, read_json(generation_file))
+    except CheckpointError as e:
+        message = str(e)
+        if not message.startswith(str(directory)):  # from_dict names the file alone
+            message = f"{directory}{os.sep}{message}"
+        raise CheckpointError(message) from None
+    return config, raw
+
+
+# The token ids transformers' GenerationConfig takes from generation_config.json; sampling and search settings
+# there are not read: blip2's task defaults (beams, lengths) stay as documented.
+GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def apply_generation_config(config: Blip2Config, data: dict[str, Any]) -> Blip2Config:
+    """`config` with the language model's token ids replaced by those generation_config.json (`data`) sets.
+
+    instructblip-vicuna needs it: its text_config says eos 1 and pad -1, its generation_config.json says
+    eos 2 (`</s>`, where LAVIS stops) and pad 0. A field the file leaves out keeps the config's value; one it
+    sets to null means none (pad, bos). Ids are checked as config.json's are (pad/bos out of vocabulary mean none).
+    """
+    data = _object(data, GENERATION_CONFIG_FILE)
+    if config.text is None:
+        return config
+    where = f"{GENERATION_CONFIG_FILE}: "
+    names = {f.name for f in dataclasses.fields(config.text)}
+    # null means none for pad and bos; eos and the decoder start cannot be none, so null keeps the config's
+    ids = {
+        name: data[name]
+        for name in GENERATION_IDS
+        if name in names and name in data and (data[name] is not None or name in OPTIONAL_IDS)
+    }
+    for name, value in ids.items():
+        if value is not None:
+            _checked(where, name, value)
+    text = dataclasses.replace(config.text, **ids)
+    _settle_token_ids(text, where)
+    return dataclasses.replace(config, text=text)

@@ -4,7 +4,11 @@ Needs the `test` extra (transformers is our oracle, never a runtime dependency).
 widened (transformers' default init gives near-uniform logits, where token choices are near-ties), the
 tokenizer is a byte-level BPE (OPT) or a Unigram (T5) trained on a few sentences, and the processor files are
 those a real checkpoint has: config.json, model.safetensors (or shards + index), tokenizer.json,
-tokenizer_config.json, preprocessor_config.json.
+tokenizer_config.json, processor_config.json (transformers 5), generation_config.json.
+
+The config values are the released ones where they matter (Flan-T5's exact GELU; with `vicuna_ids`,
+instructblip-vicuna's token ids), and `era` rewrites the files as the 2023 and 2024 Salesforce uploads have them
+(`restyle_as_release`).
 """
 
 from __future__ import annotations
@@ -56,7 +60,14 @@ TINY_T5 = dict(
     num_heads=4,
     relative_attention_num_buckets=8,
     relative_attention_max_distance=16,
+    # as every released blip2-flan-t5 / instructblip-flan-t5 config: gated, but exact GELU (not gelu_new)
+    feed_forward_proj="gated-gelu",
+    dense_act_fn="gelu",
 )
+# instructblip-vicuna's text_config keeps the ids of an early LLaMA conversion; its generation_config.json
+# has the tokenizer's (<s> 1, </s> 2), and a pad id of 0.
+VICUNA_TEXT_IDS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=-1)
+VICUNA_GENERATION_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def opt_tokenizer(vocab_size: int = 300):
@@ -136,10 +147,13 @@ def build_checkpoint(
     text: dict[str, Any] | None = None,
     std: float = 0.3,
     seed: int = 0,
+    era: str | None = None,
 ):
     """Write a random BLIP-2 checkpoint in the Hugging Face layout to `path` and return the path.
 
     Tests load the oracle from the same files (`transformers.Blip2ForConditionalGeneration.from_pretrained`).
+    `era` "2023" or "2024" writes the files as the Salesforce releases of that time have them (see
+    `restyle_as_release`); None, as transformers 5.24 writes them.
     """
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
 
@@ -149,7 +163,7 @@ def build_checkpoint(
     image_processor = BlipImageProcessor(size={"height": vision["image_size"], "width": vision["image_size"]})
     processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
     image_token_index = tokenizer.convert_tokens_to_ids("<image>")
-    vocab = len(tokenizer) + 8  # padded beyond the tokenizer, as the real checkpoints are
+    vocab = padded_vocab(len(tokenizer), era)
     if language_model == "opt":
         newline = tokenizer.convert_tokens_to_ids("Ċ")
         text_config = {
@@ -166,7 +180,6 @@ def build_checkpoint(
             "model_type": "t5",
             **TINY_T5,
             "vocab_size": vocab,
-            "feed_forward_proj": "gated-gelu",
             "tie_word_embeddings": False,
             "decoder_start_token_id": 0,
             "pad_token_id": 0,
@@ -191,6 +204,8 @@ def build_checkpoint(
         model = Blip2ForConditionalGeneration.from_pretrained(path)
         (path / "model.safetensors").unlink()
         model.save_pretrained(path, max_shard_size="20KB")
+    if era is not None:
+        restyle_as_release(path, era)
     return path
 
 
@@ -205,19 +220,31 @@ def _untie_t5_head(path: Path, std: float, seed: int) -> None:
     save_file(state, file, metadata={"format": "pt"})
 
 
+def _wordpiece_vocab(specials: list[str], vocab_size: int) -> dict[str, int]:
+    """A WordPiece vocabulary of CORPUS, the same on every run (the WordPiece trainer breaks ties between
+    merges in hash order, which changes from one process to the next): the specials, each character alone
+    and as a continuation, then whole words, most frequent first."""
+    import re
+    from collections import Counter
+
+    words = Counter(w for line in CORPUS for w in re.findall(r"\w+|[^\w\s]", line.lower()))
+    chars = sorted({c for w in words for c in w})
+    tokens = [*specials, *chars, *("##" + c for c in chars)]
+    tokens += [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])) if w not in tokens]
+    return {token: i for i, token in enumerate(tokens[:vocab_size])}
+
+
 def bert_tokenizer(vocab_size: int = 150):
     """A lowercasing WordPiece tokenizer with BERT's special tokens ([PAD]=0, [UNK], [CLS], [SEP], [MASK]),
     '[CLS] text [SEP]', and the '[DEC]' BOS token the BLIP-2 retrieval checkpoints add (unused by ITC/ITM)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizer
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok = Tokenizer(models.WordPiece(_wordpiece_vocab(specials, vocab_size), unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    tok.train_from_iterator(CORPUS * 3, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -311,9 +338,14 @@ def build_instructblip_checkpoint(
     num_query_tokens: int = 6,
     std: float = 0.3,
     seed: int = 0,
+    vicuna_ids: bool = False,
+    era: str | None = None,
 ) -> Path:
     """Write a random InstructBLIP checkpoint (OPT, Flan-T5 or LLaMA/Vicuna language model) to `path`, with the
-    Q-Former's own BERT tokenizer in `qformer_tokenizer/`, as the released ones have."""
+    Q-Former's own BERT tokenizer in `qformer_tokenizer/`, as the released ones have.
+
+    `vicuna_ids` (LLaMA): the token ids of instructblip-vicuna, VICUNA_TEXT_IDS in config.json and
+    VICUNA_GENERATION_IDS in generation_config.json. `era`: as in `build_checkpoint`."""
     from transformers import (
         BlipImageProcessor,
         InstructBlipConfig,
@@ -330,7 +362,7 @@ def build_instructblip_checkpoint(
     processor = InstructBlipProcessor(
         image_processor, tokenizer, qformer_tokenizer, num_query_tokens=num_query_tokens
     )
-    vocab = len(tokenizer) + 8
+    vocab = padded_vocab(len(tokenizer), era)
     if language_model == "opt":
         text = {
             "model_type": "opt",
@@ -343,7 +375,6 @@ def build_instructblip_checkpoint(
         text = {
             "model_type": "t5",
             **TINY_T5,
-            "feed_forward_proj": "gated-gelu",
             "decoder_start_token_id": 0,
             "pad_token_id": 0,
             "eos_token_id": 1,
@@ -360,6 +391,7 @@ def build_instructblip_checkpoint(
             "eos_token_id": 2,
             "pad_token_id": tokenizer.pad_token_id,
             "tie_word_embeddings": False,
+            **(VICUNA_TEXT_IDS if vicuna_ids else {}),
         }
     config = InstructBlipConfig(
         vision_config=TINY_VISION,
@@ -371,10 +403,171 @@ def build_instructblip_checkpoint(
     torch.manual_seed(seed)
     model = InstructBlipForConditionalGeneration(config).eval()
     widen_(model, std=std, seed=seed)
+    if vicuna_ids:
+        # Random weights rarely choose an end token: make <s> (1, text_config's eos) and </s> (2) likely, so
+        # that rows end early and at different steps, where the two ids and the pad id matter.
+        with torch.no_grad():
+            model.language_model.lm_head.weight[[1, 2]] *= 2.0
     processor.save_pretrained(path)
     model.save_pretrained(path)
     if language_model == "t5":
         _untie_t5_head(path, std, seed)
+    if vicuna_ids:
+        _update_json(path / "generation_config.json", VICUNA_GENERATION_IDS)
+    if era is not None:
+        restyle_as_release(path, era)
+    return path
+
+
+# -- the files of the released checkpoints --------------------------------------------------------------------------
+# The Salesforce repos were first uploaded in 2023 (transformers 4.27-4.31: complete configs, every field written;
+# preprocessor_config.json; no image token) and rewritten in Nov 2024 by transformers 4.47 (configs as a diff
+# against the class defaults; processor_config.json with num_query_tokens beside preprocessor_config.json; an
+# <image> token after the tokenizer's vocabulary, the vocabulary padded to a multiple of 64: OPT's 50265 / 50304).
+ERAS = ("2023", "2024")
+ERA_VERSIONS = {"2023": "4.27.0.dev0", "2024": "4.47.0.dev0"}
+
+# What every transformers 4.2x config wrote besides its own fields (PretrainedConfig's generation settings and
+# bookkeeping), with the values the 2023 uploads have. blip2 must ignore them: the task defaults stay.
+LEGACY_COMMON_FIELDS = {
+    "_name_or_path": "",
+    "add_cross_attention": False,
+    "bad_words_ids": None,
+    "begin_suppress_tokens": None,
+    "chunk_size_feed_forward": 0,
+    "cross_attention_hidden_size": None,
+    "diversity_penalty": 0.0,
+    "do_sample": False,
+    "early_stopping": False,
+    "encoder_no_repeat_ngram_size": 0,
+    "exponential_decay_length_penalty": None,
+    "finetuning_task": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "length_penalty": 1.0,
+    "max_length": 20,
+    "min_length": 0,
+    "no_repeat_ngram_size": 0,
+    "num_beam_groups": 1,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "output_scores": False,
+    "prefix": None,
+    "remove_invalid_values": False,
+    "repetition_penalty": 1.0,
+    "return_dict_in_generate": False,
+    "sep_token_id": None,
+    "suppress_tokens": None,
+    "task_specific_params": None,
+    "temperature": 1.0,
+    "tf_legacy_loss": False,
+    "tie_encoder_decoder": False,
+    "tokenizer_class": None,
+    "top_k": 50,
+    "top_p": 1.0,
+    "torch_dtype": None,
+    "torchscript": False,
+    "typical_p": 1.0,
+    "use_bfloat16": False,
+}
+SUB_CONFIGS = ("vision_config", "qformer_config", "text_config")
+
+
+def padded_vocab(tokenizer_size: int, era: str | None) -> int:
+    """The language model's vocabulary: 2024 files pad it to a multiple of 64 past the <image> token (OPT:
+    <image> 50265, vocab 50304); the others a few ids past the tokenizer, as the first uploads are (50272)."""
+    if era == "2024":
+        return -(-tokenizer_size // 64) * 64
+    return tokenizer_size + 8
+
+
+def _read_json(file: Path) -> dict:
+    import json
+
+    return json.loads(file.read_text())
+
+
+def _write_json(file: Path, data: dict) -> None:
+    import json
+
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _update_json(file: Path, changes: dict) -> None:
+    _write_json(file, {**_read_json(file), **changes})
+
+
+def _default_sub_config(sub: dict) -> dict:
+    """The transformers class defaults of one sub-config of config.json, as a dict."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(sub["model_type"]).to_dict()
+
+
+def _as_transformers_4(config: dict) -> dict:
+    """A config (or sub-config) in the names transformers 4.x wrote: torch_dtype; Flan-T5's unscaled output
+    said as tie_word_embeddings false (transformers 5 writes scale_decoder_outputs); LLaMA's rope_theta at the
+    top and rope_scaling null (transformers 5 writes rope_parameters)."""
+    out = dict(config)
+    if "dtype" in out:
+        out["torch_dtype"] = out.pop("dtype")
+    if "scale_decoder_outputs" in out:
+        out["tie_word_embeddings"] = out.pop("scale_decoder_outputs")
+    rope = out.pop("rope_parameters", None)
+    if rope is not None:
+        out.update(rope_theta=rope["rope_theta"], rope_scaling=None)
+    return out
+
+
+def _diff(config: dict) -> dict:
+    """config.json as transformers 4.47 wrote it: each sub-config as a diff against its class defaults."""
+    out = _as_transformers_4(config)
+    for key in SUB_CONFIGS:
+        if isinstance(config.get(key), dict):
+            sub = _as_transformers_4(config[key])
+            defaults = _as_transformers_4(_default_sub_config(sub))
+            kept = {k: v for k, v in sub.items() if k not in defaults or defaults[k] != v}
+            out[key] = {**kept, "model_type": sub["model_type"]}
+    return out
+
+
+def _complete(config: dict) -> dict:
+    """config.json as the 2023 uploads have it: every field in every sub-config, legacy ones included, and
+    no image token (those configs predate it)."""
+    out = {
+        **_as_transformers_4(config),
+        "initializer_factor": 1.0,
+        "use_decoder_only_language_model": config.get("text_config", {}).get("model_type") != "t5",
+    }
+    out.pop("image_token_index", None)
+    for key in SUB_CONFIGS:
+        if isinstance(config.get(key), dict):
+            sub = config[key]
+            full = {**LEGACY_COMMON_FIELDS, **_default_sub_config(sub), **sub}
+            out[key] = _as_transformers_4(full)
+            out[key]["transformers_version"] = ERA_VERSIONS["2023"]
+    return out
+
+
+def restyle_as_release(path: str | Path, era: str) -> Path:
+    """Rewrite the config and processor files of a checkpoint written by transformers 5.24 (the builders above)
+    as the Salesforce release of `era` ("2023" or "2024", see ERAS) has them. Weights and tokenizer stay."""
+    if era not in ERAS:
+        raise ValueError(f"era {era!r} is not one of {ERAS}")
+    path = Path(path)
+    config = _read_json(path / "config.json")
+    config = _diff(config) if era == "2024" else _complete(config)
+    _write_json(path / "config.json", {**config, "transformers_version": ERA_VERSIONS[era]})
+    # transformers 5 writes the image processor's settings inside processor_config.json; 4.x wrote them to
+    # preprocessor_config.json, and (4.47) the processor's own num_query_tokens to processor_config.json.
+    processor = _read_json(path / "processor_config.json")
+    image_processor = processor.pop("image_processor")
+    _write_json(path / "preprocessor_config.json", image_processor)
+    if era == "2024":
+        own = {k: v for k, v in processor.items() if not isinstance(v, dict)}  # not the qformer tokenizer's
+        _write_json(path / "processor_config.json", own)
+    else:
+        (path / "processor_config.json").unlink()
     return path
 
 

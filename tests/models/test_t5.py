@@ -120,15 +120,19 @@ def our_incremental_logits(ours, embeds, mask, decoder_ids=DECODER_IDS):
     return torch.cat(steps, dim=1)
 
 
+# The released Flan-T5 configs: gated, with exact GELU written as dense_act_fn (RELEASED); TINY alone is the
+# plain "gated-gelu", which means the tanh approximation (gelu_new).
+RELEASED = {"feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu"}
 VARIANTS = pytest.mark.parametrize(
     "overrides",
     [
         {},
+        RELEASED,
         {"num_layers": 3, "num_decoder_layers": 2},
         {"feed_forward_proj": "relu"},
         {"tie_word_embeddings": True},
     ],
-    ids=["gated-gelu", "enc3-dec2", "relu", "tied"],
+    ids=["gated-gelu_new", "released-gated-exact-gelu", "enc3-dec2", "relu", "tied"],
 )
 
 
@@ -160,6 +164,21 @@ def test_incremental_equals_full_sequence(overrides):
     ref = hf_logits(hf, embeds, mask)
     assert max_diff(our_incremental_logits(ours, embeds, mask), ref) < 1e-10
     assert max_diff(ours.decode(DECODER_IDS, ours.encode(embeds, mask), mask), ref) < 1e-10
+
+
+@torch.no_grad()
+def test_dense_act_fn_decides_the_activation():
+    """The released configs' dense_act_fn 'gelu' is honoured: the same weights run with the activation that
+    feed_forward_proj alone implies (gelu_new) give other logits, so the parity above would catch its loss."""
+    hf, ours = make_pair(**RELEASED)
+    assert hf.config.dense_act_fn == ours.config.dense_act_fn == "gelu"
+    implied = T5ForConditionalGeneration(T5Config(**TINY)).eval()
+    assert implied.config.dense_act_fn == "gelu_new"
+    implied.load_state_dict(ours.state_dict())
+    embeds, mask = inputs()
+    ref = hf_logits(hf, embeds, mask)
+    assert max_diff(ours.decode(DECODER_IDS, ours.encode(embeds, mask), mask), ref) < 1e-5
+    assert max_diff(implied.decode(DECODER_IDS, implied.encode(embeds, mask), mask), ref) > 1e-3
 
 
 def test_meta_build_and_assign_load():

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..config import T5Config
 from ..generation.cache import KVCache
+from .layers import activation
 
 
 def relative_position_bucket(
@@ -41,14 +42,6 @@ def relative_position_bucket(
     large = max_exact + (log_ratio * (num_buckets - max_exact)).long()
     large = torch.clamp(large, max=num_buckets - 1)
     return buckets + torch.where(is_small, distance, large)
-
-
-def _gelu_new(x: Tensor) -> Tensor:
-    # written out as transformers' NewGELUActivation: F.gelu(approximate="tanh") differs in the last bits
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
-
-
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": _gelu_new, "silu": F.silu}
 
 
 def _clamp_fp16(x: Tensor) -> Tensor:
@@ -142,11 +135,14 @@ class T5LayerCrossAttention(nn.Module):
 
 
 class T5DenseReluDense(nn.Module):
-    """Feed-forward: wo(act(wi x)), or wo(act(wi_0 x) * wi_1 x) when gated (Flan-T5's gated-GELU)."""
+    """Feed-forward: wo(act(wi x)), or wo(act(wi_0 x) * wi_1 x) when gated (Flan-T5's gated-GELU).
+
+    The activation is the config's dense_act_fn: exact GELU for the released BLIP-2 Flan-T5 checkpoints,
+    although their feed_forward_proj "gated-gelu" alone would mean the tanh approximation (see T5Config)."""
 
     def __init__(self, config: T5Config):
         super().__init__()
-        self.gated, self.act = config.is_gated, ACTIVATIONS[config.act]
+        self.gated, self.act = config.is_gated_act, activation(config.dense_act_fn)
         if self.gated:
             self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
             self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
