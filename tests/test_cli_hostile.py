@@ -180,7 +180,10 @@ def usage_errors(photo, opt, retrieval, tmp):
         (["caption", photo, "-m", opt, "--temperature", "inf", "--sample"], "temperature"),
         (["caption", photo, "-m", opt, "--length-penalty", "nan"], "length_penalty"),
         (["caption", photo, "-m", opt, "--repetition-penalty", "inf"], "repetition_penalty"),
-        (["caption", photo, "-m", opt, "--min-new-tokens", "200", "--max-new-tokens", "300"], "max_new_tokens=300"),
+        (
+            ["caption", photo, "-m", opt, "--min-new-tokens", "200", "--max-new-tokens", "300"],
+            "max_new_tokens=300",
+        ),
         (["caption", photo, "--prompt", SURROGATE], "--prompt"),
         (["ask", photo, SURROGATE], "QUESTIONS"),
         (["ask", photo, "  "], "QUESTIONS"),

@@ -8,7 +8,6 @@ several questions runs the vision tower and the Q-Former once.
 from __future__ import annotations
 
 import dataclasses
-import json
 import numbers
 import warnings
 from collections.abc import Sequence
@@ -436,6 +435,7 @@ def load(
 
 def load_directory(directory: Path, device: torch.device, dtype: torch.dtype, name: str = "") -> Blip2:
     """Build the pipeline object for a local checkpoint directory (see `load`)."""
+    from .config import read_config
     from .models.retrieval import Blip2ForImageTextRetrieval
     from .weights import (
         assign_weights,
@@ -446,11 +446,7 @@ def load_directory(directory: Path, device: torch.device, dtype: torch.dtype, na
         read_tensors,
     )
 
-    try:
-        raw = json.loads((directory / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{directory / 'config.json'}: cannot be read ({e})") from None
-    config = Blip2Config.from_dict(raw)
+    config, raw = read_config(directory)  # bounds-checked; generation_config.json's token ids applied
     if matching.is_retrieval(raw):
         # Their config.json carries a default text_config although there is no language model.
         config = dataclasses.replace(config, text=None)
