@@ -46,7 +46,7 @@ def _edit_json(path, **changes):
     ("content", "message"),
     [
         (b"{not json", "not valid JSON|not a valid tokenizer"),
-        (b"[1, 2]", "expected a JSON object|not a valid tokenizer"),
+        (b"[1, 2]", "not a JSON object|not a valid tokenizer"),
         (b"\xff\xfe{}", "not UTF-8"),
         (b"[" * 100_000 + b"]" * 100_000, "not valid JSON|not a valid tokenizer"),  # deep nesting
     ],
@@ -123,7 +123,7 @@ def test_unused_bos_token_may_be_absent(opt_tokenizer):
             '{"[DEC]": "x"}',
             "added_tokens.json: the id of '\\[DEC\\]' must be an integer",
         ),
-        ("added_tokens.json", "[]", "added_tokens.json: expected a JSON object"),
+        ("added_tokens.json", "[]", "added_tokens.json: not a JSON object"),
         ("tokenizer_config.json", '{"do_lower_case": "no"}', "tokenizer_config.json: do_lower_case must be"),
         ("tokenizer_config.json", '{"strip_accents": 1}', "tokenizer_config.json: strip_accents must be"),
     ],

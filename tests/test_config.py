@@ -10,7 +10,6 @@ import pytest
 import transformers
 
 from blip2.config import (
-    MAX_CONFIG_BYTES,
     Blip2Config,
     LlamaConfig,
     OPTConfig,
@@ -21,6 +20,7 @@ from blip2.config import (
     read_config,
 )
 from blip2.errors import CheckpointError
+from blip2.files import MAX_JSON_BYTES
 from blip2.testing import VICUNA_GENERATION_IDS, VICUNA_TEXT_IDS
 
 PAIRS = [
@@ -370,10 +370,10 @@ def test_read_config_applies_generation_config(tmp_path):
         (b"[1, 2]", "config.json: not a JSON object .got list"),
         (b'"blip-2"', "config.json: not a JSON object .got str"),
         (b"null", "config.json: not a JSON object .got NoneType"),
-        (b"\xff\xfe{}", "config.json: not valid JSON"),
+        (b"\xff\xfe{}", "config.json: not UTF-8 text"),
         (b"[" * 100_000 + b"]" * 100_000, "config.json: not valid JSON"),  # nests past the recursion limit
         (b'{"a": 1' + b"0" * 5000 + b"}", "config.json: not valid JSON"),  # past int's digit limit
-        (b" " * (MAX_CONFIG_BYTES + 1) + b"{}", "config.json: larger than"),
+        (b" " * (MAX_JSON_BYTES + 1) + b"{}", "config.json: larger than"),
     ],
     ids=["syntax", "list", "string", "null", "not-utf8", "deep", "long-int", "huge"],
 )
@@ -387,7 +387,7 @@ def test_read_json_missing_or_not_a_file(tmp_path):
     with pytest.raises(CheckpointError, match="config.json: not found"):
         read_config(tmp_path)
     (tmp_path / "config.json").mkdir()
-    with pytest.raises(CheckpointError, match="config.json: not found .or not a regular file"):
+    with pytest.raises(CheckpointError, match="config.json: is a directory, expected a file"):
         read_config(tmp_path)
 
 

@@ -287,7 +287,7 @@ def test_huge_index_is_refused_before_parsing(checkpoints, tmp_path):
     d = _copy(checkpoints["opt-sharded"], tmp_path / "ck")
     with _index(d).open("r+b") as f:
         f.truncate(17 * 2**20)  # sparse: no disk used
-    with pytest.raises(CheckpointError, match=r"index.json: \d+ bytes, more than the 16777216 allowed"):
+    with pytest.raises(CheckpointError, match="index.json: larger than 16 MiB"):
         blip2.load(d)
 
 

@@ -12,7 +12,6 @@ naming the field, instead of building a million layers or dividing by zero.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -20,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
+from .files import read_json
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
-MAX_CONFIG_BYTES = 1 << 20  # released config files are a few kB
 
 # The activations the towers implement (blip2.models.layers.ACTIVATIONS; a test keeps the two in step).
 ACTIVATION_NAMES = frozenset({"gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"})
@@ -503,28 +502,6 @@ def _text_config(data: Any, where: str) -> OPTConfig | T5Config | LlamaConfig | 
 
 
 # -- files ---------------------------------------------------------------------------------------------------------
-def read_json(file: Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
-    """A checkpoint's JSON file as a dict: refused, naming the file, if it is not a regular file, is larger
-    than `max_bytes`, is not UTF-8 JSON (or nests too deep to parse) or is not an object."""
-    try:
-        if not file.is_file():
-            raise CheckpointError(f"{file}: not found (or not a regular file)")
-        if file.stat().st_size > max_bytes:
-            raise CheckpointError(f"{file}: larger than {max_bytes} bytes; refusing to read it")
-        with open(file, "rb") as f:
-            text = f.read(max_bytes + 1)  # the size may have changed since stat
-        if len(text) > max_bytes:
-            raise CheckpointError(f"{file}: larger than {max_bytes} bytes; refusing to read it")
-        data = json.loads(text.decode("utf-8"))
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CheckpointError(f"{file}: not valid JSON ({_show(str(e))})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: not a JSON object (got {type(data).__name__})")
-    return data
-
-
 def read_config(directory: Path) -> tuple[Blip2Config, dict[str, Any]]:
     """A checkpoint directory's config: config.json, bounds-checked, with the token ids of its
     generation_config.json when there is one (as transformers' from_pretrained reads them). Also returns
@@ -535,7 +512,7 @@ def read_config(directory: Path) -> tuple[Blip2Config, dict[str, Any]]:
     try:
         config = Blip2Config.from_dict(raw)
         generation_file = directory / GENERATION_CONFIG_FILE
-        if generation_file.exists():
+        if generation_file.exists() or generation_file.is_symlink():
             config = apply_generation_config(config, read_json(generation_file))
     except CheckpointError as e:
         message = str(e)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .errors import CheckpointError, InputError
+from .files import read_json
 from .weights import HF_KEY_RULES, checkpoint_files, read_tensors, rename
 
 _LAYER = r"^Qformer\.bert\.encoder\.layer\.(\d+)\."
@@ -479,10 +480,7 @@ def convert_lavis(
 
 
 def _check_fits(variant: Variant, base_dir: Path) -> None:
-    try:
-        raw = json.loads((base_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{base_dir / 'config.json'}: cannot be read ({e})") from None
+    raw = read_json(base_dir / "config.json")
     expected = base_variant(raw)
     if expected != variant:
         raise CheckpointError(

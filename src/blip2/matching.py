@@ -12,7 +12,6 @@ tokenizer does with `truncation=True, max_length=512`. Results are float32 tenso
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -178,9 +177,10 @@ def is_retrieval(raw_config: dict) -> bool:
 def load_retrieval(directory: Path, device: torch.device, dtype: torch.dtype, name: str = "") -> Blip2:
     """Load a retrieval checkpoint directory (Hugging Face layout) as a pipeline object; `blip2.load` does the
     same for any checkpoint."""
+    from .files import read_json
     from .pipeline import load_directory
 
-    if not is_retrieval(json.loads((directory / "config.json").read_text())):
+    if not is_retrieval(read_json(directory / "config.json")):
         raise CheckpointError(f"{directory} is not an image-text retrieval checkpoint")
     return load_directory(directory, device, dtype, name)
 

@@ -8,7 +8,6 @@ as each alone. Encoder-decoder (Flan-T5): `[image]*Q  prompt... </s>  [pad]*k` (
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .errors import CheckpointError
+from .files import read_json, read_text
 
 PROMPT_TEMPLATES = {
     "opt": "Question: {} Answer:",
@@ -164,38 +164,15 @@ def _settings(directory: Path) -> tuple[dict, dict[str, Path]]:
     return settings, origin
 
 
-def _read_capped(path: Path, cap: int) -> str:
-    """The UTF-8 text of `path`, refused past `cap` bytes without reading further."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(cap + 1)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
-    if len(data) > cap:
-        raise CheckpointError(f"{path}: larger than {cap >> 20} MiB, the most a real one needs: refused")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start})") from None
-
-
 def _read_json(path: Path) -> dict:
     """A JSON object from a small settings file; {} when the file is absent."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(_read_capped(path, MAX_SETTINGS_BYTES))
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+    return read_json(path, MAX_SETTINGS_BYTES) if path.exists() or path.is_symlink() else {}
 
 
 def _tokenizer_json(path: Path):
     from tokenizers import Tokenizer
 
-    text = _read_capped(path, MAX_TOKENIZER_BYTES)
+    text = read_text(path, MAX_TOKENIZER_BYTES)
     try:
         return Tokenizer.from_str(text)
     except Exception as e:  # the tokenizers library raises plain Exception for every malformed file
@@ -204,7 +181,7 @@ def _tokenizer_json(path: Path):
 
 def _read_vocab(path: Path) -> dict[str, int]:
     """vocab.txt: one token per line, its id the line number (as tokenizers' WordPiece.from_file reads it)."""
-    lines = _read_capped(path, MAX_VOCAB_BYTES).split("\n")
+    lines = read_text(path, MAX_VOCAB_BYTES).split("\n")
     if lines[-1] == "":
         lines.pop()
     vocab = {line.rstrip(): i for i, line in enumerate(lines)}

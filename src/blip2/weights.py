@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .config import Blip2Config, T5Config
 from .errors import CheckpointError
+from .files import os_error, read_json
 
 # Refused before parsing: no real index comes near (OPT-6.7b's is ~100 KB); safetensors itself caps at 100 MB.
 MAX_INDEX_BYTES = 16 * 2**20
@@ -144,13 +145,7 @@ def index_shards(index: Path, suffix: str) -> list[Path]:
 
 def read_index(index: Path) -> dict[str, str]:
     """An index file's weight_map ({tensor key: shard file name}), validated and size-capped."""
-    try:
-        data = json.loads(_read_capped(index, MAX_INDEX_BYTES))
-    except (ValueError, RecursionError) as e:  # invalid JSON or encoding; nesting deeper than Python's stack
-        raise CheckpointError(f"{index}: not valid JSON ({type(e).__name__}: {_first_line(e)})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{index}: not a JSON object")
-    weight_map = data.get("weight_map")
+    weight_map = read_json(index, MAX_INDEX_BYTES).get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: has no weight_map object")
     bad = [k for k, v in weight_map.items() if not isinstance(v, str)]
@@ -166,7 +161,7 @@ def _present(path: Path) -> bool:
     try:
         return path.is_symlink() or path.exists()
     except OSError as e:  # e.g. a folder on the way that may not be searched
-        raise _os_error(path, e) from None
+        raise os_error(path, e) from None
 
 
 def _require_file(path: Path) -> Path:
@@ -175,29 +170,6 @@ def _require_file(path: Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"{path}: not found (a dangling link?)")
     return path
-
-
-def _read_capped(file: Path, limit: int) -> bytes:
-    try:
-        with file.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            data = f.read(limit + 1) if size <= limit else b""  # read at most limit + 1: it may be growing
-    except OSError as e:
-        raise _os_error(file, e) from None
-    if size > limit or len(data) > limit:
-        raise CheckpointError(f"{file}: {max(size, len(data))} bytes, more than the {limit} allowed")
-    return data
-
-
-def _os_error(file: Path, e: OSError) -> CheckpointError:
-    """An OSError as a CheckpointError that says which file and what happened, in words."""
-    if isinstance(e, PermissionError):
-        return CheckpointError(f"{file}: permission denied")
-    if isinstance(e, IsADirectoryError):
-        return CheckpointError(f"{file}: is a directory, expected a file")
-    if isinstance(e, FileNotFoundError):
-        return CheckpointError(f"{file}: not found")
-    return CheckpointError(f"{file}: cannot be read ({e.strerror or e})")
 
 
 # -- tensors --------------------------------------------------------------------------------------------------
@@ -227,7 +199,7 @@ def safetensors_header(file: Path) -> dict[str, tuple[int, ...]]:
                 raise _corrupt(file, f"header of {n} bytes in a file of {size} (truncated?)")
             raw = f.read(n)
     except OSError as e:
-        raise _os_error(file, e) from None
+        raise os_error(file, e) from None
     try:
         header = json.loads(raw)
     except (ValueError, RecursionError):
@@ -279,7 +251,7 @@ def _load_pickle(file: Path, device: torch.device) -> dict[str, Tensor]:
     try:
         state = torch.load(file, map_location=device, weights_only=True, mmap=True)
     except OSError as e:
-        raise _os_error(file, e) from None
+        raise os_error(file, e) from None
     except Exception as e:  # the loader's refusals (UnpicklingError, RuntimeError, ...): a boundary
         raise CheckpointError(
             f"{file}: cannot be read with torch's weights-only loader ({_first_line(e)})"
@@ -305,7 +277,7 @@ def read_tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str,
                 for key in f.keys():
                     yield key, f.get_tensor(key)
         except OSError as e:
-            raise _os_error(file, e) from None
+            raise os_error(file, e) from None
         except SafetensorError as e:
             raise _corrupt(file, _first_line(e)) from None
 
