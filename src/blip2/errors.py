@@ -11,7 +11,7 @@ class ImageError(Blip2Error):
     def __init__(self, source: str, reason: str):
         self.source = source
         self.reason = reason
-        super().__init__(f"{source}: {reason}")
+        super().__init__(f"{source or repr(source)}: {reason}")  # an empty path shows as ''
 
 
 class CheckpointError(Blip2Error):
