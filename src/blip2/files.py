@@ -70,7 +70,9 @@ def _check(file: Path, info: os.stat_result, limit: int) -> None:
     if stat.S_ISDIR(info.st_mode):
         raise CheckpointError(f"{file}: is a directory, expected a file")
     if not stat.S_ISREG(info.st_mode):
-        raise CheckpointError(f"{file}: not a regular file (a FIFO, a device or a socket)")
+        kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISSOCK: "a socket"}
+        kind = next((name for test, name in kinds.items() if test(info.st_mode)), "a special file")
+        raise CheckpointError(f"{file}: is {kind}, not a regular file")
     if info.st_size > limit:
         raise _too_large(file, limit)
 
