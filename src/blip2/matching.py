@@ -187,8 +187,7 @@ def load_retrieval(directory: Path, device: torch.device, dtype: torch.dtype, na
 
 def _encode(pipe: Blip2, images: list) -> Tensor:
     """Images -> vision-tower embeddings (B, 257, 1408), each image decoded and encoded once."""
-    dtype = pipe.model.vision_model.embeddings.patch_embedding.weight.dtype
-    return pipe.model.encode_images(pipe.preprocess(images).to(pipe.device, dtype))
+    return pipe.encode_vision(pipe.preprocess(images))
 
 
 def _per_image_chunk(pipe: Blip2, images: list, compute: Callable[[Tensor], Tensor]) -> Tensor:
