@@ -26,7 +26,6 @@ DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 # Matching needs the Q-Former's text path, which only the retrieval checkpoints have.
 DEFAULT_MATCH_MODEL = "Salesforce/blip2-itm-vit-g"
 PROGRESS_THRESHOLD = 8  # show a progress bar from this many images on
-ACCELERATORS = ("cuda", "mps", "xpu")  # device types besides cpu, each a torch module with is_available()
 
 # Characters that would break a line or a column of the output, and how they are written instead.
 _BREAKS = {ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"}
@@ -54,41 +53,30 @@ TEXT = _Text()
 
 def _check_device(ctx, param, value: str | None) -> str | None:
     """Refuse a device that is misspelt or not on this machine before the model is loaded."""
-    if value is None:
-        return None
-    import torch
+    if value is not None:
+        from .pipeline import parse_device
 
-    try:
-        device = torch.device(value)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", *ACCELERATORS):
-        raise click.BadParameter(f"{value!r} is not a device blip2 runs on (cpu, cuda, cuda:1, mps ...)")
-    if device.type == "cpu":
-        return value
-    backend = getattr(torch, device.type)
-    if not backend.is_available():
-        raise click.BadParameter(f"{value!r}: no {device.type} device is available on this machine")
-    if device.index is not None and device.index >= backend.device_count():
-        raise click.BadParameter(
-            f"{value!r}: this machine has {backend.device_count()} {device.type} device(s)"
-        )
+        _as_bad_parameter(parse_device, value)
     return value
 
 
 def _check_dtype(ctx, param, value: str | None) -> str | None:
     """Refuse an unknown dtype before the model is looked for (fetching a Hub checkpoint takes minutes)."""
-    if value is None:
-        return None
-    import torch
+    if value is not None:
+        import torch
 
-    from .pipeline import parse_dtype
+        from .pipeline import parse_dtype
 
+        _as_bad_parameter(parse_dtype, value, torch.device("cpu"))
+    return value
+
+
+def _as_bad_parameter(check: Callable, *args) -> None:
+    """The library's own check of an option's value, its InputError as click's usage error (exit 2)."""
     try:
-        parse_dtype(value, torch.device("cpu"))
+        check(*args)
     except InputError as e:
         raise click.BadParameter(str(e)) from None
-    return value
 
 
 def _generation_options(func):

@@ -496,8 +496,8 @@ def parse_device(device: str | torch.device | None) -> torch.device:
         raise InputError(f"device must be a string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
     try:
         parsed = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise InputError(f"device {device!r} is not a device name torch knows ({e})") from None
+    except (RuntimeError, ValueError):
+        raise InputError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
     if parsed.type == "cpu":
         return parsed
     backend = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
