@@ -370,7 +370,7 @@ def test_llama_prompt_limit(instruct_checkpoints, photos):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(device="foo"), "device 'foo' is not a device name torch knows"),
+        (dict(device="foo"), "device 'foo' is not a device name"),
         (dict(device="meta"), "device 'meta': no meta device is available"),
         (dict(device=5), "device must be a string"),
         (dict(dtype=5), "dtype must be a string or a torch.dtype, got int"),
