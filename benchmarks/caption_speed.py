@@ -189,7 +189,7 @@ def main():
             text=spec["text"],
             std=0.02,
         )
-    dtype = blip2.pipeline.parse_dtype(args.dtype, torch.device(args.device))
+    dtype = blip2.loading.loader.parse_dtype(args.dtype, torch.device(args.device))
     ours = blip2.load(directory, device=args.device, dtype=dtype)
     hf = Blip2ForConditionalGeneration.from_pretrained(directory, dtype=dtype).to(args.device).eval()
     options = make_options(dict(num_beams=1, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens))

@@ -70,7 +70,7 @@ def main():
         build_retrieval_checkpoint(
             directory, num_query_tokens=32, vision=spec["vision"], qformer=spec["qformer"], std=0.02
         )
-    dtype = blip2.pipeline.parse_dtype(args.dtype, torch.device(args.device))
+    dtype = blip2.loading.loader.parse_dtype(args.dtype, torch.device(args.device))
     ours = blip2.load(directory, device=args.device, dtype=dtype)
     hf = Blip2ForImageTextRetrieval.from_pretrained(directory, dtype=dtype).to(args.device).eval()
     processor = Blip2Processor.from_pretrained(directory)

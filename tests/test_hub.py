@@ -17,7 +17,7 @@ from released_layouts import copy_checkpoint, to_bin_shards
 
 import blip2
 from blip2.errors import CheckpointError
-from blip2.hub import ALLOW_PATTERNS, PICKLE_PATTERNS, is_repo_id, resolve
+from blip2.loading.hub import ALLOW_PATTERNS, PICKLE_PATTERNS, is_repo_id, resolve
 
 REPO = "Salesforce/blip2-opt-2.7b"
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import blip2
 from blip2.cli import main
 from blip2.errors import CheckpointError, InputError
-from blip2.lavis import convert_lavis, detect_variant, fuse_qv_bias
+from blip2.loading.lavis import convert_lavis, detect_variant, fuse_qv_bias
 
 QFORMER_LAYERS, CROSS_EVERY, VISION_LAYERS = 3, 2, 2  # blip2.testing's tiny configs
 

@@ -9,13 +9,13 @@ from PIL import Image
 
 import blip2
 from blip2 import CheckpointError, InputError
+from blip2.loading.loader import is_retrieval
 from blip2.matching import (
     ITC_TEMPERATURE,
     classify,
     embed_images,
     embed_multimodal,
     embed_texts,
-    is_retrieval,
     load_retrieval,
     match,
     similarity,

@@ -55,7 +55,7 @@ def vicuna(tmp_path_factory):
 
 @functools.cache
 def load_as_wired(path):
-    """blip2.load, with the config that pipeline.load_directory reads once config.read_config is wired in."""
+    """blip2.load, with the config that loading.loader.load_directory reads once config.read_config is wired in."""
     pipe = blip2.load(path, device="cpu", dtype="float32")
     pipe.config = read_config(path)[0]
     return pipe

@@ -23,7 +23,7 @@ from released_layouts import (
 import blip2
 from blip2.config import Blip2Config
 from blip2.errors import CheckpointError
-from blip2.weights import check_config_against_checkpoint, checkpoint_files
+from blip2.loading.weights import check_config_against_checkpoint, checkpoint_files
 
 OPT_TIED = ("language_model.model.decoder.embed_tokens.weight", "language_model.lm_head.weight")
 T5_SHARED = (
@@ -36,7 +36,7 @@ OPTIONS = dict(num_beams=2, max_new_tokens=5)
 
 
 def load(directory) -> blip2.Blip2:
-    """Load as `pipeline.load_directory` will: the config checked against the weight files' headers first."""
+    """Load as `loading.loader.load_directory` does: the config checked against the weight files' headers first."""
     config = Blip2Config.from_dict(json.loads((directory / "config.json").read_text()))
     check_config_against_checkpoint(config, checkpoint_files(directory))
     return blip2.load(directory)

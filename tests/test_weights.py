@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 import blip2
 from blip2.config import Blip2Config
 from blip2.errors import CheckpointError, InputError
-from blip2.matching import is_retrieval
-from blip2.weights import (
+from blip2.loading.loader import is_retrieval
+from blip2.loading.weights import (
     check_config_against_checkpoint,
     checkpoint_file,
     checkpoint_files,
@@ -187,7 +187,7 @@ def test_wrong_model_type(checkpoints, tmp_path):
 
 def test_bad_dtype():
     with pytest.raises(InputError, match="float8"):
-        blip2.pipeline.parse_dtype("float8", torch.device("cpu"))
+        blip2.loading.loader.parse_dtype("float8", torch.device("cpu"))
 
 
 def test_rename_rules():

@@ -54,7 +54,7 @@ TEXT = _Text()
 def _check_device(ctx, param, value: str | None) -> str | None:
     """Refuse a device that is misspelt or not on this machine before the model is loaded."""
     if value is not None:
-        from .pipeline import parse_device
+        from .loading.loader import parse_device
 
         _as_bad_parameter(parse_device, value)
     return value
@@ -65,7 +65,7 @@ def _check_dtype(ctx, param, value: str | None) -> str | None:
     if value is not None:
         import torch
 
-        from .pipeline import parse_dtype
+        from .loading.loader import parse_dtype
 
         _as_bad_parameter(parse_dtype, value, torch.device("cpu"))
     return value
@@ -481,7 +481,7 @@ def convert_lavis_command(checkpoint, base, out, force, as_json):
     """
     from pathlib import Path
 
-    from .lavis import convert_lavis
+    from .loading.lavis import convert_lavis
 
     report = convert_lavis(Path(checkpoint), base, Path(out), force=force)
     if as_json:

@@ -34,7 +34,6 @@ ITC_TEMPERATURE = 0.07
 # Image-text pairs per Q-Former pass in ITM (bounds memory when one image meets thousands of texts).
 ITM_BATCH = 128
 
-RETRIEVAL_ARCHITECTURES = ("Blip2ForImageTextRetrieval",)
 RETRIEVAL_CHECKPOINTS = (
     "a retrieval checkpoint such as Salesforce/blip2-itm-vit-g or Salesforce/blip2-itm-vit-g-coco"
 )
@@ -169,20 +168,16 @@ def classify(
 
 
 # -- loading --------------------------------------------------------------------------------------------------
-def is_retrieval(raw_config: dict) -> bool:
-    """Whether a config.json describes an image-text retrieval checkpoint (no language model)."""
-    return any(a in RETRIEVAL_ARCHITECTURES for a in raw_config.get("architectures") or [])
-
-
 def load_retrieval(directory: Path, device: torch.device, dtype: torch.dtype, name: str = "") -> Blip2:
     """Load a retrieval checkpoint directory (Hugging Face layout) as a pipeline object; `blip2.load` does the
     same for any checkpoint."""
     from .files import read_json
-    from .pipeline import load_directory
+    from .loading.loader import is_retrieval, load_directory
+    from .pipeline import Blip2
 
     if not is_retrieval(read_json(directory / "config.json")):
         raise CheckpointError(f"{directory} is not an image-text retrieval checkpoint")
-    return load_directory(directory, device, dtype, name)
+    return Blip2(load_directory(directory, device, dtype, name))
 
 
 def _encode(pipe: Blip2, images: list) -> Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,8 @@ from .config import Blip2Config, T5Config
 from .errors import CheckpointError, InputError
 from .generation import GenerationOptions, generate
 from .generation.steppers import DecoderOnlyStepper, EncoderDecoderStepper
-from .models.blip2 import Blip2ForConditionalGeneration
-from .text import PROMPT_TEMPLATES, TextProcessor
+from .loading.loader import Checkpoint
+from .text import PROMPT_TEMPLATES
 
 # Defaults in the spirit of LAVIS: beam search for both; short answers favoured by a negative length penalty.
 CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=1)
@@ -42,25 +41,16 @@ ImageInput = Any  # a path, bytes, a PIL image or a numpy array
 class Blip2:
     """A loaded BLIP-2 checkpoint. Build it with `blip2.load(name_or_path)`."""
 
-    def __init__(
-        self,
-        model: Blip2ForConditionalGeneration,
-        config: Blip2Config,
-        text: TextProcessor,
-        image_config: image_io.ImageProcessorConfig,
-        device: torch.device,
-        name: str = "",
-        qformer_text: TextProcessor | None = None,
-    ):
-        self.model = model
-        self.config = config
-        self.text = text
-        self.image_config = image_config
-        self.device = device
-        self.name = name
+    def __init__(self, checkpoint: Checkpoint):
+        self.model = checkpoint.model
+        self.config = config = checkpoint.config
+        self.text = checkpoint.processors.text
+        self.image_config = checkpoint.processors.image_config
+        self.device = checkpoint.device
+        self.name = checkpoint.name
         self.family = config.text_model_type  # "opt", "t5" or "llama"
         # InstructBLIP: the instruction is read by the Q-Former too, through its own BERT tokenizer.
-        self.qformer_text = qformer_text
+        self.qformer_text = checkpoint.processors.qformer_text
         self.qformer_max_length = config.qformer.max_position_embeddings
         self.instruct = config.model_type == "instructblip"
         self.template = "{}" if self.instruct else PROMPT_TEMPLATES.get(self.family)
@@ -386,34 +376,6 @@ def make_options(options: dict) -> GenerationOptions:
 
 
 # -- loading ----------------------------------------------------------------------------------------------------
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-
-def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """The dtype `load` asks for: a torch.dtype or one of DTYPES' names; None is float32 on CPU, else float16."""
-    if dtype is not None and not isinstance(dtype, (str, torch.dtype)):
-        raise InputError(f"dtype must be a string or a torch.dtype, got {type(dtype).__name__} {dtype!r}")
-    if dtype is None:
-        return torch.float32 if device.type == "cpu" else torch.float16
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise InputError(f"dtype {dtype} is not supported (float32, float16, bfloat16)")
-        return dtype
-    try:
-        return DTYPES[dtype.lower()]
-    except KeyError:
-        raise InputError(f"dtype {dtype!r} is not supported (float32, float16, bfloat16)") from None
-
-
 def load(
     name_or_path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
 ) -> Blip2:
@@ -426,88 +388,6 @@ def load(
     float16 (default on GPU) or bfloat16. The Q-Former stays in float32, as in the reference; a Flan-T5
     language model asked for in float16 is kept in bfloat16, because T5 overflows in float16.
     """
-    from .hub import resolve
+    from .loading.loader import load_checkpoint
 
-    device = parse_device(device)  # a wrong device or dtype fails before anything is read or downloaded
-    dtype = parse_dtype(dtype, device)
-    return load_directory(resolve(name_or_path), device, dtype, str(name_or_path))
-
-
-def load_directory(directory: Path, device: torch.device, dtype: torch.dtype, name: str = "") -> Blip2:
-    """Build the pipeline object for a local checkpoint directory (see `load`)."""
-    from .config import read_config
-    from .models.retrieval import Blip2ForImageTextRetrieval
-    from .weights import (
-        assign_weights,
-        check_config_against_checkpoint,
-        checkpoint_files,
-        dtype_plan,
-        lm_dtype,
-        read_tensors,
-    )
-
-    config, raw = read_config(directory)  # bounds-checked; generation_config.json's token ids applied
-    if matching.is_retrieval(raw):
-        # Their config.json carries a default text_config although there is no language model.
-        config = dataclasses.replace(config, text=None)
-        if not config.qformer.use_qformer_text_input:
-            raise CheckpointError(
-                f"{directory}: a retrieval checkpoint needs qformer_config.use_qformer_text_input"
-            )
-        model_class = Blip2ForImageTextRetrieval
-    elif config.text is None:
-        raise CheckpointError(f"{directory}: config.json has no text_config (no language model)")
-    else:
-        model_class = Blip2ForConditionalGeneration
-        if lm_dtype(config, dtype) != dtype:
-            warnings.warn(
-                "Flan-T5 overflows in float16: its language model is loaded in bfloat16 instead", stacklevel=3
-            )
-    # Everything small is read and checked before the weights: a bad file fails in a second, not after
-    # gigabytes, and the config is checked against the tensor shapes before anything is built from it.
-    files = checkpoint_files(directory)
-    check_config_against_checkpoint(config, files)
-    image_config = image_io.ImageProcessorConfig.from_checkpoint(directory)
-    text = TextProcessor.from_dir(directory)
-    qformer_text = None
-    if config.model_type == "instructblip":
-        qformer_text = TextProcessor.from_dir(directory / "qformer_tokenizer")
-    with torch.device("meta"):
-        model = model_class(config)
-    assign_weights(model, read_tensors(files, device), dtype_plan(config, dtype))
-    model.eval().requires_grad_(False)
-    return Blip2(
-        model,
-        config,
-        text,
-        image_config,
-        device,
-        name or str(directory),
-        qformer_text=qformer_text,
-    )
-
-
-def parse_device(device: str | torch.device | None) -> torch.device:
-    """The device `load` puts the model on: a name torch knows ("cpu", "cuda", "cuda:1", "mps", ...) of a
-    device present here, or None for CUDA when available, else the CPU."""
-    if device is None:
-        return _default_device()
-    if not isinstance(device, (str, torch.device)):
-        raise InputError(f"device must be a string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise InputError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
-    if parsed.type == "cpu":
-        return parsed
-    backend = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
-    if not (hasattr(backend, "is_available") and backend.is_available()):
-        raise InputError(f"device {device!r}: no {parsed.type} device is available on this machine")
-    count = backend.device_count() if hasattr(backend, "device_count") else 1
-    if parsed.index is not None and parsed.index >= count:
-        raise InputError(f"device {device!r}: this machine has {count} {parsed.type} device(s), from 0")
-    return parsed
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Blip2(load_checkpoint(name_or_path, device, dtype))

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from blip2.config import Blip2Config
+from blip2.loading.weights import assign_weights, checkpoint_files, dtype_plan, read_tensors
 from blip2.models.retrieval import Blip2ForImageTextRetrieval, similarity
 from blip2.text import TextProcessor
-from blip2.weights import assign_weights, checkpoint_files, dtype_plan, read_tensors
 
 VARIANTS = ["plain", "image-token"]
 TEXTS = [

@@ -25,9 +25,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .config import Blip2Config, T5Config
-from .errors import CheckpointError
-from .files import os_error, read_json
+from ..config import Blip2Config, T5Config
+from ..errors import CheckpointError
+from ..files import os_error, read_json
 
 # Refused before parsing: no real index comes near (OPT-6.7b's is ~100 KB); safetensors itself caps at 100 MB.
 MAX_INDEX_BYTES = 16 * 2**20

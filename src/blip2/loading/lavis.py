@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import CheckpointError, InputError
-from .files import read_json
+from ..errors import CheckpointError, InputError
+from ..files import read_json
 from .weights import HF_KEY_RULES, checkpoint_files, read_tensors, rename
 
 _LAYER = r"^Qformer\.bert\.encoder\.layer\.(\d+)\."
@@ -158,7 +158,7 @@ def detect_variant(keys: Iterable[str]) -> Variant:
 
 def base_variant(raw_config: dict) -> Variant:
     """What a Hugging Face checkpoint is, from its config.json."""
-    from .matching import is_retrieval
+    from .loader import is_retrieval
 
     if is_retrieval(raw_config):
         return Variant("retrieval", None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .weights import WEIGHT_LAYOUTS
 
 # The released checkpoints this package is built for (any other in the same layout works too).
