@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import blip2
-from blip2.pipeline import make_options
+from blip2.tasks.captioning import make_options
 from blip2.testing import build_checkpoint
 
 # The released towers: EVA ViT-g at 224 px and the BERT-base Q-Former.

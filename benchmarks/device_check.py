@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import blip2
-from blip2.pipeline import make_options
+from blip2.tasks.captioning import make_options
 from blip2.testing import build_checkpoint, build_instructblip_checkpoint, build_retrieval_checkpoint
 
 PROMPTS = ["", "a photo of", "Question: how many dogs are there? Answer:"]

@@ -31,7 +31,7 @@ if model is not None:  # touch every weight: safetensors may map the file lazily
     with torch.no_grad():
         sum(float(p.sum()) for p in model.parameters())
 elif sys.argv[1] == "baseline-ours":
-    import blip2.pipeline
+    import blip2.tasks.api
 elif sys.argv[1] == "baseline-transformers":
     from transformers import Blip2ForConditionalGeneration
 # VmHWM: this process's peak RSS since exec (ru_maxrss would include the forking parent's).

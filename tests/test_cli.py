@@ -284,15 +284,19 @@ def test_caption_and_ask_json_equal_the_library(capsys, every_kind, photos, kind
 
 def test_ask_runs_batch_size_questions_per_pass_and_encodes_once(capsys, checkpoints, photos, monkeypatch):
     from blip2 import images as image_io
-    from blip2.pipeline import Blip2
+    from blip2.tasks.api import Blip2
 
     path = str(checkpoints["opt"])
     questions = [f"question number {i}?" for i in range(7)]
     expected = blip2.load(path).ask(str(photos[0]), questions, num_beams=1)
     passes, encoded, reads = [], [], []
-    generate_text, encode_vision, load_image = Blip2._generate_text, Blip2.encode_vision, image_io.load_image
+    generate_text, encode_vision, load_image = (
+        Blip2.generate_from_embeds,
+        Blip2.encode_vision,
+        image_io.load_image,
+    )
     monkeypatch.setattr(
-        Blip2, "_generate_text", lambda self, *a: passes.append(len(a[2])) or generate_text(self, *a)
+        Blip2, "generate_from_embeds", lambda self, *a: passes.append(len(a[2])) or generate_text(self, *a)
     )
     monkeypatch.setattr(
         Blip2, "encode_vision", lambda self, p: encoded.append(len(p)) or encode_vision(self, p)
@@ -315,7 +319,7 @@ def test_batches_hold_model_size_images_and_results_do_not_change(
     capsys, retrieval_checkpoints, photos, monkeypatch, tmp_path, command
 ):
     from blip2.embeddings_io import read_embeddings
-    from blip2.pipeline import Blip2
+    from blip2.tasks.api import Blip2
 
     path = str(retrieval_checkpoints["plain"])
     images = [str(p) for p in photos]  # different sizes, one odd-sized
@@ -381,7 +385,7 @@ def test_embed_stopped_mid_run_keeps_the_rows_printed(
     capsys, retrieval_checkpoints, photos, tmp_path, monkeypatch, stop, code
 ):
     from blip2.embeddings_io import read_embeddings
-    from blip2.pipeline import Blip2
+    from blip2.tasks.api import Blip2
 
     path, out = str(retrieval_checkpoints["plain"]), tmp_path / "E.npy"
     calls, embed_images = [], Blip2.embed_images

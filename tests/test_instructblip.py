@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import blip2
-from blip2.pipeline import make_options
+from blip2.tasks.captioning import make_options
 
 FAMILIES = ["opt", "t5", "llama"]
 PROMPTS = ["What is in the picture?", "Describe the image in detail.", "how many dogs are there?"]

@@ -10,13 +10,13 @@ from PIL import Image
 import blip2
 from blip2 import CheckpointError, InputError
 from blip2.loading.loader import is_retrieval
-from blip2.matching import (
+from blip2.tasks.api import load_retrieval
+from blip2.tasks.matching import (
     ITC_TEMPERATURE,
     classify,
     embed_images,
     embed_multimodal,
     embed_texts,
-    load_retrieval,
     match,
     similarity,
 )
@@ -249,7 +249,7 @@ def test_images_are_encoded_batch_size_at_a_time(name, paths, photos, monkeypatc
     """A long list of images never goes through the vision tower at once; the output does not change."""
     pipe = load_retrieval(paths["plain"], torch.device("cpu"), torch.float32)
     images, texts = photos[:5], ["a cat", "two dogs", "a rocket", "coffee", "noise"]
-    task = getattr(blip2.matching, name)
+    task = getattr(blip2.tasks.matching, name)
     call = (lambda: task(pipe, images)) if name == "embed_images" else (lambda: task(pipe, images, texts))
     whole = call()
     calls = []

@@ -7,7 +7,7 @@ import torch
 
 import blip2
 from blip2.errors import CheckpointError, InputError
-from blip2.pipeline import make_options
+from blip2.tasks.captioning import make_options
 
 FAMILIES = ["opt", "t5"]
 DETERMINISTIC = [
@@ -121,7 +121,7 @@ def test_batch_equals_one_by_one(family, num_beams, ours, photos):
     batch = model.caption(photos[:3], prompt=prompts, num_beams=num_beams, max_new_tokens=12)
     model.batch_size = 2  # caption() then runs in chunks of two (image, prompt) pairs
     chunked = model.caption(photos[:3], prompt=prompts, num_beams=num_beams, max_new_tokens=12)
-    model.batch_size = blip2.pipeline.DEFAULT_BATCH_SIZE
+    model.batch_size = blip2.tasks.engine.DEFAULT_BATCH_SIZE
     alone = [
         model.caption(p, prompt=t, num_beams=num_beams, max_new_tokens=12) for p, t in zip(photos, prompts)
     ]
@@ -222,8 +222,8 @@ def test_num_return_sequences_sampling_and_ask(ours, photos):
 # -- options through the API ------------------------------------------------------------------------------------
 def test_sampling_alone_means_one_beam(ours, photos):
     model = ours("opt")
-    assert blip2.pipeline.task_options("caption", {"do_sample": True})["num_beams"] == 1
-    assert blip2.pipeline.task_options("ask", {"do_sample": True, "num_beams": 1})["num_beams"] == 1
+    assert blip2.tasks.captioning.task_options("caption", {"do_sample": True})["num_beams"] == 1
+    assert blip2.tasks.captioning.task_options("ask", {"do_sample": True, "num_beams": 1})["num_beams"] == 1
     assert isinstance(model.caption(photos[0], do_sample=True, seed=0), str)
     with pytest.raises(InputError, match="beam sampling"):
         model.caption(photos[0], do_sample=True, num_beams=3)
@@ -253,7 +253,7 @@ def test_batch_size_is_validated(value, checkpoints):
     model = blip2.load(checkpoints["opt"], device="cpu")
     with pytest.raises(InputError, match="batch_size must be a positive integer"):
         model.batch_size = value
-    assert model.batch_size == blip2.pipeline.DEFAULT_BATCH_SIZE
+    assert model.batch_size == blip2.tasks.engine.DEFAULT_BATCH_SIZE
     model.batch_size = 3
     assert model.batch_size == 3
 
@@ -337,7 +337,7 @@ def test_max_new_tokens_beyond_the_positions_is_refused(ours, photos):
 
 def test_t5_input_is_limited_to_its_trained_length(ours, photos):
     model = ours("t5")
-    budget = blip2.pipeline.T5_TRAINED_LENGTH - model.config.num_query_tokens
+    budget = blip2.tasks.captioning.T5_TRAINED_LENGTH - model.config.num_query_tokens
     assert isinstance(model.caption(photos[0], prompt=_prompt_of(model, budget), max_new_tokens=3), str)
     with pytest.raises(
         InputError, match=rf"input 0: the prompt is {budget + 1} tokens, more than the {budget}"

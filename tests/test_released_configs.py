@@ -13,7 +13,7 @@ import torch
 
 import blip2
 from blip2.config import read_config
-from blip2.pipeline import make_options
+from blip2.tasks.captioning import make_options
 from blip2.testing import (
     ERAS,
     VICUNA_GENERATION_IDS,

@@ -15,7 +15,7 @@ __all__ = ["load", "Blip2", "Blip2Error", "CheckpointError", "ImageError", "Inpu
 def __getattr__(name: str):
     # torch is imported on first use, so `import blip2` (and `blip2 --help`) stays fast.
     if name in ("load", "Blip2"):
-        from . import pipeline
+        from .tasks import api
 
-        return getattr(pipeline, name)
+        return getattr(api, name)
     raise AttributeError(f"module 'blip2' has no attribute {name!r}")

@@ -344,7 +344,7 @@ def classify(image, labels, template, top_k, rerank, model, device, dtype, batch
 
 def _task_options(task: str, generation: dict) -> dict:
     """The options given on the command line, checked (with the task's defaults) before the model loads."""
-    from .pipeline import task_options
+    from .tasks.captioning import task_options
 
     options = {k: v for k, v in generation.items() if v is not None}
     task_options(task, options)
@@ -352,7 +352,7 @@ def _task_options(task: str, generation: dict) -> dict:
 
 
 def _load(model: str, device: str | None, dtype: str | None, batch_size: int):
-    from .pipeline import load
+    from .tasks.api import load
 
     pipe = load(model, device=device, dtype=dtype)
     pipe.batch_size = batch_size  # caption / ask: (image, prompt) pairs per forward pass
