@@ -167,9 +167,7 @@ def caption(images, prompt, model, device, dtype, batch_size, as_json, **generat
     pipe = _load(model, device, dtype, batch_size)
 
     failed = False
-    for path, result in _per_batch(
-        pipe, images, batch_size, lambda good: pipe.caption(good, prompt, **options)
-    ):
+    for path, result in _each_image(pipe, images, lambda good: pipe.caption(good, prompt, **options)):
         failed |= _emit(path, result, as_json, lambda text: {"caption": text}, len(images) > 1)
     sys.exit(1 if failed else 0)
 
@@ -188,10 +186,9 @@ def ask(image, questions, template, model, device, dtype, batch_size, as_json, *
             raise click.BadParameter("a question is empty", param_hint="QUESTIONS")
     options = _task_options("ask", generation)
     pipe = _load(model, device, dtype, batch_size)
-    decoded = _decode(pipe, image)
-    if isinstance(decoded, Exception):
-        sys.exit(_emit(image, decoded, as_json, None, False))
-    answers = pipe.ask(decoded, list(questions), template, **options)
+    answers = _one_image(
+        pipe, image, as_json, lambda decoded: pipe.ask(decoded, list(questions), template, **options)
+    )
     if as_json:
         rows = [{"question": q, "answer": a} for q, a in zip(questions, answers)]
         click.echo(_json_line({**path_fields(image), "answers": rows}))
@@ -212,10 +209,7 @@ def _match_options(func):
 def match(image, texts, model, device, dtype, batch_size, as_json):
     """ITM: the probability that IMAGE matches each of TEXTS."""
     pipe = _load(model, device, dtype, batch_size)
-    decoded = _decode(pipe, image)
-    if isinstance(decoded, Exception):
-        sys.exit(_emit(image, decoded, as_json, None, False))
-    probs = pipe.match(decoded, list(texts))
+    probs = _one_image(pipe, image, as_json, lambda decoded: pipe.match(decoded, list(texts)))
     if as_json:
         rows = [{"text": t, "probability": p} for t, p in zip(texts, probs)]
         click.echo(_json_line({**path_fields(image), "matches": rows}))
@@ -243,9 +237,7 @@ def similarity(images, texts, model, device, dtype, batch_size, as_json):
     failed = False
     if not as_json:
         click.echo("\t".join(_cell(t) for t in ("image", *texts)))
-    for path, result in _per_batch(
-        pipe, images, batch_size, lambda good: pipe.similarity(good, list(texts)).tolist()
-    ):
+    for path, result in _each_image(pipe, images, lambda good: pipe.similarity(good, list(texts)).tolist()):
         if isinstance(result, Exception):
             failed |= _emit(path, result, as_json, None, False)
         elif as_json:
@@ -283,7 +275,7 @@ def embed(images, out, model, device, dtype, batch_size, as_json):
         raise
     failed = False
     try:
-        for path, result in _per_batch(pipe, images, batch_size, lambda good: _embeddings(pipe, good)):
+        for path, result in _each_image(pipe, images, lambda good: _embeddings(pipe, good)):
             if isinstance(result, Exception):
                 failed |= _emit(path, result, as_json, None, False)
                 continue
@@ -329,10 +321,12 @@ def classify(image, labels, template, top_k, rerank, model, device, dtype, batch
     if not names:
         raise click.BadParameter("no labels given", param_hint="--labels")
     pipe = _load(model, device, dtype, batch_size)
-    decoded = _decode(pipe, image)
-    if isinstance(decoded, Exception):
-        sys.exit(_emit(image, decoded, as_json, None, False))
-    ranked = pipe.classify(decoded, names, template=template, top_k=top_k, rerank=rerank)
+    ranked = _one_image(
+        pipe,
+        image,
+        as_json,
+        lambda decoded: pipe.classify(decoded, names, template=template, top_k=top_k, rerank=rerank),
+    )
     if as_json:
         click.echo(_json_line({**path_fields(image), "labels": ranked}))
     else:
@@ -359,37 +353,27 @@ def _load(model: str, device: str | None, dtype: str | None, batch_size: int):
     return pipe
 
 
-def _decode(pipe, path: str):
-    """One image decoded and resized to the model's input size at once, or the ImageError naming it.
-    Resizing again to the same size gives the same image, so results do not change."""
-    from .images import load_resized
-
-    try:
-        return load_resized(path, pipe.image_config)
-    except Blip2Error as e:
-        return e
-
-
-def _per_batch(pipe, paths, batch_size: int, run: Callable) -> Iterator[tuple[str, object]]:
-    """Yield (path, result or ImageError) in input order, `batch_size` images at a time; a bad image fails
-    alone. `run` takes the decoded images of a batch (model-size, never full-size) and returns one result
-    each."""
+def _each_image(pipe, paths, run: Callable) -> Iterator[tuple[str, object]]:
+    """Yield (path, result or ImageError) in input order, through the task layer's batch iterator (see
+    `blip2.tasks.batch`), with a progress bar on a terminal. `run` takes the decoded images of a batch."""
     from tqdm import tqdm
+
+    from .tasks.batch import each_image
 
     # A progress bar only on a terminal: in a log it would break the one-line-per-error output.
     show = len(paths) >= PROGRESS_THRESHOLD and sys.stderr.isatty()
-    bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not show)
-    try:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            decoded = [_decode(pipe, path) for path in chunk]
-            good = [d for d in decoded if not isinstance(d, Exception)]
-            results = iter(run(good) if good else [])
-            for path, d in zip(chunk, decoded):
-                yield path, d if isinstance(d, Exception) else next(results)
-            bar.update(len(chunk))
-    finally:
-        bar.close()
+    with tqdm(
+        each_image(pipe, paths, run), total=len(paths), unit="img", file=sys.stderr, disable=not show
+    ) as bar:
+        yield from bar
+
+
+def _one_image(pipe, path: str, as_json: bool, run: Callable):
+    """`run` over one decoded image; an image that cannot be read is reported and ends the command (exit 1)."""
+    [(_, result)] = _each_image(pipe, [path], lambda good: [run(good[0])])
+    if isinstance(result, Blip2Error):
+        sys.exit(_emit(path, result, as_json, None, False))
+    return result
 
 
 def _emit(path: str, result, as_json: bool, fields, show_path: bool) -> bool:
