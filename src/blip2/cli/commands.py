@@ -1,138 +1,19 @@
-"""The `blip2` command: thin commands over the library API.
-
-Bad images never stop a run: each gets a one-line error naming the file (or a JSON error line with
---json), the others are still processed, and the exit code is 1. Nothing prints a traceback unless
-BLIP2_DEBUG=1 is set.
-
-Output is always valid UTF-8 and one line per record. In --json lines, a file name that is not valid UTF-8
-has its undecodable bytes written as \\xNN in "image" and its exact bytes, base64, in "image_bytes". In the
-plain (tab-separated) output, backslashes, tabs, newlines and other control characters in names and texts
-are written as escapes (\\\\, \\t, \\n, \\xNN), so that a name can break neither a line nor a column.
-"""
+"""The commands: arguments in, the task API called (through the batch iterator for images), records out."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 
 import click
 
-from .embeddings_io import path_fields, valid_text
-from .errors import Blip2Error, InputError
+from ..embeddings_io import path_fields
+from ..errors import Blip2Error
+from .options import TEXT, generation_options, match_options, model_options
+from .output import cell, emit, json_line, message
 
-DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
-# Matching needs the Q-Former's text path, which only the retrieval checkpoints have.
-DEFAULT_MATCH_MODEL = "Salesforce/blip2-itm-vit-g"
 PROGRESS_THRESHOLD = 8  # show a progress bar from this many images on
-
-# Characters that would break a line or a column of the output, and how they are written instead.
-_BREAKS = {ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"}
-_BREAKS |= {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in _BREAKS}
-_BREAKS |= {0x2028: "\\u2028", 0x2029: "\\u2029"}  # line separators to str.splitlines
-# In the fields of the plain output a backslash is escaped too, so that every escape reads back one way.
-_FIELD_ESCAPES = {ord("\\"): "\\\\", **_BREAKS}
-_JSON_BREAKS = {c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}  # only ever inside JSON strings
-
-
-class _Text(click.ParamType):
-    """Text from the command line. Arguments that are not valid UTF-8 reach Python with their undecodable
-    bytes as lone surrogates, which no tokenizer can read: they are a usage error."""
-
-    name = "text"
-
-    def convert(self, value, param, ctx):
-        if valid_text(value) != value:
-            self.fail(f"'{valid_text(value)}' is not valid UTF-8 text", param, ctx)
-        return value
-
-
-TEXT = _Text()
-
-
-def _check_device(ctx, param, value: str | None) -> str | None:
-    """Refuse a device that is misspelt or not on this machine before the model is loaded."""
-    if value is not None:
-        from .loading.loader import parse_device
-
-        _as_bad_parameter(parse_device, value)
-    return value
-
-
-def _check_dtype(ctx, param, value: str | None) -> str | None:
-    """Refuse an unknown dtype before the model is looked for (fetching a Hub checkpoint takes minutes)."""
-    if value is not None:
-        import torch
-
-        from .loading.loader import parse_dtype
-
-        _as_bad_parameter(parse_dtype, value, torch.device("cpu"))
-    return value
-
-
-def _as_bad_parameter(check: Callable, *args) -> None:
-    """The library's own check of an option's value, its InputError as click's usage error (exit 2)."""
-    try:
-        check(*args)
-    except InputError as e:
-        raise click.BadParameter(str(e)) from None
-
-
-def _generation_options(func):
-    """The decoding options shared by the commands; unset ones keep the command's defaults."""
-    options = [
-        click.option("--max-new-tokens", type=click.IntRange(min=1), help="Most tokens to generate."),
-        click.option("--min-new-tokens", type=click.IntRange(min=0), help="Fewest tokens to generate."),
-        click.option("--beams", "num_beams", type=click.IntRange(min=1), help="Beam width (1 = greedy)."),
-        click.option("--length-penalty", type=float, help="Beam score length exponent (<0 favours short)."),
-        click.option("--repetition-penalty", type=float, help="Penalty (>1) on tokens already present."),
-        click.option("--no-repeat-ngram-size", type=click.IntRange(min=0), help="Ban repeated n-grams."),
-        click.option("--sample", "do_sample", is_flag=True, default=None, help="Sample instead of search."),
-        click.option("--temperature", type=float, help="Sampling temperature."),
-        click.option("--top-k", type=click.IntRange(min=0), help="Sample from the k most likely tokens."),
-        click.option("--top-p", type=float, help="Sample from the smallest set with this much probability."),
-        click.option("--seed", type=int, help="Random seed for sampling."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _model_options(func, envvar: str = "BLIP2_MODEL", default: str = DEFAULT_MODEL):
-    options = [
-        click.option(
-            "--model",
-            "-m",
-            envvar=envvar,
-            default=default,
-            show_default=True,
-            help=f"Checkpoint directory or Hub repo id (env {envvar}).",
-        ),
-        click.option(
-            "--device",
-            default=None,
-            callback=_check_device,
-            help="cpu, cuda, cuda:1 ... (default: cuda if available).",
-        ),
-        click.option(
-            "--dtype",
-            default=None,
-            callback=_check_dtype,
-            help="float32, float16 or bfloat16 (default: float32 on CPU).",
-        ),
-        click.option(
-            "--batch-size",
-            type=click.IntRange(min=1),
-            default=8,
-            show_default=True,
-            help="Images (ask: questions) per forward pass.",
-        ),
-        click.option("--json", "as_json", is_flag=True, help="One JSON line per input image on stdout."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -158,8 +39,8 @@ def cli():
 @click.option(
     "--prompt", "-p", type=TEXT, default=None, help="Text the caption continues (e.g. 'a photo of')."
 )
-@_model_options
-@_generation_options
+@model_options
+@generation_options
 def caption(images, prompt, model, device, dtype, batch_size, as_json, **generation):
     """Caption IMAGES (files). Defaults: 5 beams, at most 30 new tokens; InstructBLIP checkpoints are asked
     "A short image caption:" unless --prompt is given (as `model.caption` does)."""
@@ -168,7 +49,7 @@ def caption(images, prompt, model, device, dtype, batch_size, as_json, **generat
 
     failed = False
     for path, result in _each_image(pipe, images, lambda good: pipe.caption(good, prompt, **options)):
-        failed |= _emit(path, result, as_json, lambda text: {"caption": text}, len(images) > 1)
+        failed |= emit(path, result, as_json, lambda text: {"caption": text}, len(images) > 1)
     sys.exit(1 if failed else 0)
 
 
@@ -176,8 +57,8 @@ def caption(images, prompt, model, device, dtype, batch_size, as_json, **generat
 @click.argument("image")
 @click.argument("questions", nargs=-1, required=True, type=TEXT)
 @click.option("--template", type=TEXT, default=None, help="Prompt template with {} for the question.")
-@_model_options
-@_generation_options
+@model_options
+@generation_options
 def ask(image, questions, template, model, device, dtype, batch_size, as_json, **generation):
     """Answer QUESTIONS about IMAGE, --batch-size questions per pass (the image is decoded once). Defaults:
     5 beams, at most 10 new tokens, length penalty -1."""
@@ -191,31 +72,27 @@ def ask(image, questions, template, model, device, dtype, batch_size, as_json, *
     )
     if as_json:
         rows = [{"question": q, "answer": a} for q, a in zip(questions, answers)]
-        click.echo(_json_line({**path_fields(image), "answers": rows}))
+        click.echo(json_line({**path_fields(image), "answers": rows}))
     else:
         for q, a in zip(questions, answers):
-            click.echo(f"{_cell(q)}\t{_cell(a)}" if len(questions) > 1 else _cell(a))
+            click.echo(f"{cell(q)}\t{cell(a)}" if len(questions) > 1 else cell(a))
     sys.exit(0)
-
-
-def _match_options(func):
-    return _model_options(func, envvar="BLIP2_MATCH_MODEL", default=DEFAULT_MATCH_MODEL)
 
 
 @cli.command()
 @click.argument("image")
 @click.argument("texts", nargs=-1, required=True, type=TEXT)
-@_match_options
+@match_options
 def match(image, texts, model, device, dtype, batch_size, as_json):
     """ITM: the probability that IMAGE matches each of TEXTS."""
     pipe = _load(model, device, dtype, batch_size)
     probs = _one_image(pipe, image, as_json, lambda decoded: pipe.match(decoded, list(texts)))
     if as_json:
         rows = [{"text": t, "probability": p} for t, p in zip(texts, probs)]
-        click.echo(_json_line({**path_fields(image), "matches": rows}))
+        click.echo(json_line({**path_fields(image), "matches": rows}))
     else:
         for t, p in zip(texts, probs):
-            click.echo(f"{p:.4f}\t{_cell(t)}")
+            click.echo(f"{p:.4f}\t{cell(t)}")
     sys.exit(0)
 
 
@@ -230,21 +107,21 @@ def match(image, texts, model, device, dtype, batch_size, as_json):
     type=TEXT,
     help="A text to compare with (repeatable).",
 )
-@_match_options
+@match_options
 def similarity(images, texts, model, device, dtype, batch_size, as_json):
     """ITC: the similarity of each of IMAGES with each --text (best cosine over the query tokens)."""
     pipe = _load(model, device, dtype, batch_size)
     failed = False
     if not as_json:
-        click.echo("\t".join(_cell(t) for t in ("image", *texts)))
+        click.echo("\t".join(cell(t) for t in ("image", *texts)))
     for path, result in _each_image(pipe, images, lambda good: pipe.similarity(good, list(texts)).tolist()):
         if isinstance(result, Exception):
-            failed |= _emit(path, result, as_json, None, False)
+            failed |= emit(path, result, as_json, None, False)
         elif as_json:
             rows = [{"text": t, "score": s} for t, s in zip(texts, result)]
-            click.echo(_json_line({**path_fields(path), "scores": rows}))
+            click.echo(json_line({**path_fields(path), "scores": rows}))
         else:
-            click.echo("\t".join([_cell(path), *(f"{s:.4f}" for s in result)]))
+            click.echo("\t".join([cell(path), *(f"{s:.4f}" for s in result)]))
     sys.exit(1 if failed else 0)
 
 
@@ -257,7 +134,7 @@ def similarity(images, texts, model, device, dtype, batch_size, as_json):
     required=True,
     help="Output file: .npy (image names in FILE.paths.jsonl beside it) or .parquet (an 'image' column).",
 )
-@_match_options
+@match_options
 def embed(images, out, model, device, dtype, batch_size, as_json):
     """Embed IMAGES for search: projected, normalised query embeddings (N, 32, 256) when the checkpoint has
     them (retrieval checkpoints), else the Q-Former outputs (N, 32, 768). Bad images are left out.
@@ -265,7 +142,7 @@ def embed(images, out, model, device, dtype, batch_size, as_json):
     Rows are written as they are computed; an interrupted run (Ctrl-C) or one stopped by an error keeps the
     rows done so far, the ones printed with --json. `blip2.embeddings_io.read_embeddings(FILE)` reads the
     file back."""
-    from .embeddings_io import open_writer
+    from ..embeddings_io import open_writer
 
     writer = open_writer(out)  # an unusable destination fails here, before the model is loaded
     try:
@@ -277,11 +154,11 @@ def embed(images, out, model, device, dtype, batch_size, as_json):
     try:
         for path, result in _each_image(pipe, images, lambda good: _embeddings(pipe, good)):
             if isinstance(result, Exception):
-                failed |= _emit(path, result, as_json, None, False)
+                failed |= emit(path, result, as_json, None, False)
                 continue
             row = writer.append(path, result)
             if as_json:
-                click.echo(_json_line({**path_fields(path), "row": row, "out": out}))
+                click.echo(json_line({**path_fields(path), "row": row, "out": out}))
     except BaseException:
         _close(writer, out, stopped=True)
         raise
@@ -298,7 +175,7 @@ def _embeddings(pipe, images: list) -> list:
 def _close(writer, out: str, stopped: bool) -> None:
     """Move the embeddings file into place and say what it holds."""
     shape = writer.close()
-    where = _message(out)
+    where = message(out)
     early = "stopped early: " if stopped else ""
     if shape is None:
         click.echo(f"blip2: {early}no embeddings written to {where}", err=True)
@@ -314,7 +191,7 @@ def _close(writer, out: str, stopped: bool) -> None:
 )
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep the k best labels.")
 @click.option("--rerank", is_flag=True, help="Re-rank the candidates by ITM (image and text read together).")
-@_match_options
+@match_options
 def classify(image, labels, template, top_k, rerank, model, device, dtype, batch_size, as_json):
     """Zero-shot classification of IMAGE among --labels (ITC; probabilities: softmax of similarity / 0.07)."""
     names = [label.strip() for label in labels.split(",") if label.strip()]
@@ -328,17 +205,17 @@ def classify(image, labels, template, top_k, rerank, model, device, dtype, batch
         lambda decoded: pipe.classify(decoded, names, template=template, top_k=top_k, rerank=rerank),
     )
     if as_json:
-        click.echo(_json_line({**path_fields(image), "labels": ranked}))
+        click.echo(json_line({**path_fields(image), "labels": ranked}))
     else:
         for row in ranked:
             extra = f"\tmatch {row['match']:.4f}" if "match" in row else ""
-            click.echo(f"{_cell(row['label'])}\t{row['probability']:.4f}\t(score {row['score']:.4f}){extra}")
+            click.echo(f"{cell(row['label'])}\t{row['probability']:.4f}\t(score {row['score']:.4f}){extra}")
     sys.exit(0)
 
 
 def _task_options(task: str, generation: dict) -> dict:
     """The options given on the command line, checked (with the task's defaults) before the model loads."""
-    from .tasks.captioning import task_options
+    from ..tasks.captioning import task_options
 
     options = {k: v for k, v in generation.items() if v is not None}
     task_options(task, options)
@@ -346,7 +223,7 @@ def _task_options(task: str, generation: dict) -> dict:
 
 
 def _load(model: str, device: str | None, dtype: str | None, batch_size: int):
-    from .tasks.api import load
+    from ..tasks.api import load
 
     pipe = load(model, device=device, dtype=dtype)
     pipe.batch_size = batch_size  # caption / ask: (image, prompt) pairs per forward pass
@@ -358,7 +235,7 @@ def _each_image(pipe, paths, run: Callable) -> Iterator[tuple[str, object]]:
     `blip2.tasks.batch`), with a progress bar on a terminal. `run` takes the decoded images of a batch."""
     from tqdm import tqdm
 
-    from .tasks.batch import each_image
+    from ..tasks.batch import each_image
 
     # A progress bar only on a terminal: in a log it would break the one-line-per-error output.
     show = len(paths) >= PROGRESS_THRESHOLD and sys.stderr.isatty()
@@ -372,78 +249,8 @@ def _one_image(pipe, path: str, as_json: bool, run: Callable):
     """`run` over one decoded image; an image that cannot be read is reported and ends the command (exit 1)."""
     [(_, result)] = _each_image(pipe, [path], lambda good: [run(good[0])])
     if isinstance(result, Blip2Error):
-        sys.exit(_emit(path, result, as_json, None, False))
+        sys.exit(emit(path, result, as_json, None, False))
     return result
-
-
-def _emit(path: str, result, as_json: bool, fields, show_path: bool) -> bool:
-    """Print one result line; return True when it is an error."""
-    if isinstance(result, Exception):
-        if as_json:
-            click.echo(_json_line({**path_fields(path), "error": str(result)}))
-        else:
-            click.echo(f"blip2: error: {_message(str(result))}", err=True)
-        return True
-    if as_json:
-        click.echo(_json_line({**path_fields(path), **fields(result)}))
-    else:
-        click.echo(f"{_cell(path)}\t{_cell(result)}" if show_path else _cell(result))
-    return False
-
-
-def _cell(text: str) -> str:
-    """`text` for one field of the plain output: valid UTF-8, no tab or line break (see the module doc)."""
-    return valid_text(text.translate(_FIELD_ESCAPES))
-
-
-def _message(text: str) -> str:
-    """`text` for a message on stderr: valid UTF-8, on one line."""
-    return valid_text(text.translate(_BREAKS))
-
-
-def _json_line(record: dict) -> str:
-    """One JSON line, valid UTF-8 whatever the strings in it hold (see `valid_text`); the line breaks that
-    json leaves raw (NEL, U+2028, U+2029: str.splitlines splits on them) are written as \\u escapes."""
-    return json.dumps(_valid(record), ensure_ascii=False).translate(_JSON_BREAKS)
-
-
-def _valid(value):
-    if isinstance(value, str):
-        return valid_text(value)
-    if isinstance(value, dict):
-        return {k: _valid(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_valid(v) for v in value]
-    return value
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, turning every error into one line on stderr."""
-    try:
-        sys.exit(cli.main(args=argv, prog_name="blip2", standalone_mode=False))  # --help, --version: 0
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:  # usage errors (exit 2) included: one line, pointing to the help
-        hint = f" (see '{e.ctx.command_path} --help')" if isinstance(e, click.UsageError) and e.ctx else ""
-        click.echo(f"blip2: error: {_message(e.format_message())}{hint}", err=True)
-        sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-        click.echo("blip2: interrupted", err=True)
-        sys.exit(130)
-    except InputError as e:
-        click.echo(f"blip2: error: {_message(str(e))}", err=True)
-        sys.exit(2)
-    except Blip2Error as e:
-        click.echo(f"blip2: error: {_message(str(e))}", err=True)
-        sys.exit(1)
-    except Exception as e:  # never a raw traceback, unless asked for
-        if os.environ.get("BLIP2_DEBUG"):
-            raise
-        click.echo(
-            f"blip2: internal error: {type(e).__name__}: {_message(str(e))} (set BLIP2_DEBUG=1 for the traceback)",
-            err=True,
-        )
-        sys.exit(3)
 
 
 @cli.command("convert-lavis")
@@ -465,7 +272,7 @@ def convert_lavis_command(checkpoint, base, out, force, as_json):
     """
     from pathlib import Path
 
-    from .loading.lavis import convert_lavis
+    from ..loading.lavis import convert_lavis
 
     report = convert_lavis(Path(checkpoint), base, Path(out), force=force)
     if as_json:
