@@ -13,10 +13,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .. import inputs
 from ..config import Blip2Config, T5Config
 from ..errors import InputError
 from ..generation import GenerationOptions
+from . import inputs
 from .engine import Engine, ImageInput
 
 # Defaults in the spirit of LAVIS: beam search for both; short answers favoured by a negative length penalty.

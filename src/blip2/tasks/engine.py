@@ -17,13 +17,13 @@ import torch
 from torch import Tensor
 
 from .. import images as image_io
-from .. import inputs
 from ..config import T5Config
 from ..errors import CheckpointError, InputError
 from ..generation import GenerationOptions, generate
 from ..generation.steppers import DecoderOnlyStepper, EncoderDecoderStepper
 from ..loading.loader import Checkpoint
 from ..text import PROMPT_TEMPLATES
+from . import inputs
 
 DEFAULT_BATCH_SIZE = 16
 

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import inputs
 from ..errors import CheckpointError, InputError
 from ..models.retrieval import similarity as itc_similarity
+from . import inputs
 from .engine import Engine, ImageInput
 
 # The ITC temperature for `classify`'s probabilities. LAVIS learns it (`temp`, initialised at 0.07), but the
