@@ -2,7 +2,7 @@
 
 The LAVIS-side names here are written from LAVIS's own modules (Qformer.py's BERT layers, eva_vit.py, the
 blip2_*.py model classes), and turned into Hugging Face names with the replacements of transformers'
-conversion scripts, independently of the key map in blip2.lavis. The expected model is the base with the same
+conversion scripts, independently of the key map in blip2.loading.lavis. The expected model is the base with the same
 tensors replaced directly in the Hugging Face layout.
 """
 

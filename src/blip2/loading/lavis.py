@@ -196,7 +196,9 @@ def lavis_name(key: str) -> tuple[str | None, str | None]:
             if ours is None:
                 return None, "an alias or buffer that the model does not load"
             return ours, None
-    raise CheckpointError(f"unknown LAVIS key {key!r}: it matches no rule of the key map (blip2.lavis)")
+    raise CheckpointError(
+        f"unknown LAVIS key {key!r}: it matches no rule of the key map (blip2.loading.lavis)"
+    )
 
 
 @dataclass(frozen=True)
