@@ -92,6 +92,7 @@ def load_directory(
     """The load sequence for a local checkpoint directory (see the module doc)."""
     config, model_class = read_model_config(directory)
     if lm_dtype(config, dtype) != dtype:
+        # stacklevel 4: the caller of blip2.load (here <- load_checkpoint <- blip2.load).
         warnings.warn(
             "Flan-T5 overflows in float16: its language model is loaded in bfloat16 instead", stacklevel=4
         )
