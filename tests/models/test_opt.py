@@ -5,8 +5,9 @@ import torch
 import transformers
 
 from blip2.config import OPTConfig
-from blip2.generation.cache import KVCache
-from blip2.models.opt import OPTForCausalLM, causal_mask, position_ids
+from blip2.models.cache import KVCache
+from blip2.models.layers import causal_mask, position_ids
+from blip2.models.opt import OPTForCausalLM
 
 VOCAB = 120
 TOL = 1e-5

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .cache import KVCache
+from ..models.cache import KVCache
 
 
 class DecoderOnlyStepper:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import T5Config
-from ..generation.cache import KVCache
+from .cache import KVCache
 from .layers import activation
 
 
