@@ -19,12 +19,13 @@ from torch import Tensor
 
 from . import images as image_io
 from . import inputs, matching
-from .config import Blip2Config, T5Config
+from .config import Blip2Config
 from .errors import CheckpointError, InputError
 from .generation import GenerationOptions, generate
 from .generation.steppers import DecoderOnlyStepper, EncoderDecoderStepper
 from .models.blip2 import Blip2ForConditionalGeneration
-from .text import PROMPT_TEMPLATES, TextProcessor
+from .models.registry import family
+from .text import TextProcessor
 
 # Defaults in the spirit of LAVIS: beam search for both; short answers favoured by a negative length penalty.
 CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=1)
@@ -63,7 +64,8 @@ class Blip2:
         self.qformer_text = qformer_text
         self.qformer_max_length = config.qformer.max_position_embeddings
         self.instruct = config.model_type == "instructblip"
-        self.template = "{}" if self.instruct else PROMPT_TEMPLATES.get(self.family)
+        lm_family = None if config.text is None else family(config.text)  # None: retrieval, no language model
+        self.template = "{}" if self.instruct else (lm_family.ask_template if lm_family else None)
         self.caption_prompt = INSTRUCT_CAPTION_PROMPT if self.instruct else ""
         self.batch_size = DEFAULT_BATCH_SIZE
 
@@ -296,26 +298,21 @@ class Blip2:
         lm = self.model.language_model
         n, q = prefix.shape[:2]
         text_cfg = self.config.text
-        batch = self.text.batch(prompts, padding_side="right" if self.config.is_encoder_decoder else "left")
+        lm_family = family(text_cfg)
+        batch = self.text.batch(prompts, padding_side=lm_family.padding_side)
         ids, text_mask = batch.ids.to(self.device), batch.mask.to(self.device)
         text_embeds = lm.embed(ids)  # (N, T, D)
         embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], dim=1)  # (N, Q + T, D)
         mask = torch.cat([text_mask.new_ones(n, q), text_mask], dim=1)
-        if isinstance(text_cfg, T5Config):
-            stepper = EncoderDecoderStepper(
-                lm, embeds, mask, text_cfg.decoder_start_token_id, text_cfg.num_decoder_layers
-            )
+        layers = lm_family.decoder_layers(text_cfg)
+        if lm_family.is_encoder_decoder:
+            stepper = EncoderDecoderStepper(lm, embeds, mask, text_cfg.decoder_start_token_id, layers)
             return stepper, ids.new_full((n, 1), text_cfg.decoder_start_token_id), None
-        stepper = DecoderOnlyStepper(lm, embeds, mask, text_cfg.num_hidden_layers)  # OPT, LLaMA
+        stepper = DecoderOnlyStepper(lm, embeds, mask, layers)
         placeholder = self.config.image_token_index
         if placeholder is None:  # checkpoints without placeholders: the text alone, as transformers 4 did
             return stepper, ids, text_mask
         return stepper, torch.cat([ids.new_full((n, q), placeholder), ids], dim=1), mask
-
-
-# Flan-T5 was trained on inputs of 512 tokens; its relative positions do not stop a longer one, but its
-# attention memory grows with the square of the input length.
-T5_TRAINED_LENGTH = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,14 +326,16 @@ def prompt_budget(config: Blip2Config, max_new_tokens: int) -> PromptBudget:
     and `max_new_tokens` to generate (the policy is in `Blip2.check_lengths`). An InputError when
     max_new_tokens alone leaves no room."""
     text_cfg, q = config.text, config.num_query_tokens
-    if isinstance(text_cfg, T5Config):
-        if max_new_tokens > T5_TRAINED_LENGTH:
+    lm_family = family(text_cfg)
+    trained = lm_family.trained_input_length
+    if trained is not None:  # encoder-decoder: the prompt and the new tokens are bounded apart
+        if max_new_tokens > trained:
             raise InputError(
-                f"max_new_tokens={max_new_tokens} is more than the {T5_TRAINED_LENGTH} tokens Flan-T5 was "
+                f"max_new_tokens={max_new_tokens} is more than the {trained} tokens {lm_family.label} was "
                 "trained to generate"
             )
-        limit, used = T5_TRAINED_LENGTH, q
-        explain = f"{q} query tokens + prompt <= {limit}, Flan-T5's input"
+        limit, used = trained, q
+        explain = f"{q} query tokens + prompt <= {limit}, {lm_family.label}'s input"
     else:
         limit, used = text_cfg.max_position_embeddings, q + max_new_tokens
         explain = f"{q} query tokens + prompt + max_new_tokens={max_new_tokens} <= {limit} positions"
@@ -459,9 +458,12 @@ def load_directory(directory: Path, device: torch.device, dtype: torch.dtype, na
         raise CheckpointError(f"{directory}: config.json has no text_config (no language model)")
     else:
         model_class = Blip2ForConditionalGeneration
-        if lm_dtype(config, dtype) != dtype:
+        lm = lm_dtype(config, dtype)
+        if lm != dtype:
             warnings.warn(
-                "Flan-T5 overflows in float16: its language model is loaded in bfloat16 instead", stacklevel=3
+                f"{family(config.text).label} overflows in float16: its language model is loaded in "
+                f"{str(lm).removeprefix('torch.')} instead",
+                stacklevel=3,
             )
     # Everything small is read and checked before the weights: a bad file fails in a second, not after
     # gigabytes, and the config is checked against the tensor shapes before anything is built from it.

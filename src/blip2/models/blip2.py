@@ -13,23 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..config import Blip2Config, LlamaConfig, OPTConfig, T5Config
+from ..config import Blip2Config
 from .qformer import QFormer, TextEmbeddings
+from .registry import family
 from .vision import VisionModel
-
-
-def build_language_model(config: OPTConfig | T5Config | LlamaConfig) -> nn.Module:
-    if isinstance(config, T5Config):
-        from .t5 import T5ForConditionalGeneration
-
-        return T5ForConditionalGeneration(config)
-    if isinstance(config, LlamaConfig):
-        from .llama import LlamaForCausalLM
-
-        return LlamaForCausalLM(config)
-    from .opt import OPTForCausalLM
-
-    return OPTForCausalLM(config)
 
 
 class Blip2Base(nn.Module):
@@ -72,8 +59,9 @@ class Blip2Base(nn.Module):
 class Blip2ForConditionalGeneration(Blip2Base):
     def __init__(self, config: Blip2Config):
         super().__init__(config, reads_text=config.model_type == "instructblip")
-        self.language_projection = nn.Linear(config.qformer.hidden_size, _lm_width(config.text))
-        self.language_model = build_language_model(config.text)
+        lm = family(config.text)
+        self.language_projection = nn.Linear(config.qformer.hidden_size, lm.width(config.text))
+        self.language_model = lm.model_class(config.text)
 
     def project(self, query_output: Tensor) -> Tensor:
         """Q-Former outputs -> language-model input embeddings (B, 32, D), in the projection's dtype."""
@@ -82,7 +70,3 @@ class Blip2ForConditionalGeneration(Blip2Base):
     def image_prefix(self, pixels: Tensor) -> Tensor:
         """pixels -> the soft prompt the language model reads before the text, (B, 32, D)."""
         return self.project(self.query(self.encode_images(pixels)))
-
-
-def _lm_width(text: OPTConfig | T5Config | LlamaConfig) -> int:
-    return text.d_model if isinstance(text, T5Config) else text.hidden_size
