@@ -113,8 +113,7 @@ class Blip2:
     @torch.inference_mode()
     def encode_vision(self, pixels: Tensor) -> Tensor:
         """Pixels (B, 3, H, W) -> vision-tower outputs (B, 257, C), in the tower's dtype."""
-        dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
-        return self.model.encode_images(pixels.to(self.device, dtype))
+        return self.model.encode_images(pixels.to(self.device, self.model.vision_dtype))
 
     @torch.inference_mode()
     def prefix(
@@ -476,7 +475,9 @@ def load_directory(directory: Path, device: torch.device, dtype: torch.dtype, na
         qformer_text = TextProcessor.from_dir(directory / "qformer_tokenizer")
     with torch.device("meta"):
         model = model_class(config)
-    assign_weights(model, read_tensors(files, device), dtype_plan(config, dtype))
+    plan = dtype_plan(config, dtype)
+    assign_weights(model, read_tensors(files, device), plan)
+    model.set_compute_dtypes(plan)
     model.eval().requires_grad_(False)
     return Blip2(
         model,

@@ -10,6 +10,8 @@ InstructBLIP's `qformer.embeddings.*` are renamed to `embeddings.*` / `qformer.l
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -23,6 +25,8 @@ class Blip2Base(nn.Module):
     """The part every BLIP-2 model shares: the vision tower, the learned query tokens and the Q-Former, plus
     the Q-Former's text embeddings when it reads text (retrieval, InstructBLIP)."""
 
+    head_weight: str  # a weight of the heads on top of the Q-Former, which all share its dtype
+
     def __init__(self, config: Blip2Config, reads_text: bool):
         super().__init__()
         self.config = config
@@ -32,6 +36,20 @@ class Blip2Base(nn.Module):
         self.qformer = QFormer(q, text_ffn=reads_text or q.use_qformer_text_input)
         if reads_text:
             self.embeddings = TextEmbeddings(q)
+        self.head_dtype = torch.float32  # the dtype the heads compute in (see set_compute_dtypes)
+
+    def set_compute_dtypes(self, plan: Callable[[str], torch.dtype]) -> None:
+        """Record the dtype each part computes in, from the loader's plan (parameter name -> dtype), once the
+        weights are assigned: the parts cast their inputs to it instead of reading some weight's dtype, which a
+        quantized Linear does not give."""
+        self.vision_model.dtype = plan("vision_model.embeddings.patch_embedding.weight")
+        self.qformer.dtype = plan("qformer.layernorm.weight")
+        self.head_dtype = plan(self.head_weight)
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        """The dtype the vision tower computes in: that of the pixels it is given."""
+        return self.vision_model.dtype
 
     def encode_images(self, pixels: Tensor) -> Tensor:
         """pixels (B, 3, H, W) -> image embeddings (B, 257, 1408) in the vision tower's dtype."""
@@ -57,6 +75,8 @@ class Blip2Base(nn.Module):
 
 
 class Blip2ForConditionalGeneration(Blip2Base):
+    head_weight = "language_projection.weight"
+
     def __init__(self, config: Blip2Config):
         super().__init__(config, reads_text=config.model_type == "instructblip")
         lm = family(config.text)
@@ -65,7 +85,7 @@ class Blip2ForConditionalGeneration(Blip2Base):
 
     def project(self, query_output: Tensor) -> Tensor:
         """Q-Former outputs -> language-model input embeddings (B, 32, D), in the projection's dtype."""
-        return self.language_projection(query_output.to(self.language_projection.weight.dtype))
+        return self.language_projection(query_output.to(self.head_dtype))
 
     def image_prefix(self, pixels: Tensor) -> Tensor:
         """pixels -> the soft prompt the language model reads before the text, (B, 32, D)."""
