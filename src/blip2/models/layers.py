@@ -55,7 +55,8 @@ def position_ids(attention_mask: Tensor, past: int) -> Tensor:
     """(B, S) 1/0 mask over all positions so far -> (B, S - past) position ids of the new ones.
 
     Positions count non-pad tokens only, so a left-padded row starts at 0 at its first real token;
-    pad positions get -1 (they land on a real but irrelevant row of the table).
+    pad positions get -1 (OPT: a real but irrelevant row of its position table; a pad query attends only
+    to itself, so what it gets changes no real token).
     """
     mask = attention_mask.long()
     return (mask.cumsum(1) * mask - 1)[:, past:]

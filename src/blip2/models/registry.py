@@ -31,15 +31,17 @@ class Anchor(NamedTuple):
 
 @dataclass(frozen=True)
 class LanguageModelFamily:
+    """What differs between the language models a BLIP-2 checkpoint may carry; see FAMILIES."""
+
     label: str  # as messages name it
-    config_class: (
-        type  # its text_config dataclass, read from text_config.model_type == config_class.model_type
-    )
+    # its text_config dataclass, read when text_config.model_type is config_class.model_type
+    config_class: type
     model_class: type[nn.Module]  # built from that config
     # Encoder-decoder (T5): the prompt is encoded once, right-padded, and decoding starts from the decoder
     # start token. Decoder-only (OPT, LLaMA): the prompt is left-padded and decoding continues it.
     is_encoder_decoder: bool
     width_field: str  # the config field that is the width of its input embeddings
+    decoder_layers_field: str  # the config field that counts its decoder's layers (one KV cache entry each)
     # The prompt `ask` wraps a question in for BLIP-2 checkpoints (InstructBLIP takes the question as is);
     # None: the question alone.
     ask_template: str | None = None
@@ -68,7 +70,7 @@ class LanguageModelFamily:
 
     def decoder_layers(self, config: Any) -> int:
         """Layers of the decoder: one KV cache entry each."""
-        return config.num_decoder_layers if self.is_encoder_decoder else config.num_hidden_layers
+        return getattr(config, self.decoder_layers_field)
 
     def weights_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype its weights are loaded in when `dtype` is asked for."""
@@ -95,6 +97,7 @@ OPT = LanguageModelFamily(
     model_class=OPTForCausalLM,
     is_encoder_decoder=False,
     width_field="hidden_size",
+    decoder_layers_field="num_hidden_layers",
     ask_template="Question: {} Answer:",
     layer_keys=(("text.num_hidden_layers", r"^language_model\.model\.decoder\.layers\.(\d+)\."),),
     anchors=(
@@ -115,6 +118,7 @@ T5 = LanguageModelFamily(
     model_class=T5ForConditionalGeneration,
     is_encoder_decoder=True,
     width_field="d_model",
+    decoder_layers_field="num_decoder_layers",
     ask_template="Question: {} Short answer:",
     float16_substitute=torch.bfloat16,
     trained_input_length=T5_TRAINED_LENGTH,
@@ -134,6 +138,7 @@ LLAMA = LanguageModelFamily(
     model_class=LlamaForCausalLM,
     is_encoder_decoder=False,
     width_field="hidden_size",
+    decoder_layers_field="num_hidden_layers",
     layer_keys=(("text.num_hidden_layers", r"^language_model\.model\.layers\.(\d+)\."),),
     anchors=(
         Anchor("text.vocab_size", LLAMA_EMBED, 0),
