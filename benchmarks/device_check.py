@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import blip2
+from blip2.models.registry import family
 from blip2.tasks.captioning import make_options
 from blip2.testing import build_checkpoint, build_instructblip_checkpoint, build_retrieval_checkpoint
 
@@ -42,7 +43,7 @@ def check_generation(kind: str, path: Path, device: str, dtype: torch.dtype) -> 
     hf = reference_class.from_pretrained(path, dtype=dtype).to(device).eval()
     processor = AutoProcessor.from_pretrained(path)
     ours = blip2.load(path, device=device, dtype=dtype)
-    processor.tokenizer.padding_side = "right" if ours.config.is_encoder_decoder else "left"
+    processor.tokenizer.padding_side = family(ours.config.text).padding_side
     prompts = [p or "describe" for p in PROMPTS] if instruct else PROMPTS
     inputs = processor(images=images(), text=prompts, return_tensors="pt", padding=True).to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -55,7 +56,7 @@ def check_generation(kind: str, path: Path, device: str, dtype: torch.dtype) -> 
         results = []
         for options in (dict(num_beams=1), dict(num_beams=3)):
             out = hf.generate(**inputs, max_new_tokens=12, do_sample=False, **options)
-            start = 1 if ours.config.is_encoder_decoder else inputs["input_ids"].shape[1]
+            start = 1 if family(ours.config.text).is_encoder_decoder else inputs["input_ids"].shape[1]
             got = ours.generate_ids(prefix, prompts, make_options(dict(max_new_tokens=12, **options)))
             results.append(torch.equal(got.cpu(), out[:, start:].cpu()))
     ok = all(results)

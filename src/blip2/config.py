@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import CheckpointError
 from .files import read_json
@@ -264,6 +264,7 @@ class QFormerConfig:
 
 @dataclass
 class OPTConfig:
+    model_type: ClassVar[str] = "opt"  # text_config.model_type
     vocab_size: int = 50272
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -296,6 +297,7 @@ class OPTConfig:
 
 @dataclass
 class T5Config:
+    model_type: ClassVar[str] = "t5"
     vocab_size: int = 32128
     d_model: int = 512
     d_kv: int = 64
@@ -367,6 +369,7 @@ def feed_forward_activation(feed_forward_proj: Any) -> tuple[bool, str | None]:
 class LlamaConfig:
     """LLaMA / Vicuna v1.1 (InstructBLIP-Vicuna)."""
 
+    model_type: ClassVar[str] = "llama"
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -425,7 +428,8 @@ class LlamaConfig:
         _settle_token_ids(self, where)
 
 
-TEXT_MODEL_TYPES = {OPTConfig: "opt", T5Config: "t5", LlamaConfig: "llama"}
+# The language-model configs by text_config.model_type; what else differs per family is in models/registry.py.
+TEXT_CONFIGS = {cls.model_type: cls for cls in (OPTConfig, T5Config, LlamaConfig)}
 
 
 @dataclass
@@ -441,11 +445,7 @@ class Blip2Config:
     @property
     def text_model_type(self) -> str | None:
         """'opt', 't5' or 'llama'; None for retrieval checkpoints."""
-        return None if self.text is None else TEXT_MODEL_TYPES[type(self.text)]
-
-    @property
-    def is_encoder_decoder(self) -> bool:
-        return isinstance(self.text, T5Config)
+        return None if self.text is None else self.text.model_type
 
     @classmethod
     def from_dict(cls, data: dict) -> Blip2Config:
@@ -493,12 +493,11 @@ def _text_config(data: Any, where: str) -> OPTConfig | T5Config | LlamaConfig | 
         return None
     data = _object(data, where)
     text_type = data.get("model_type", "opt")
-    parsers = {name: cls for cls, name in TEXT_MODEL_TYPES.items()}
-    if not isinstance(text_type, str) or text_type not in parsers:
+    if not isinstance(text_type, str) or text_type not in TEXT_CONFIGS:
         raise CheckpointError(
-            f"{where}model_type {_show(text_type)} is not supported (supported: {', '.join(parsers)})"
+            f"{where}model_type {_show(text_type)} is not supported (supported: {', '.join(TEXT_CONFIGS)})"
         )
-    return parsers[text_type].from_dict(data, where)
+    return TEXT_CONFIGS[text_type].from_dict(data, where)
 
 
 # -- files ---------------------------------------------------------------------------------------------------------

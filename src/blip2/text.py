@@ -17,11 +17,6 @@ from torch import Tensor
 from .errors import CheckpointError
 from .files import read_json, read_text
 
-PROMPT_TEMPLATES = {
-    "opt": "Question: {} Answer:",
-    "t5": "Question: {} Short answer:",
-}
-
 
 @dataclass
 class Prompts:

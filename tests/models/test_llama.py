@@ -6,7 +6,7 @@ import transformers
 
 from blip2.config import LlamaConfig
 from blip2.errors import CheckpointError
-from blip2.generation.cache import KVCache
+from blip2.models.cache import KVCache
 from blip2.models.llama import LlamaForCausalLM
 
 VOCAB = 120

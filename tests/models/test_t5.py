@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from blip2.config import T5Config  # noqa: E402
-from blip2.generation.cache import KVCache  # noqa: E402
+from blip2.models.cache import KVCache  # noqa: E402
 from blip2.models.t5 import T5ForConditionalGeneration, relative_position_bucket  # noqa: E402
 
 TINY = dict(

@@ -7,6 +7,7 @@ import torch
 
 import blip2
 from blip2.errors import CheckpointError, InputError
+from blip2.models.registry import T5_TRAINED_LENGTH
 from blip2.tasks.captioning import make_options
 
 FAMILIES = ["opt", "t5"]
@@ -337,7 +338,7 @@ def test_max_new_tokens_beyond_the_positions_is_refused(ours, photos):
 
 def test_t5_input_is_limited_to_its_trained_length(ours, photos):
     model = ours("t5")
-    budget = blip2.tasks.captioning.T5_TRAINED_LENGTH - model.config.num_query_tokens
+    budget = T5_TRAINED_LENGTH - model.config.num_query_tokens
     assert isinstance(model.caption(photos[0], prompt=_prompt_of(model, budget), max_new_tokens=3), str)
     with pytest.raises(
         InputError, match=rf"input 0: the prompt is {budget + 1} tokens, more than the {budget}"

@@ -1,8 +1,7 @@
-"""Decoding: the KV cache, the `Stepper` protocol a language model implements, and the loops over it."""
+"""Decoding: the `Stepper` protocol a language model implements, and the loops over it."""
 
-from blip2.generation.cache import KVCache
+from blip2.generation.decoding import generate
 from blip2.generation.options import GenerationOptions
-from blip2.generation.search import generate
-from blip2.generation.stepper import Stepper
+from blip2.generation.steppers import Stepper
 
-__all__ = ["GenerationOptions", "KVCache", "Stepper", "generate"]
+__all__ = ["GenerationOptions", "Stepper", "generate"]

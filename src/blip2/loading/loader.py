@@ -20,6 +20,7 @@ from ..config import Blip2Config, read_config
 from ..errors import CheckpointError, InputError
 from ..image_config import ImageProcessorConfig
 from ..models.blip2 import Blip2ForConditionalGeneration
+from ..models.registry import family
 from ..models.retrieval import Blip2ForImageTextRetrieval
 from ..text import TextProcessor
 from .hub import resolve
@@ -91,16 +92,21 @@ def load_directory(
 ) -> Checkpoint:
     """The load sequence for a local checkpoint directory (see the module doc)."""
     config, model_class = read_model_config(directory)
-    if lm_dtype(config, dtype) != dtype:
+    lm = lm_dtype(config, dtype)
+    if lm != dtype:
         # stacklevel 4: the caller of blip2.load (here <- load_checkpoint <- blip2.load).
         warnings.warn(
-            "Flan-T5 overflows in float16: its language model is loaded in bfloat16 instead", stacklevel=4
+            f"{family(config.text).label} overflows in float16: its language model is loaded in "
+            f"{str(lm).removeprefix('torch.')} instead",
+            stacklevel=4,
         )
     files = checkpoint_files(directory)
     check_config_against_checkpoint(config, files)
     processors = read_processors(directory, config)
     model = build_on_meta(model_class, config)
-    assign_weights(model, read_tensors(files, device), dtype_plan(config, dtype))
+    plan = dtype_plan(config, dtype)
+    assign_weights(model, read_tensors(files, device), plan)
+    model.set_compute_dtypes(plan)
     model = post_load(model.eval().requires_grad_(False), config, transforms)
     return Checkpoint(model, config, processors, device, name or str(directory))
 

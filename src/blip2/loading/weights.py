@@ -20,14 +20,14 @@ import re
 from collections.abc import Callable, Iterator
 from operator import attrgetter
 from pathlib import Path, PureWindowsPath
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ..config import Blip2Config, T5Config
+from ..config import Blip2Config
 from ..errors import CheckpointError
 from ..files import os_error, read_json
+from ..models.registry import T5_EMBED, Anchor, family
 
 # Refused before parsing: no real index comes near (OPT-6.7b's is ~100 KB); safetensors itself caps at 100 MB.
 MAX_INDEX_BYTES = 16 * 2**20
@@ -57,13 +57,7 @@ HF_KEY_RULES: list[tuple[str, str | None]] = [
 # Names (our layout) under which checkpoints store one and the same tensor, beyond the model's own ties
 # (`tied_weights`, when its config ties them). The Hub's conversion bot keeps whichever name sorts first, so
 # any one may be the only one present: it fills the others that the model has.
-ALIAS_GROUPS: list[tuple[str, ...]] = [
-    (
-        "language_model.shared.weight",
-        "language_model.encoder.embed_tokens.weight",
-        "language_model.decoder.embed_tokens.weight",
-    ),
-]
+ALIAS_GROUPS: list[tuple[str, ...]] = [T5_EMBED]
 
 
 def rename(key: str, rules: list[tuple[str, str | None]]) -> str | None:
@@ -288,66 +282,24 @@ def _first_line(e: Exception) -> str:
 
 
 # -- the config against the files ----------------------------------------------------------------------------
-class Anchor(NamedTuple):
-    """A config field that a tensor's shape states: `shape[axis] == value + offset` for the first of `keys`
-    (names of one tensor, aliases included) that the checkpoint holds."""
-
-    field: str
-    keys: tuple[str, ...]
-    axis: int
-    offset: int = 0
-
-
 PATCH = ("vision_model.embeddings.patch_embedding.weight",)  # (C, 3, P, P)
 QUERIES = ("query_tokens",)  # (1, Q, 768)
-PROJECTION = ("language_projection.weight",)  # (D, 768)
-OPT_EMBED = ("language_model.model.decoder.embed_tokens.weight", "language_model.lm_head.weight")
-LLAMA_EMBED = ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
-T5_EMBED = ALIAS_GROUPS[0]
 
-# Layer counts: config field -> the key pattern whose distinct indices are that tower's layers.
-LAYERS = {
-    "common": [
-        ("vision.num_hidden_layers", r"^vision_model\.encoder\.layers\.(\d+)\."),
-        ("qformer.num_hidden_layers", r"^qformer\.encoder\.layer\.(\d+)\."),
-    ],
-    "opt": [("text.num_hidden_layers", r"^language_model\.model\.decoder\.layers\.(\d+)\.")],
-    "t5": [
-        ("text.num_layers", r"^language_model\.encoder\.block\.(\d+)\."),
-        ("text.num_decoder_layers", r"^language_model\.decoder\.block\.(\d+)\."),
-    ],
-    "llama": [("text.num_hidden_layers", r"^language_model\.model\.layers\.(\d+)\.")],
-}
+# Layer counts: config field -> the key pattern whose distinct indices are that tower's layers. The language
+# model's are in its registry entry (models/registry.py), with its anchors.
+LAYERS = [
+    ("vision.num_hidden_layers", r"^vision_model\.encoder\.layers\.(\d+)\."),
+    ("qformer.num_hidden_layers", r"^qformer\.encoder\.layer\.(\d+)\."),
+]
 
-ANCHORS = {
-    "common": [
-        Anchor("vision.hidden_size", PATCH, 0),
-        Anchor("vision.patch_size", PATCH, 2),
-        Anchor("num_query_tokens", QUERIES, 1),
-        Anchor("qformer.hidden_size", QUERIES, 2),
-        Anchor("qformer.vocab_size", ("embeddings.word_embeddings.weight",), 0),
-        Anchor("qformer.max_position_embeddings", ("embeddings.position_embeddings.weight",), 0),
-    ],
-    "opt": [
-        Anchor("text.vocab_size", OPT_EMBED, 0),
-        Anchor("text.word_embed_proj_dim", OPT_EMBED, 1),
-        Anchor("text.hidden_size", PROJECTION, 0),
-        # OPT's learned positions start at 2 (see models/opt.py).
-        Anchor(
-            "text.max_position_embeddings", ("language_model.model.decoder.embed_positions.weight",), 0, 2
-        ),
-    ],
-    "t5": [
-        Anchor("text.vocab_size", T5_EMBED, 0),
-        Anchor("text.d_model", T5_EMBED, 1),
-        Anchor("text.d_model", PROJECTION, 0),
-    ],
-    "llama": [
-        Anchor("text.vocab_size", LLAMA_EMBED, 0),
-        Anchor("text.hidden_size", LLAMA_EMBED, 1),
-        Anchor("text.hidden_size", PROJECTION, 0),
-    ],
-}
+ANCHORS = [
+    Anchor("vision.hidden_size", PATCH, 0),
+    Anchor("vision.patch_size", PATCH, 2),
+    Anchor("num_query_tokens", QUERIES, 1),
+    Anchor("qformer.hidden_size", QUERIES, 2),
+    Anchor("qformer.vocab_size", ("embeddings.word_embeddings.weight",), 0),
+    Anchor("qformer.max_position_embeddings", ("embeddings.position_embeddings.weight",), 0),
+]
 
 
 def check_config_against_checkpoint(config: Blip2Config, files: list[Path]) -> None:
@@ -356,12 +308,14 @@ def check_config_against_checkpoint(config: Blip2Config, files: list[Path]) -> N
     minutes to build even on the meta device. A mismatch names the config field, its value and the tensors.
     """
     shapes = checkpoint_shapes(files)
-    families = ["common"] + ([config.text_model_type] if config.text is not None else [])
-    for family in families:
-        for field, pattern in LAYERS[family]:
-            _check_layers(config, field, pattern, shapes)
-        for anchor in ANCHORS[family]:
-            _check_anchor(config, anchor, shapes)
+    layers, anchors = LAYERS, ANCHORS
+    if config.text is not None:
+        lm = family(config.text)
+        layers, anchors = layers + list(lm.layer_keys), anchors + list(lm.anchors)
+    for field, pattern in layers:
+        _check_layers(config, field, pattern, shapes)
+    for anchor in anchors:
+        _check_anchor(config, anchor, shapes)
 
 
 def checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
@@ -418,9 +372,8 @@ def dtype_plan(config: Blip2Config, dtype: torch.dtype) -> Callable[[str], torch
 
 
 def lm_dtype(config: Blip2Config, dtype: torch.dtype) -> torch.dtype:
-    if isinstance(config.text, T5Config) and dtype == torch.float16:
-        return torch.bfloat16
-    return dtype
+    """The language model's dtype when `dtype` is asked for: its family's policy (Flan-T5: see above)."""
+    return dtype if config.text is None else family(config.text).weights_dtype(dtype)
 
 
 def assign_weights(

@@ -10,31 +10,22 @@ InstructBLIP's `qformer.embeddings.*` are renamed to `embeddings.*` / `qformer.l
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
-from ..config import Blip2Config, LlamaConfig, OPTConfig, T5Config
+from ..config import Blip2Config
 from .qformer import QFormer, TextEmbeddings
+from .registry import family
 from .vision import VisionModel
-
-
-def build_language_model(config: OPTConfig | T5Config | LlamaConfig) -> nn.Module:
-    if isinstance(config, T5Config):
-        from .t5 import T5ForConditionalGeneration
-
-        return T5ForConditionalGeneration(config)
-    if isinstance(config, LlamaConfig):
-        from .llama import LlamaForCausalLM
-
-        return LlamaForCausalLM(config)
-    from .opt import OPTForCausalLM
-
-    return OPTForCausalLM(config)
 
 
 class Blip2Base(nn.Module):
     """The part every BLIP-2 model shares: the vision tower, the learned query tokens and the Q-Former, plus
     the Q-Former's text embeddings when it reads text (retrieval, InstructBLIP)."""
+
+    head_weight: str  # a weight of the heads on top of the Q-Former, which all share its dtype
 
     def __init__(self, config: Blip2Config, reads_text: bool):
         super().__init__()
@@ -45,6 +36,20 @@ class Blip2Base(nn.Module):
         self.qformer = QFormer(q, text_ffn=reads_text or q.use_qformer_text_input)
         if reads_text:
             self.embeddings = TextEmbeddings(q)
+        self.head_dtype = torch.float32  # the dtype the heads compute in (see set_compute_dtypes)
+
+    def set_compute_dtypes(self, plan: Callable[[str], torch.dtype]) -> None:
+        """Record the dtype each part computes in, from the loader's plan (parameter name -> dtype), once the
+        weights are assigned: the parts cast their inputs to it instead of reading some weight's dtype, which a
+        quantized Linear does not give."""
+        self.vision_model.dtype = plan("vision_model.embeddings.patch_embedding.weight")
+        self.qformer.dtype = plan("qformer.layernorm.weight")
+        self.head_dtype = plan(self.head_weight)
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        """The dtype the vision tower computes in: that of the pixels it is given."""
+        return self.vision_model.dtype
 
     def encode_images(self, pixels: Tensor) -> Tensor:
         """pixels (B, 3, H, W) -> image embeddings (B, 257, 1408) in the vision tower's dtype."""
@@ -70,19 +75,18 @@ class Blip2Base(nn.Module):
 
 
 class Blip2ForConditionalGeneration(Blip2Base):
+    head_weight = "language_projection.weight"
+
     def __init__(self, config: Blip2Config):
         super().__init__(config, reads_text=config.model_type == "instructblip")
-        self.language_projection = nn.Linear(config.qformer.hidden_size, _lm_width(config.text))
-        self.language_model = build_language_model(config.text)
+        lm = family(config.text)
+        self.language_projection = nn.Linear(config.qformer.hidden_size, lm.width(config.text))
+        self.language_model = lm.model_class(config.text)
 
     def project(self, query_output: Tensor) -> Tensor:
         """Q-Former outputs -> language-model input embeddings (B, 32, D), in the projection's dtype."""
-        return self.language_projection(query_output.to(self.language_projection.weight.dtype))
+        return self.language_projection(query_output.to(self.head_dtype))
 
     def image_prefix(self, pixels: Tensor) -> Tensor:
         """pixels -> the soft prompt the language model reads before the text, (B, 32, D)."""
         return self.project(self.query(self.encode_images(pixels)))
-
-
-def _lm_width(text: OPTConfig | T5Config | LlamaConfig) -> int:
-    return text.d_model if isinstance(text, T5Config) else text.hidden_size

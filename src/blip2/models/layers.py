@@ -1,4 +1,4 @@
-"""Small pieces shared by the towers: activations and attention-mask helpers."""
+"""Small pieces shared by the towers: activations, attention-mask and position helpers."""
 
 from __future__ import annotations
 
@@ -49,3 +49,27 @@ def merge_heads(x: Tensor) -> Tensor:
     """(B, H, T, D) -> (B, T, H*D)"""
     b, h, t, d = x.shape
     return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+def position_ids(attention_mask: Tensor, past: int) -> Tensor:
+    """(B, S) 1/0 mask over all positions so far -> (B, S - past) position ids of the new ones.
+
+    Positions count non-pad tokens only, so a left-padded row starts at 0 at its first real token;
+    pad positions get -1 (OPT: a real but irrelevant row of its position table; a pad query attends only
+    to itself, so what it gets changes no real token).
+    """
+    mask = attention_mask.long()
+    return (mask.cumsum(1) * mask - 1)[:, past:]
+
+
+def causal_mask(attention_mask: Tensor, past: int) -> Tensor:
+    """(B, S) 1/0 key mask -> (B, 1, T, S) boolean mask (True = attend) for the T = S - past new queries.
+
+    A query sees the non-pad keys up to itself. It always sees itself too: that changes nothing for real
+    tokens, and gives a left-padded row's pad queries something harmless to attend to instead of NaN.
+    """
+    s = attention_mask.shape[1]
+    k_pos = torch.arange(s, device=attention_mask.device)  # (S,)
+    q_pos = k_pos[past:, None]  # (T, 1)
+    allowed = (k_pos <= q_pos) & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+    return allowed | (k_pos == q_pos)

@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import LlamaConfig
-from ..generation.cache import KVCache
-from .layers import activation, merge_heads, split_heads
-from .opt import causal_mask, position_ids
+from .cache import KVCache
+from .layers import activation, causal_mask, merge_heads, position_ids, split_heads
 
 
 class RMSNorm(nn.Module):

@@ -7,39 +7,15 @@ Parameter names follow the Hugging Face checkpoint layout so its weights load ke
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import OPTConfig
-from ..generation.cache import KVCache
-from .layers import activation, merge_heads, split_heads
+from .cache import KVCache
+from .layers import activation, causal_mask, merge_heads, position_ids, split_heads
 
 # OPT reserves the first two rows of its position table (a fairseq padding_idx leftover).
 POSITION_OFFSET = 2
-
-
-def position_ids(attention_mask: Tensor, past: int) -> Tensor:
-    """(B, S) 1/0 mask over all positions so far -> (B, S - past) position ids of the new ones.
-
-    Positions count non-pad tokens only, so a left-padded row starts at 0 at its first real token;
-    pad positions get -1 (they land on a real but irrelevant row of the table).
-    """
-    mask = attention_mask.long()
-    return (mask.cumsum(1) * mask - 1)[:, past:]
-
-
-def causal_mask(attention_mask: Tensor, past: int) -> Tensor:
-    """(B, S) 1/0 key mask -> (B, 1, T, S) boolean mask (True = attend) for the T = S - past new queries.
-
-    A query sees the non-pad keys up to itself. It always sees itself too: that changes nothing for real
-    tokens, and gives a left-padded row's pad queries something harmless to attend to instead of NaN.
-    """
-    s = attention_mask.shape[1]
-    k_pos = torch.arange(s, device=attention_mask.device)  # (S,)
-    q_pos = k_pos[past:, None]  # (T, 1)
-    allowed = (k_pos <= q_pos) & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
-    return allowed | (k_pos == q_pos)
 
 
 class OPTAttention(nn.Module):

@@ -131,6 +131,9 @@ class QFormer(nn.Module):
         text_ffn = config.use_qformer_text_input if text_ffn is None else text_ffn
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = QFormerEncoder(config, text_ffn)
+        # The dtype it computes in, set by the loader: float32 as the reference keeps it (InstructBLIP: the
+        # requested dtype). Its inputs are cast to it.
+        self.dtype = torch.float32
 
     def forward(
         self,
@@ -139,7 +142,7 @@ class QFormer(nn.Module):
         num_queries: int,
         attention_mask: Tensor | None = None,
     ) -> Tensor:
-        dtype = self.layernorm.weight.dtype  # float32, as the reference keeps it
+        dtype = self.dtype
         x = self.layernorm(embeddings.to(dtype))
         image = image.to(dtype) if image is not None else None
         mask = padding_mask(attention_mask, dtype)

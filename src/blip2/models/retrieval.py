@@ -22,6 +22,8 @@ from .blip2 import Blip2Base
 
 
 class Blip2ForImageTextRetrieval(Blip2Base):
+    head_weight = "itm_head.weight"  # and the ITC projections
+
     def __init__(self, config: Blip2Config):
         super().__init__(config, reads_text=True)
         q = config.qformer
@@ -36,9 +38,7 @@ class Blip2ForImageTextRetrieval(Blip2Base):
 
     def project_images(self, image_features: Tensor) -> Tensor:
         """Image features (B, Q, 768) -> L2-normalised ITC embeddings (B, Q, 256), one per query."""
-        return F.normalize(
-            self.vision_projection(image_features.to(self.vision_projection.weight.dtype)), dim=-1
-        )
+        return F.normalize(self.vision_projection(image_features.to(self.head_dtype)), dim=-1)
 
     # -- text -----------------------------------------------------------------------------------------------
     def text_features(self, ids: Tensor, mask: Tensor) -> Tensor:
@@ -47,7 +47,7 @@ class Blip2ForImageTextRetrieval(Blip2Base):
 
     def project_texts(self, text_features: Tensor) -> Tensor:
         """Text features (B, L, 768) -> the L2-normalised ITC embedding of the [CLS] position (B, 256)."""
-        cls = text_features[:, 0].to(self.text_projection.weight.dtype)
+        cls = text_features[:, 0].to(self.head_dtype)
         return F.normalize(self.text_projection(cls), dim=-1)
 
     # -- image and text together ----------------------------------------------------------------------------
@@ -58,7 +58,7 @@ class Blip2ForImageTextRetrieval(Blip2Base):
 
     def itm_logits(self, multimodal: Tensor) -> Tensor:
         """Multimodal features (B, Q, 768) -> ITM logits (B, 2), [no match, match]: the head's mean over queries."""
-        return self.itm_head(multimodal.to(self.itm_head.weight.dtype)).mean(dim=1)
+        return self.itm_head(multimodal.to(self.head_dtype)).mean(dim=1)
 
 
 def similarity(image_proj: Tensor, text_proj: Tensor) -> Tensor:

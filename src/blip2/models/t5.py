@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import T5Config
-from ..generation.cache import KVCache
+from .cache import KVCache
 from .layers import activation
 
 
@@ -152,8 +152,11 @@ class T5DenseReluDense(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
-        # wo may be kept in float32 (as transformers does for flan-t5-xxl): follow its dtype
-        return self.wo(h.to(self.wo.weight.dtype))
+        # wo may be kept in float32 (as transformers does for flan-t5-xxl): follow its dtype, unless it is a
+        # quantized one (integer weight), as the reference does
+        if self.wo.weight.is_floating_point():
+            h = h.to(self.wo.weight.dtype)
+        return self.wo(h)
 
 
 class T5LayerFF(nn.Module):

@@ -38,8 +38,8 @@ class VisionEmbeddings(nn.Module):
 
     def forward(self, pixels: Tensor) -> Tensor:
         b, _, h, w = pixels.shape
-        dtype = self.patch_embedding.weight.dtype
-        patches = self.patch_embedding(pixels.to(dtype)).flatten(2).transpose(1, 2)  # (B, N, C)
+        dtype = pixels.dtype  # the tower's compute dtype (VisionModel casts)
+        patches = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, N, C)
         x = torch.cat([self.class_embedding.expand(b, 1, -1).to(dtype), patches], dim=1)
         pos = self.position_embedding
         grid = (h // self.patch_size, w // self.patch_size)
@@ -103,9 +103,12 @@ class VisionModel(nn.Module):
         self.embeddings = VisionEmbeddings(config)
         self.encoder = VisionEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # The dtype it computes in, set by the loader with the weights' (a quantized Linear's weight does not
+        # say it); pixels are cast to it.
+        self.dtype = torch.float32
 
     def forward(self, pixels: Tensor) -> Tensor:
-        x = self.embeddings(pixels)
+        x = self.embeddings(pixels.to(self.dtype))
         for block in self.encoder.layers:
             x = block(x)
         return self.post_layernorm(x)

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..config import Blip2Config, T5Config
+from ..config import Blip2Config
 from ..errors import InputError
 from ..generation import GenerationOptions
+from ..models.registry import family
 from . import inputs
 from .engine import Engine, ImageInput
 
@@ -147,11 +148,6 @@ def _count_tokens(engine: Engine, prompt: str, index: int, budget: PromptBudget)
     return len(engine.text.encode(prompt))
 
 
-# Flan-T5 was trained on inputs of 512 tokens; its relative positions do not stop a longer one, but its
-# attention memory grows with the square of the input length.
-T5_TRAINED_LENGTH = 512
-
-
 @dataclasses.dataclass(frozen=True)
 class PromptBudget:
     tokens: int  # the most prompt tokens (special tokens included) one input may have
@@ -163,14 +159,16 @@ def prompt_budget(config: Blip2Config, max_new_tokens: int) -> PromptBudget:
     and `max_new_tokens` to generate (the policy is in `check_lengths`). An InputError when
     max_new_tokens alone leaves no room."""
     text_cfg, q = config.text, config.num_query_tokens
-    if isinstance(text_cfg, T5Config):
-        if max_new_tokens > T5_TRAINED_LENGTH:
+    lm_family = family(text_cfg)
+    trained = lm_family.trained_input_length
+    if trained is not None:  # encoder-decoder: the prompt and the new tokens are bounded apart
+        if max_new_tokens > trained:
             raise InputError(
-                f"max_new_tokens={max_new_tokens} is more than the {T5_TRAINED_LENGTH} tokens Flan-T5 was "
+                f"max_new_tokens={max_new_tokens} is more than the {trained} tokens {lm_family.label} was "
                 "trained to generate"
             )
-        limit, used = T5_TRAINED_LENGTH, q
-        explain = f"{q} query tokens + prompt <= {limit}, Flan-T5's input"
+        limit, used = trained, q
+        explain = f"{q} query tokens + prompt <= {limit}, {lm_family.label}'s input"
     else:
         limit, used = text_cfg.max_position_embeddings, q + max_new_tokens
         explain = f"{q} query tokens + prompt + max_new_tokens={max_new_tokens} <= {limit} positions"

@@ -17,12 +17,11 @@ import torch
 from torch import Tensor
 
 from .. import images as image_io
-from ..config import T5Config
 from ..errors import CheckpointError, InputError
 from ..generation import GenerationOptions, generate
 from ..generation.steppers import DecoderOnlyStepper, EncoderDecoderStepper
 from ..loading.loader import Checkpoint
-from ..text import PROMPT_TEMPLATES
+from ..models.registry import family
 from . import inputs
 
 DEFAULT_BATCH_SIZE = 16
@@ -45,7 +44,8 @@ class Engine:
         self.qformer_text = checkpoint.processors.qformer_text
         self.qformer_max_length = config.qformer.max_position_embeddings
         self.instruct = config.model_type == "instructblip"
-        self.template = "{}" if self.instruct else PROMPT_TEMPLATES.get(self.family)
+        lm_family = None if config.text is None else family(config.text)  # None: retrieval, no language model
+        self.template = "{}" if self.instruct else (lm_family.ask_template if lm_family else None)
         self.batch_size = DEFAULT_BATCH_SIZE
 
     @property
@@ -84,8 +84,7 @@ class Engine:
     @torch.inference_mode()
     def encode_vision(self, pixels: Tensor) -> Tensor:
         """Pixels (B, 3, H, W) -> vision-tower outputs (B, 257, C), in the tower's dtype."""
-        dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
-        return self.model.encode_images(pixels.to(self.device, dtype))
+        return self.model.encode_images(pixels.to(self.device, self.model.vision_dtype))
 
     @torch.inference_mode()
     def prefix(
@@ -149,17 +148,17 @@ class Engine:
         lm = self.model.language_model
         n, q = prefix.shape[:2]
         text_cfg = self.config.text
-        batch = self.text.batch(prompts, padding_side="right" if self.config.is_encoder_decoder else "left")
+        lm_family = family(text_cfg)
+        batch = self.text.batch(prompts, padding_side=lm_family.padding_side)
         ids, text_mask = batch.ids.to(self.device), batch.mask.to(self.device)
         text_embeds = lm.embed(ids)  # (N, T, D)
         embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], dim=1)  # (N, Q + T, D)
         mask = torch.cat([text_mask.new_ones(n, q), text_mask], dim=1)
-        if isinstance(text_cfg, T5Config):
-            stepper = EncoderDecoderStepper(
-                lm, embeds, mask, text_cfg.decoder_start_token_id, text_cfg.num_decoder_layers
-            )
+        layers = lm_family.decoder_layers(text_cfg)
+        if lm_family.is_encoder_decoder:
+            stepper = EncoderDecoderStepper(lm, embeds, mask, text_cfg.decoder_start_token_id, layers)
             return stepper, ids.new_full((n, 1), text_cfg.decoder_start_token_id), None
-        stepper = DecoderOnlyStepper(lm, embeds, mask, text_cfg.num_hidden_layers)  # OPT, LLaMA
+        stepper = DecoderOnlyStepper(lm, embeds, mask, layers)
         placeholder = self.config.image_token_index
         if placeholder is None:  # checkpoints without placeholders: the text alone, as transformers 4 did
             return stepper, ids, text_mask

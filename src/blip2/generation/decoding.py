@@ -16,7 +16,7 @@ from torch import Tensor
 from blip2.errors import InputError
 from blip2.generation.options import GenerationOptions
 from blip2.generation.processors import process
-from blip2.generation.stepper import Stepper
+from blip2.generation.steppers import Stepper
 
 _EXCLUDED = -1.0e9  # the score transformers gives to beams that must not be chosen
 
