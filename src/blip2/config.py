@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from .errors import CheckpointError
 from .files import read_json
@@ -29,6 +29,12 @@ ACTIVATION_NAMES = frozenset({"gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "
 
 
 # -- what a value may be ----------------------------------------------------------------------------------------
+class Rule(Protocol):
+    def problem(self, value: Any) -> str | None:
+        """Why `value` cannot be this field's value; None when it can."""
+        ...
+
+
 @dataclass(frozen=True)
 class IntRange:
     low: int
@@ -82,12 +88,13 @@ class TokenIds:
 
 
 SIZE = IntRange(1, 65536)
+VOCAB = IntRange(1, 10**7)
 LAYERS = IntRange(1, 1000)
 HEADS = IntRange(1, 65536)
 EPS = PositiveNumber(1.0)
 
 # Conversion rules as data: every field of the tower dataclasses that config.json can set, by name.
-FIELD_RULES = {
+FIELD_RULES: dict[str, Rule] = {
     **dict.fromkeys(
         ["hidden_size", "intermediate_size", "d_model", "d_kv", "d_ff", "ffn_dim", "word_embed_proj_dim"],
         SIZE,
@@ -99,7 +106,7 @@ FIELD_RULES = {
         ["num_hidden_layers", "num_layers", "num_decoder_layers", "cross_attention_frequency"], LAYERS
     ),
     **dict.fromkeys(["num_attention_heads", "num_heads", "num_key_value_heads"], HEADS),
-    "vocab_size": IntRange(1, 10**7),
+    "vocab_size": VOCAB,
     "num_query_tokens": IntRange(1, 1024),
     "relative_attention_num_buckets": IntRange(4, 65536),
     "relative_attention_max_distance": IntRange(1, 1 << 20),
@@ -160,7 +167,18 @@ def _object(data: Any, where: str) -> dict[str, Any]:
     return data
 
 
-def _from_dict(cls, data: Any, where: str, **renames: str):
+class _Tower(Protocol):
+    """A tower config dataclass: its fields, and the check of the relations between them."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    def check(self, where: str) -> None: ...
+
+
+TowerT = TypeVar("TowerT", bound=_Tower)
+
+
+def _from_dict(cls: type[TowerT], data: Any, where: str, **renames: str) -> TowerT:
     """Build dataclass `cls` from `data`, ignoring unknown keys; `renames` maps field -> json key.
 
     Each value is checked against FIELD_RULES before the dataclass exists (its __post_init__ divides by
@@ -188,7 +206,7 @@ OPTIONAL_IDS = ("pad_token_id", "bos_token_id")
 REQUIRED_IDS = ("eos_token_id", "decoder_start_token_id")
 
 
-def _settle_token_ids(config, where: str) -> None:
+def _settle_token_ids(config: TextConfig, where: str) -> None:
     """Drop `config`'s out-of-vocabulary pad/bos ids; raise on an eos/decoder-start id outside it."""
     vocab = config.vocab_size
     for name in OPTIONAL_IDS:
@@ -197,12 +215,18 @@ def _settle_token_ids(config, where: str) -> None:
             setattr(config, name, None)
     for name in REQUIRED_IDS:
         value = getattr(config, name, None)
+        if value is None:
+            continue
         ids = value if isinstance(value, list) else [value]
-        if value is not None and not all(0 <= i < vocab for i in ids):
+        if not all(0 <= i < vocab for i in ids):
             raise _fail(where, name, value, f"is not a token of the vocabulary (vocab_size {vocab})")
 
 
 # -- towers -------------------------------------------------------------------------------------------------------
+# Derived fields: a few fields default to None, meaning "derived from the others" as in transformers, and
+# __post_init__ replaces that None, so a config built by from_dict (which checks its inputs) always holds a value
+# there. They are annotated with the type they hold (int, str, bool), the None default carrying
+# `type: ignore[assignment]`, so that the models read them without a None check.
 @dataclass
 class VisionConfig:
     hidden_size: int = 1408
@@ -272,7 +296,7 @@ class OPTConfig:
     num_attention_heads: int = 12
     max_position_embeddings: int = 2048
     do_layer_norm_before: bool = True
-    word_embed_proj_dim: int | None = None
+    word_embed_proj_dim: int = None  # type: ignore[assignment]  # None: hidden_size (see "Derived fields")
     activation_function: str = "relu"
     layer_norm_elementwise_affine: bool = True
     enable_bias: bool = True
@@ -303,7 +327,7 @@ class T5Config:
     d_kv: int = 64
     d_ff: int = 2048
     num_layers: int = 6
-    num_decoder_layers: int | None = None
+    num_decoder_layers: int = None  # type: ignore[assignment]  # None: num_layers (see "Derived fields")
     num_heads: int = 8
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
@@ -312,15 +336,15 @@ class T5Config:
     # The feed-forward activation and gating. Derived from feed_forward_proj when config.json leaves them out
     # ("gated-gelu" meaning the tanh approximation, gelu_new), but a written value wins, as in transformers:
     # every released Flan-T5 BLIP-2 config says dense_act_fn "gelu" (exact) with feed_forward_proj "gated-gelu".
-    dense_act_fn: str | None = None
-    is_gated_act: bool | None = None
+    dense_act_fn: str = None  # type: ignore[assignment]
+    is_gated_act: bool = None  # type: ignore[assignment]
     tie_word_embeddings: bool = True
     pad_token_id: int | None = 0
     eos_token_id: int | list[int] = 1
     decoder_start_token_id: int = 0
     # Original T5 scales the decoder output by d_model**-0.5 before the head; T5 v1.1 / Flan-T5 do not.
     # Old configs said so through tie_word_embeddings=False; transformers 5 writes scale_decoder_outputs.
-    scale_decoder_outputs: bool | None = None
+    scale_decoder_outputs: bool = None  # type: ignore[assignment]
 
     def __post_init__(self):
         if self.num_decoder_layers is None:
@@ -375,8 +399,9 @@ class LlamaConfig:
     intermediate_size: int = 11008
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
-    num_key_value_heads: int | None = None  # None: one key/value head per query head (no GQA)
-    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    # None: one key/value head per query head (no GQA); hidden_size // num_attention_heads
+    num_key_value_heads: int = None  # type: ignore[assignment]
+    head_dim: int = None  # type: ignore[assignment]
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -428,6 +453,9 @@ class LlamaConfig:
         _settle_token_ids(self, where)
 
 
+# A language model's config, of any family.
+TextConfig = OPTConfig | T5Config | LlamaConfig
+
 # The language-model configs by text_config.model_type; what else differs per family is in models/registry.py.
 TEXT_CONFIGS = {cls.model_type: cls for cls in (OPTConfig, T5Config, LlamaConfig)}
 
@@ -436,7 +464,7 @@ TEXT_CONFIGS = {cls.model_type: cls for cls in (OPTConfig, T5Config, LlamaConfig
 class Blip2Config:
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
-    text: OPTConfig | T5Config | LlamaConfig | None = field(default_factory=OPTConfig)
+    text: TextConfig | None = field(default_factory=OPTConfig)
     num_query_tokens: int = 32
     image_text_hidden_size: int = 256
     image_token_index: int | None = None
@@ -473,7 +501,7 @@ class Blip2Config:
             _checked(where, image_token_key, image_token_index)
             # the language model embeds the placeholders, and the logits processors index with them; a
             # retrieval checkpoint only drops them
-            vocab = text.vocab_size if text is not None else FIELD_RULES["vocab_size"].high
+            vocab = text.vocab_size if text is not None else VOCAB.high
             _require(
                 0 <= image_token_index < vocab, where, image_token_key, image_token_index, "is out of vocab"
             )
@@ -487,7 +515,7 @@ class Blip2Config:
         )
 
 
-def _text_config(data: Any, where: str) -> OPTConfig | T5Config | LlamaConfig | None:
+def _text_config(data: Any, where: str) -> TextConfig | None:
     """The language model's config, by text_config.model_type; None when there is none (retrieval)."""
     if data is None:
         return None

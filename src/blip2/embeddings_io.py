@@ -29,8 +29,9 @@ import os
 import secrets
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -104,15 +105,19 @@ def check_output_path(out: str | Path) -> Path:
     return path
 
 
-def _uninterrupted(method):
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _uninterrupted(method: Callable[P, R]) -> Callable[P, R]:
     """Hold Ctrl-C (SIGINT) while `method` runs, so that a row or a file is never half written: the interrupt
     is raised as usual as soon as it returns. (Signals only reach the main thread; elsewhere it just runs.)"""
 
     @functools.wraps(method)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         if threading.current_thread() is not threading.main_thread():
             return method(*args, **kwargs)
-        held = []
+        held: list[tuple[Any, ...]] = []
         previous = signal.signal(signal.SIGINT, lambda *received: held.append(received))
         try:
             return method(*args, **kwargs)
@@ -175,7 +180,13 @@ class EmbeddingsWriter:
                 _sync(temp)
             self._remove_outputs()
             self._commit()
-        return (self.rows, *self.row_shape)
+        return (self.rows, *self._row_shape)
+
+    @property
+    def _row_shape(self) -> tuple[int, ...]:
+        """The shape of every row, known from the first row on: the format steps all run after it."""
+        assert self.row_shape is not None
+        return self.row_shape
 
     @contextlib.contextmanager
     def _writing(self):
@@ -254,7 +265,7 @@ class NpyWriter(EmbeddingsWriter):
         self._paths.close()
 
     def _write_header(self, rows: int) -> int:
-        header = {"descr": "<f4", "fortran_order": False, "shape": (rows, *self.row_shape)}
+        header = {"descr": "<f4", "fortran_order": False, "shape": (rows, *self._row_shape)}
         np.lib.format.write_array_header_1_0(self._data, header)
         return self._data.tell()
 
@@ -277,7 +288,7 @@ class ParquetWriter(EmbeddingsWriter):
     def __init__(self, path: Path):
         super().__init__(path)
         self._pending: list[tuple[str, np.ndarray]] = []
-        self._parquet = None
+        self._parquet: Any = None  # a pyarrow ParquetWriter from the first row (pyarrow is untyped)
 
     def _start(self) -> None:
         pa, pq = _pyarrow()
@@ -285,9 +296,9 @@ class ParquetWriter(EmbeddingsWriter):
             [
                 ("image", pa.string()),
                 ("image_bytes", pa.binary()),
-                ("embedding", pa.list_(pa.float32(), math.prod(self.row_shape))),
+                ("embedding", pa.list_(pa.float32(), math.prod(self._row_shape))),
             ],
-            metadata={"shape": ",".join(map(str, self.row_shape))},
+            metadata={"shape": ",".join(map(str, self._row_shape))},
         )
         self._data.close()  # pyarrow writes the file itself
         self._parquet = pq.ParquetWriter(str(self._temps[0]), schema)

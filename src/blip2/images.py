@@ -32,6 +32,7 @@ import os
 import stat
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ _SPECIAL_FILES = (
     (stat.S_ISBLK, "is a block device, not a regular file"),
     (stat.S_ISSOCK, "is a socket, not a regular file"),
 )
-_OS_ERRORS = {
+_OS_ERRORS: dict[int | None, str] = {  # by OSError.errno, which may be None
     errno.ENOENT: "file not found",
     errno.ENOTDIR: "file not found (a folder in its path is a file)",
     errno.EACCES: "permission denied",
@@ -392,7 +393,7 @@ def to_tensor(image: Image.Image, config: ImageProcessorConfig) -> torch.Tensor:
     Done in numpy, as the reference does: bit-identical to it, and a few small single-threaded passes
     are cheaper here than torch's multi-threaded kernels on a busy machine.
     """
-    values = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+    values: np.ndarray = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
     if config.do_rescale:
         # The reference multiplies in float64 and only then rounds to float32.
         values = (values.astype(np.float64) * config.rescale_factor).astype(np.float32)
@@ -425,7 +426,8 @@ def preprocess(images: ImageSource | Sequence[ImageSource], config: ImageProcess
     Raises `InputError` for an empty list or images whose output sizes differ (aspect-preserving configs),
     and `ImageError` naming the first image that cannot be read.
     """
-    batch = list(images) if isinstance(images, (list, tuple)) else [images]
+    # a str or bytes is one image, though a Sequence too
+    batch = list(images) if isinstance(images, (list, tuple)) else [cast(ImageSource, images)]
     if not batch:
         raise InputError("no images given")
     tensors = [preprocess_one(image, config) for image in batch]

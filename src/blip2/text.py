@@ -118,9 +118,9 @@ def bert_from_vocab(directory: Path, settings: dict):
     )
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
-    specials = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab]
+    specials: list[str] = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab]
     added = _read_added_tokens(directory / "added_tokens.json")  # {token: id}, e.g. LAVIS's "[DEC]"
-    tokenizer.add_special_tokens(specials + sorted(added, key=added.get))
+    tokenizer.add_special_tokens(specials + sorted(added, key=added.__getitem__))
     tokenizer.post_processor = processors.BertProcessing(("[SEP]", vocab["[SEP]"]), ("[CLS]", vocab["[CLS]"]))
     return tokenizer
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import click
 
@@ -14,6 +15,8 @@ from .options import TEXT, generation_options, match_options, model_options
 from .output import cell, emit, json_line, message
 
 PROGRESS_THRESHOLD = 8  # show a progress bar from this many images on
+
+Result = TypeVar("Result")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -230,7 +233,9 @@ def _load(model: str, device: str | None, dtype: str | None, batch_size: int):
     return pipe
 
 
-def _each_image(pipe, paths, run: Callable) -> Iterator[tuple[str, object]]:
+def _each_image(
+    pipe, paths: Sequence[str], run: Callable[[list], Sequence[Result]]
+) -> Iterator[tuple[str, Result | Blip2Error]]:
     """Yield (path, result or ImageError) in input order, through the task layer's batch iterator (see
     `blip2.tasks.batch`), with a progress bar on a terminal. `run` takes the decoded images of a batch."""
     from tqdm import tqdm

@@ -12,6 +12,7 @@ import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,6 +46,9 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+
+# The models a checkpoint builds: captioning (with a language model) or image-text retrieval.
+Blip2Model = Blip2ForConditionalGeneration | Blip2ForImageTextRetrieval
 
 # A transform run on the loaded model before it is used (quantization, compilation): model in, model out.
 PostLoad = Callable[[nn.Module, Blip2Config], nn.Module]
@@ -107,11 +111,11 @@ def load_directory(
     plan = dtype_plan(config, dtype)
     assign_weights(model, read_tensors(files, device), plan)
     model.set_compute_dtypes(plan)
-    model = post_load(model.eval().requires_grad_(False), config, transforms)
-    return Checkpoint(model, config, processors, device, name or str(directory))
+    ready = post_load(model.eval().requires_grad_(False), config, transforms)
+    return Checkpoint(ready, config, processors, device, name or str(directory))
 
 
-def read_model_config(directory: Path) -> tuple[Blip2Config, type[nn.Module]]:
+def read_model_config(directory: Path) -> tuple[Blip2Config, type[Blip2Model]]:
     """The checkpoint's config (bounds-checked; generation_config.json's token ids applied) and the model
     class it describes: captioning (a language model) or image-text retrieval (none)."""
     config, raw = read_config(directory)
@@ -143,7 +147,7 @@ def read_processors(directory: Path, config: Blip2Config) -> Processors:
     )
 
 
-def build_on_meta(model_class: type[nn.Module], config: Blip2Config) -> nn.Module:
+def build_on_meta(model_class: type[Blip2Model], config: Blip2Config) -> Blip2Model:
     """The model's structure without memory: the weights are assigned afterwards, never copied."""
     with torch.device("meta"):
         return model_class(config)
@@ -185,7 +189,7 @@ def parse_device(device: str | torch.device | None) -> torch.device:
         raise InputError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
     if parsed.type == "cpu":
         return parsed
-    backend = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    backend: Any = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
     if not (hasattr(backend, "is_available") and backend.is_available()):
         raise InputError(f"device {device!r}: no {parsed.type} device is available on this machine")
     count = backend.device_count() if hasattr(backend, "device_count") else 1

@@ -7,16 +7,31 @@ read what they need from the entry instead of asking which family they hold.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
-from torch import nn
 
-from ..config import LlamaConfig, OPTConfig, T5Config
+from ..config import LlamaConfig, OPTConfig, T5Config, TextConfig
 from .llama import LlamaForCausalLM
 from .opt import POSITION_OFFSET, OPTForCausalLM
 from .t5 import T5ForConditionalGeneration
+
+# A language model of any family: each has `embed(ids)`, the decoding steppers call the rest.
+LanguageModel = OPTForCausalLM | T5ForConditionalGeneration | LlamaForCausalLM
+
+
+class DecoderOnlyConfig(Protocol):
+    """What the prompt budget reads from a decoder-only family's config."""
+
+    max_position_embeddings: int
+
+
+class EncoderDecoderConfig(Protocol):
+    """What decoding reads from an encoder-decoder family's config."""
+
+    decoder_start_token_id: int
 
 
 class Anchor(NamedTuple):
@@ -35,8 +50,8 @@ class LanguageModelFamily:
 
     label: str  # as messages name it
     # its text_config dataclass, read when text_config.model_type is config_class.model_type
-    config_class: type
-    model_class: type[nn.Module]  # built from that config
+    config_class: type[TextConfig]
+    model_class: Callable[[Any], LanguageModel]  # built from that config
     # Encoder-decoder (T5): the prompt is encoded once, right-padded, and decoding starts from the decoder
     # start token. Decoder-only (OPT, LLaMA): the prompt is left-padded and decoding continues it.
     is_encoder_decoder: bool

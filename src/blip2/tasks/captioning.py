@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -16,14 +17,14 @@ from torch import Tensor
 from ..config import Blip2Config
 from ..errors import InputError
 from ..generation import GenerationOptions
-from ..models.registry import family
+from ..models.registry import DecoderOnlyConfig, family
 from . import inputs
 from .engine import Engine, ImageInput
 
 # Defaults in the spirit of LAVIS: beam search for both; short answers favoured by a negative length penalty.
 CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=1)
 ASK_DEFAULTS = dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
-TASK_DEFAULTS = {"caption": CAPTION_DEFAULTS, "ask": ASK_DEFAULTS}
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {"caption": CAPTION_DEFAULTS, "ask": ASK_DEFAULTS}
 
 # InstructBLIP is instruction-tuned: without a prompt it is asked for a caption in words.
 INSTRUCT_CAPTION_PROMPT = "A short image caption:"
@@ -159,6 +160,7 @@ def prompt_budget(config: Blip2Config, max_new_tokens: int) -> PromptBudget:
     and `max_new_tokens` to generate (the policy is in `check_lengths`). An InputError when
     max_new_tokens alone leaves no room."""
     text_cfg, q = config.text, config.num_query_tokens
+    assert text_cfg is not None, "a checkpoint with a language model (see Engine.require_language_model)"
     lm_family = family(text_cfg)
     trained = lm_family.trained_input_length
     if trained is not None:  # encoder-decoder: the prompt and the new tokens are bounded apart
@@ -170,7 +172,7 @@ def prompt_budget(config: Blip2Config, max_new_tokens: int) -> PromptBudget:
         limit, used = trained, q
         explain = f"{q} query tokens + prompt <= {limit}, {lm_family.label}'s input"
     else:
-        limit, used = text_cfg.max_position_embeddings, q + max_new_tokens
+        limit, used = cast(DecoderOnlyConfig, text_cfg).max_position_embeddings, q + max_new_tokens
         explain = f"{q} query tokens + prompt + max_new_tokens={max_new_tokens} <= {limit} positions"
     if used >= limit:
         raise InputError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt ({explain})")

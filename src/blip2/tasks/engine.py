@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from .. import images as image_io
+from ..config import TextConfig
 from ..errors import CheckpointError, InputError
 from ..generation import GenerationOptions, generate
-from ..generation.steppers import DecoderOnlyStepper, EncoderDecoderStepper
+from ..generation.steppers import DecoderOnlyStepper, EncoderDecoderStepper, Stepper
 from ..loading.loader import Checkpoint
-from ..models.registry import family
+from ..models.blip2 import Blip2Base, Blip2ForConditionalGeneration
+from ..models.registry import EncoderDecoderConfig, family
 from . import inputs
 
 DEFAULT_BATCH_SIZE = 16
@@ -32,8 +34,11 @@ ImageInput = Any  # a path, bytes, a PIL image or a numpy array
 class Engine:
     """A loaded checkpoint: the model, its config and processors, the device it runs on."""
 
+    _batch_size: int
+
     def __init__(self, checkpoint: Checkpoint):
-        self.model = checkpoint.model
+        # Post-load transforms (quantization, compilation) keep the model's methods, whatever they return.
+        self.model = cast(Blip2Base, checkpoint.model)
         self.config = config = checkpoint.config
         self.text = checkpoint.processors.text
         self.image_config = checkpoint.processors.image_config
@@ -95,7 +100,7 @@ class Engine:
             list(range(len(image_embeds))) if rows is None else list(rows), device=self.device
         )
         if self.qformer_text is None:
-            return self.model.project(self.model.query(image_embeds)).index_select(0, index)
+            return self.captioner.project(self.model.query(image_embeds)).index_select(0, index)
         prompts = list(prompts) if prompts is not None else [""] * len(index)
         instruction = self.qformer_text.batch(
             prompts, padding_side="right", max_length=self.qformer_max_length
@@ -105,7 +110,7 @@ class Engine:
             instruction.ids.to(self.device),
             instruction.mask.to(self.device),
         )
-        return self.model.project(query)
+        return self.captioner.project(query)
 
     @torch.inference_mode()
     def generate_from_embeds(
@@ -116,6 +121,17 @@ class Engine:
         prefix = self.prefix(image_embeds, rows, prompts)  # (N, Q, D)
         ids = self.generate_ids(prefix, prompts, opts)
         return [self.text.decode(row) for row in ids.tolist()]
+
+    @property
+    def captioner(self) -> Blip2ForConditionalGeneration:
+        """The model with its language model: what `require_language_model` checks the checkpoint has."""
+        return cast(Blip2ForConditionalGeneration, self.model)
+
+    @property
+    def text_config(self) -> TextConfig:
+        """The language model's config: what `require_language_model` checks the checkpoint has."""
+        assert self.config.text is not None
+        return self.config.text
 
     def require_language_model(self) -> None:
         """A CheckpointError unless the checkpoint can caption and answer (retrieval checkpoints cannot)."""
@@ -128,7 +144,7 @@ class Engine:
     def generate_ids(self, prefix: Tensor, prompts: list[str], opts: GenerationOptions) -> Tensor:
         """Image prefix (N, Q, D) and N prompts -> new token ids (N * num_return_sequences, L)."""
         stepper, history, history_mask = self.stepper(prefix, prompts)
-        text_cfg = self.config.text
+        text_cfg = self.text_config
         return generate(
             stepper,
             history,
@@ -138,16 +154,16 @@ class Engine:
             attention_mask=history_mask,
         )
 
-    def stepper(self, prefix: Tensor, prompts: list[str]):
+    def stepper(self, prefix: Tensor, prompts: list[str]) -> tuple[Stepper, Tensor, Tensor | None]:
         """The language model's input for (image prefix, prompt) rows, as a decoding Stepper.
 
         Returns (stepper, history, history_mask): `history` is what the reference's logits processors see
         as input_ids (decoder-only: the query placeholders, then the padded prompt; encoder-decoder: the
         decoder start token), and `history_mask` its attention mask (None for encoder-decoder, as there).
         """
-        lm = self.model.language_model
+        lm = self.captioner.language_model
         n, q = prefix.shape[:2]
-        text_cfg = self.config.text
+        text_cfg = self.text_config
         lm_family = family(text_cfg)
         batch = self.text.batch(prompts, padding_side=lm_family.padding_side)
         ids, text_mask = batch.ids.to(self.device), batch.mask.to(self.device)
@@ -156,8 +172,8 @@ class Engine:
         mask = torch.cat([text_mask.new_ones(n, q), text_mask], dim=1)
         layers = lm_family.decoder_layers(text_cfg)
         if lm_family.is_encoder_decoder:
-            stepper = EncoderDecoderStepper(lm, embeds, mask, text_cfg.decoder_start_token_id, layers)
-            return stepper, ids.new_full((n, 1), text_cfg.decoder_start_token_id), None
+            start = cast(EncoderDecoderConfig, text_cfg).decoder_start_token_id
+            return EncoderDecoderStepper(lm, embeds, mask, start, layers), ids.new_full((n, 1), start), None
         stepper = DecoderOnlyStepper(lm, embeds, mask, layers)
         placeholder = self.config.image_token_index
         if placeholder is None:  # checkpoints without placeholders: the text alone, as transformers 4 did
@@ -165,7 +181,7 @@ class Engine:
         return stepper, torch.cat([ids.new_full((n, q), placeholder), ids], dim=1), mask
 
 
-def _pad_id(text_cfg) -> int:
+def _pad_id(text_cfg: TextConfig) -> int:
     """The id that fills finished rows: the config's pad token, else the first EOS (as the reference does)."""
     if text_cfg.pad_token_id is not None:
         return text_cfg.pad_token_id

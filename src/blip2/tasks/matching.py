@@ -13,12 +13,13 @@ tokenizer does with `truncation=True, max_length=512`. Results are float32 tenso
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, InputError
+from ..models.retrieval import Blip2ForImageTextRetrieval
 from ..models.retrieval import similarity as itc_similarity
 from . import inputs
 from .engine import Engine, ImageInput
@@ -44,7 +45,7 @@ def match(
     image_list, text_list = inputs.as_list(images, "images"), inputs.texts(texts)
     rows, text_list = inputs.pairs(len(image_list), text_list)
     multimodal = _paired_multimodal(engine, image_list, rows, text_list)
-    probs = engine.model.itm_logits(multimodal).float().softmax(dim=-1)[:, 1].tolist()
+    probs = _retrieval(engine).itm_logits(multimodal).float().softmax(dim=-1)[:, 1].tolist()
     return probs[0] if not inputs.is_list(images) and not inputs.is_list(texts) else probs
 
 
@@ -56,10 +57,10 @@ def similarity(
     _require(engine, "compute ITC similarity", "vision_projection", "embeddings", "text_projection")
     image_list, text_list = inputs.as_list(images, "images"), inputs.texts(texts)
     image_proj = _per_image_chunk(
-        engine, image_list, lambda embeds: engine.model.project_images(engine.model.query(embeds))
+        engine, image_list, lambda embeds: _retrieval(engine).project_images(engine.model.query(embeds))
     )  # (I, Q, 256)
     features, _ = _text_features(engine, text_list)
-    text_proj = engine.model.project_texts(features)  # (T, 256)
+    text_proj = _retrieval(engine).project_texts(features)  # (T, 256)
     return _out(itc_similarity(image_proj, text_proj))
 
 
@@ -69,7 +70,7 @@ def embed_images(engine: Engine, images: ImageInput | Sequence[ImageInput]) -> d
     features = _per_image_chunk(engine, inputs.as_list(images, "images"), engine.model.query)  # (B, Q, 768)
     out = {"image_embeds": _out(features)}
     if hasattr(engine.model, "vision_projection"):
-        out["image_embeds_proj"] = _out(engine.model.project_images(features))
+        out["image_embeds_proj"] = _out(_retrieval(engine).project_images(features))
     return out
 
 
@@ -81,7 +82,7 @@ def embed_texts(engine: Engine, texts: str | Sequence[str]) -> dict[str, Tensor]
     return {
         "text_embeds": _out(features),
         "attention_mask": mask.cpu(),
-        "text_embeds_proj": _out(engine.model.project_texts(features)),
+        "text_embeds_proj": _out(_retrieval(engine).project_texts(features)),
     }
 
 
@@ -122,16 +123,16 @@ def classify(
         _require(engine, "re-rank with ITM", "itm_head")
 
     image_embeds = _encode(engine, [image])  # (1, 257, 1408): the image is encoded once
-    image_proj = engine.model.project_images(engine.model.query(image_embeds))  # (1, Q, 256)
+    image_proj = _retrieval(engine).project_images(engine.model.query(image_embeds))  # (1, Q, 256)
     prompts = [inputs.fill(template, label) for label in labels]
     features, _ = _text_features(engine, prompts)
-    scores = itc_similarity(image_proj, engine.model.project_texts(features))[0].float()  # (N,)
+    scores = itc_similarity(image_proj, _retrieval(engine).project_texts(features))[0].float()  # (N,)
     probs = (scores / temperature).softmax(dim=0)
     order = scores.argsort(descending=True, stable=True)[:top_k].tolist()
     results = [{"label": labels[i], "score": scores[i].item(), "probability": probs[i].item()} for i in order]
     if rerank:
         multimodal = _multimodal(engine, image_embeds, [0] * len(order), [prompts[i] for i in order])
-        itm = engine.model.itm_logits(multimodal).float().softmax(dim=-1)[:, 1].tolist()
+        itm = _retrieval(engine).itm_logits(multimodal).float().softmax(dim=-1)[:, 1].tolist()
         for result, p in zip(results, itm):
             result["match"] = p
         results.sort(key=lambda r: r["match"], reverse=True)
@@ -178,7 +179,7 @@ def _tokenize(engine: Engine, texts: list[str]) -> tuple[Tensor, Tensor]:
 def _text_features(engine: Engine, texts: list[str]) -> tuple[Tensor, Tensor]:
     """Texts -> Q-Former text outputs (N, L, 768) and their mask (N, L)."""
     ids, mask = _tokenize(engine, texts)
-    return engine.model.text_features(ids, mask), mask
+    return _retrieval(engine).text_features(ids, mask), mask
 
 
 def _multimodal(engine: Engine, image_embeds: Tensor, rows: list[int], texts: list[str]) -> Tensor:
@@ -188,12 +189,18 @@ def _multimodal(engine: Engine, image_embeds: Tensor, rows: list[int], texts: li
         chunk = slice(start, start + ITM_BATCH)
         ids, mask = _tokenize(engine, texts[chunk])
         index = torch.tensor(rows[chunk], device=image_embeds.device)
-        parts.append(engine.model.multimodal_features(image_embeds.index_select(0, index), ids, mask))
+        parts.append(_retrieval(engine).multimodal_features(image_embeds.index_select(0, index), ids, mask))
     return torch.cat(parts)
 
 
 def _out(x: Tensor) -> Tensor:
     return x.float().cpu()
+
+
+def _retrieval(engine: Engine) -> Blip2ForImageTextRetrieval:
+    """The engine's model as a retrieval model: each task first checks with `_require` that it has the parts
+    it uses (a captioning checkpoint does not)."""
+    return cast(Blip2ForImageTextRetrieval, engine.model)
 
 
 # -- arguments ------------------------------------------------------------------------------------------------
