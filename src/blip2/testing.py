@@ -13,6 +13,8 @@ instructblip-vicuna's token ids), and `era` rewrites the files as the 2023 and 2
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -575,12 +577,12 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m blip2.testing DIR [--kind KIND]`: write a tiny random checkpoint, e.g. to try the CLI offline."""
     import argparse
 
-    kinds = {
+    kinds: dict[str, Callable[[Path], Any]] = {
         "opt": lambda d: build_checkpoint(d, "opt"),
         "t5": lambda d: build_checkpoint(d, "t5"),
         "retrieval": build_retrieval_checkpoint,
         **{
-            f"instructblip-{lm}": (lambda d, lm=lm: build_instructblip_checkpoint(d, lm))
+            f"instructblip-{lm}": partial(build_instructblip_checkpoint, language_model=lm)
             for lm in ("opt", "t5", "llama")
         },
     }

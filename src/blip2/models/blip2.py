@@ -67,6 +67,7 @@ class Blip2Base(nn.Module):
         queries = self.query_tokens.expand(b, -1, -1)
         if text_ids is None:
             return self.qformer(queries, image_embeds, num_queries=q)
+        assert text_mask is not None, "text_ids come with their text_mask"
         text = self.embeddings(text_ids)  # (B, L, 768)
         # As the reference: the queries join the text in the embeddings' dtype (float16 rounds them there).
         x = torch.cat([queries.to(text.dtype), text], dim=1)  # (B, Q + L, 768)

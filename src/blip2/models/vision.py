@@ -41,7 +41,7 @@ class VisionEmbeddings(nn.Module):
         dtype = pixels.dtype  # the tower's compute dtype (VisionModel casts)
         patches = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, N, C)
         x = torch.cat([self.class_embedding.expand(b, 1, -1).to(dtype), patches], dim=1)
-        pos = self.position_embedding
+        pos: Tensor = self.position_embedding
         grid = (h // self.patch_size, w // self.patch_size)
         if x.shape[1] != pos.shape[1] or grid[0] != grid[1]:
             # An image size other than the checkpoint's: interpolate, as the reference does on request.
