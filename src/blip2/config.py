@@ -399,9 +399,8 @@ class LlamaConfig:
     intermediate_size: int = 11008
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
-    # None: one key/value head per query head (no GQA); hidden_size // num_attention_heads
-    num_key_value_heads: int = None  # type: ignore[assignment]
-    head_dim: int = None  # type: ignore[assignment]
+    num_key_value_heads: int = None  # type: ignore[assignment]  # None: num_attention_heads (no GQA)
+    head_dim: int = None  # type: ignore[assignment]  # None: hidden_size // num_attention_heads
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0

@@ -18,7 +18,8 @@ from .llama import LlamaForCausalLM
 from .opt import POSITION_OFFSET, OPTForCausalLM
 from .t5 import T5ForConditionalGeneration
 
-# A language model of any family: each has `embed(ids)`, the decoding steppers call the rest.
+# A language model of any family (one per entry of FAMILIES below): each has `embed(ids)`, which the engine
+# calls; the decoding steppers call the rest.
 LanguageModel = OPTForCausalLM | T5ForConditionalGeneration | LlamaForCausalLM
 
 
