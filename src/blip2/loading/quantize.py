@@ -1,0 +1,88 @@
+"""Weight-only quantization as a post-load transform: `blip2.load(..., quantize="int8" | "int4")`.
+
+Which layers: every `nn.Linear` of the language model, except its output head (`lm_head`, often tied to
+the token embeddings, and the layer whose error goes straight into the logits). The vision tower stays in
+its float dtype (see QUANTIZED_PARTS); the Q-Former, the query tokens and the language projection stay in
+float32 by policy, as in the reference (transformers also keeps `query_tokens` and `qformer` out of
+bitsandbytes' conversion).
+
+- "int8": per-output-channel int8 (`Int8Linear`), on every device. Compare bitsandbytes' `load_in_8bit`,
+  which also keeps the weights in int8 but multiplies in int8 with float outliers split off (LLM.int8());
+  here the weight is dequantized in the matmul and the activations stay in the compute dtype.
+- "int4": group-wise int4 (`Int4Linear`, groups of 128 input features), on CUDA only. Compare
+  bitsandbytes' `load_in_4bit` (NF4 or FP4 blocks of 64); here a uniform symmetric grid. On the CPU it is
+  refused: the weight is dequantized at every call, which there is slower than float32, not faster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..config import Blip2Config
+from ..errors import InputError
+from ..models.quant import Int4Linear, Int8Linear
+
+MODES: dict[str, Callable[[nn.Linear], nn.Module]] = {
+    "int8": Int8Linear.from_linear,
+    "int4": Int4Linear.from_linear,
+}
+GPU_ONLY = ("int4",)
+# The vision tower stays in float: quantizing it halved the token match on the tiny fixtures (0.41 against
+# 0.69 for Flan-T5, benchmarks/quantize_quality.py) and weight-only int8 does not make its large, compute-bound
+# matmuls faster.
+QUANTIZED_PARTS = ("language_model",)
+KEPT_FLOAT = ("lm_head",)  # the output head: its error lands directly in the logits
+
+
+def parse_quantize(quantize: str | None, device: torch.device) -> str | None:
+    """The quantization mode `load` asks for, checked against the device: None (float), "int8" or "int4"."""
+    if quantize is None:
+        return None
+    if not isinstance(quantize, str) or quantize.lower() not in MODES:
+        raise InputError(f"quantize must be one of {', '.join(MODES)} or None, got {quantize!r}")
+    mode = quantize.lower()
+    if mode in GPU_ONLY and device.type != "cuda":
+        raise InputError(
+            f"quantize={mode!r} needs a CUDA device (here: {device.type}); on the CPU use quantize='int8'"
+        )
+    return mode
+
+
+def quantize_transform(mode: str) -> Callable[[nn.Module, Blip2Config], nn.Module]:
+    """The post-load transform that quantizes a loaded model in place with `mode` (see the module doc)."""
+
+    def transform(model: nn.Module, config: Blip2Config) -> nn.Module:
+        quantize_linears(model, MODES[mode])
+        return model
+
+    return transform
+
+
+def quantize_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
+    """Replace each float `nn.Linear` under QUANTIZED_PARTS, except KEPT_FLOAT, by `make(linear)`; returns how
+    many were replaced. A model without a part (retrieval checkpoints have no language model) skips it."""
+    replaced = 0
+    for part in QUANTIZED_PARTS:
+        root = getattr(model, part, None)
+        if root is None:
+            continue
+        for name, linear in list(root.named_modules()):
+            if isinstance(linear, nn.Linear) and name.rsplit(".", 1)[-1] not in KEPT_FLOAT:
+                parent_name, _, child = name.rpartition(".")
+                setattr(root.get_submodule(parent_name), child, make(linear))
+                replaced += 1
+    return replaced
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers, each shared tensor (tied weights) counted once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
