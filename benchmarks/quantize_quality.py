@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ def write_checkpoint(name: str, directory: Path) -> Path:
     """A checkpoint directory for `name`: a tiny fixture or one of caption_speed.py's sizes."""
     if name in TINY:
         return TINY[name](directory)
-    spec = SIZES[name]
+    spec: dict[str, Any] = SIZES[name]
     return build_checkpoint(
         directory,
         spec["lm"],
@@ -98,7 +99,9 @@ def caption_seconds(model, pixels: torch.Tensor, new_tokens: int, repeats: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", nargs="+", default=[*TINY, "mid-opt", "mid-t5"])
     parser.add_argument("--modes", nargs="+", default=["int8"])
     parser.add_argument("--device", default="cpu")
@@ -112,19 +115,27 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp())
     print(f"# {args.device}, {args.dtype}: {_machine(args.device)}, torch {torch.__version__}")
-    print("| checkpoint | mode | weight MB float | weight MB quant | token match | next-token agreement | logit cos mean | min | "
-          "s/batch float | s/batch quant |")
+    print(
+        "| checkpoint | mode | weight MB float | weight MB quant | token match | next-token agreement | logit cos mean | min | "
+        "s/batch float | s/batch quant |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.sizes:
         directory = write_checkpoint(name, root / name)
         ref = blip2.load(directory, device=args.device, dtype=args.dtype)
         pixels = random_pixels(ref, args.images, args.device)
         timed = name == args.speed_size
-        float_s = caption_seconds(ref, pixels[: args.speed_batch], args.new_tokens, args.repeats) if timed else 0
+        float_s = (
+            caption_seconds(ref, pixels[: args.speed_batch], args.new_tokens, args.repeats) if timed else 0
+        )
         for mode in args.modes:
             quant = blip2.load(directory, device=args.device, dtype=args.dtype, quantize=mode)
             stats = agreement(ref, quant, pixels, args.new_tokens)
-            quant_s = caption_seconds(quant, pixels[: args.speed_batch], args.new_tokens, args.repeats) if timed else 0
+            quant_s = (
+                caption_seconds(quant, pixels[: args.speed_batch], args.new_tokens, args.repeats)
+                if timed
+                else 0
+            )
             speed = f"{float_s:.3f} | {quant_s:.3f}" if timed else "- | -"
             print(
                 f"| {name} | {mode} | {weight_bytes(ref.model) / 2**20:.2f} | {weight_bytes(quant.model) / 2**20:.2f} "

@@ -41,6 +41,10 @@ class Int8Linear(nn.Module):
 
     `weight` is the int8 tensor (not floating point, which T5's feed-forward checks before casting to it)."""
 
+    weight: Tensor
+    scale: Tensor
+    bias: Tensor | None
+
     def __init__(self, weight: Tensor, scale: Tensor, bias: Tensor | None):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
@@ -62,12 +66,18 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
 
 
 class Int4Linear(nn.Module):
     """y = x @ (q * scale).T + bias, with q in [-7, 7] packed two per byte and one float32 scale per group of
     `group_size` input features of each output channel (the layout bitsandbytes and torchao call group-wise)."""
+
+    weight: Tensor
+    scale: Tensor
+    bias: Tensor | None
 
     def __init__(self, packed: Tensor, scale: Tensor, bias: Tensor | None, in_features: int, group_size: int):
         super().__init__()
