@@ -162,6 +162,13 @@ def test_quantized_t5_in_bfloat16_feeds_wo_in_the_compute_dtype(checkpoints):
     assert torch.isfinite(logits).all()
 
 
+def test_retrieval_checkpoints_say_that_nothing_was_quantized(retrieval_checkpoints):
+    with pytest.warns(UserWarning, match="retrieval checkpoint has none") as caught:
+        model = blip2.load(retrieval_checkpoints["plain"], device="cpu", quantize="int8")
+    assert caught[0].filename == __file__  # it points at the call of blip2.load
+    assert not any(isinstance(m, Int8Linear) for m in model.model.modules())
+
+
 def test_weight_bytes_counts_tied_weights_once():
     linear = nn.Linear(8, 4, bias=False)
     tied = nn.ModuleDict({"a": linear, "b": nn.Linear(8, 4, bias=False)})
@@ -169,25 +176,18 @@ def test_weight_bytes_counts_tied_weights_once():
     assert weight_bytes(tied) == 8 * 4 * 4
 
 
-def run_cli(capsys, *args):
+def caption_cli(capsys, checkpoint, image, *options):
+    """`blip2 caption IMAGE -m CHECKPOINT OPTIONS...`: (exit code, stdout, stderr)."""
     with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
+        main(["caption", str(image), "-m", str(checkpoint), *options])
     out, err = capsys.readouterr()
     return exit_info.value.code, out, err
 
 
 def test_cli_quantize_matches_library(capsys, checkpoints, photos):
     expected = blip2.load(checkpoints["t5"], quantize="int8").caption(str(photos[0]), max_new_tokens=6)
-    code, out, _ = run_cli(
-        capsys,
-        "caption",
-        str(photos[0]),
-        "-m",
-        str(checkpoints["t5"]),
-        "--quantize",
-        "int8",
-        "--max-new-tokens",
-        "6",
+    code, out, _ = caption_cli(
+        capsys, checkpoints["t5"], photos[0], "--quantize", "int8", "--max-new-tokens", "6"
     )
     assert code == 0 and out.rstrip("\n") == expected
 
@@ -196,15 +196,7 @@ def test_cli_quantize_matches_library(capsys, checkpoints, photos):
     ("value", "says"), [("int3", "'int3' is not one of"), ("int4", "needs a CUDA device")]
 )
 def test_cli_bad_quantize_is_a_usage_error(capsys, checkpoints, photos, value, says):
-    code, out, err = run_cli(
-        capsys,
-        "caption",
-        str(photos[0]),
-        "-m",
-        str(checkpoints["opt"]),
-        "--device",
-        "cpu",
-        "--quantize",
-        value,
+    code, out, err = caption_cli(
+        capsys, checkpoints["opt"], photos[0], "--device", "cpu", "--quantize", value
     )
     assert code == 2 and says in err and out == "" and "Traceback" not in err

@@ -16,6 +16,7 @@ bitsandbytes' conversion).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -55,7 +56,13 @@ def quantize_transform(mode: str) -> Callable[[nn.Module, Blip2Config], nn.Modul
     """The post-load transform that quantizes a loaded model in place with `mode` (see the module doc)."""
 
     def transform(model: nn.Module, config: Blip2Config) -> nn.Module:
-        quantize_linears(model, MODES[mode])
+        if quantize_linears(model, MODES[mode]) == 0:
+            # stacklevel 6: the caller of blip2.load (here <- post_load <- load_directory <- load_checkpoint <- load).
+            warnings.warn(
+                f"quantize={mode!r} left the model as it was: only a language model is quantized, and an "
+                "image-text retrieval checkpoint has none",
+                stacklevel=6,
+            )
         return model
 
     return transform
