@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,32 +117,34 @@ def main() -> None:
     root = Path(tempfile.mkdtemp())
     print(f"# {args.device}, {args.dtype}: {_machine(args.device)}, torch {torch.__version__}")
     print(
-        "| checkpoint | mode | weight MB float | weight MB quant | token match | next-token agreement | logit cos mean | min | "
-        "s/batch float | s/batch quant |"
+        "| checkpoint | mode | weight MB float | weight MB quant | token match | next-token agreement "
+        "| logit cos mean | min | s/batch float | s/batch quant |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.sizes:
-        directory = write_checkpoint(name, root / name)
-        ref = blip2.load(directory, device=args.device, dtype=args.dtype)
-        pixels = random_pixels(ref, args.images, args.device)
-        timed = name == args.speed_size
-        float_s = (
-            caption_seconds(ref, pixels[: args.speed_batch], args.new_tokens, args.repeats) if timed else 0
+        for row in compare(name, write_checkpoint(name, root / name), args):
+            print(row, flush=True)
+
+
+def compare(name: str, directory: Path, args: argparse.Namespace) -> Iterator[str]:
+    """One table row per quantization mode: the checkpoint in float against the same one quantized."""
+    ref = blip2.load(directory, device=args.device, dtype=args.dtype)
+    pixels = random_pixels(ref, args.images, args.device)
+    timed = name == args.speed_size
+    batch = pixels[: args.speed_batch]
+    float_s = caption_seconds(ref, batch, args.new_tokens, args.repeats) if timed else 0.0
+    for mode in args.modes:
+        quant = blip2.load(directory, device=args.device, dtype=args.dtype, quantize=mode)
+        stats = agreement(ref, quant, pixels, args.new_tokens)
+        if timed:
+            speed = f"{float_s:.3f} | {caption_seconds(quant, batch, args.new_tokens, args.repeats):.3f}"
+        else:
+            speed = "- | -"
+        yield (
+            f"| {name} | {mode} | {weight_bytes(ref.model) / 2**20:.2f} "
+            f"| {weight_bytes(quant.model) / 2**20:.2f} | {stats['match']:.3f} | {stats['top1']:.3f} "
+            f"| {stats['cos_mean']:.5f} | {stats['cos_min']:.5f} | {speed} |"
         )
-        for mode in args.modes:
-            quant = blip2.load(directory, device=args.device, dtype=args.dtype, quantize=mode)
-            stats = agreement(ref, quant, pixels, args.new_tokens)
-            quant_s = (
-                caption_seconds(quant, pixels[: args.speed_batch], args.new_tokens, args.repeats)
-                if timed
-                else 0
-            )
-            speed = f"{float_s:.3f} | {quant_s:.3f}" if timed else "- | -"
-            print(
-                f"| {name} | {mode} | {weight_bytes(ref.model) / 2**20:.2f} | {weight_bytes(quant.model) / 2**20:.2f} "
-                f"| {stats['match']:.3f} | {stats['top1']:.3f} | {stats['cos_mean']:.5f} | {stats['cos_min']:.5f} | {speed} |",
-                flush=True,
-            )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def test_int4_linear_output_within_the_bound_the_group_scales_give():
     quant = Int4Linear.from_linear(linear, group_size=64)
     assert quant.weight.dtype == torch.uint8 and quant.weight.shape == (24, 128)
     assert quant.scale.shape == (24, 4)
-    # per group g of input features: |w - q s_g| <= s_g / 2, so |y - y_q| <= sum_g s_g / 2 * sum_{k in g} |x_k|
+    # per group g of input features: |w - q s_g| <= s_g / 2,
+    # so |y - y_q| <= sum_g s_g / 2 * sum_{k in g} |x_k|
     x_groups = x.abs().reshape(7, 4, 64).sum(-1)  # (N, G)
     bound = x_groups @ (quant.scale / 2).T  # (N, out)
     error = (quant(x) - linear(x)).abs()
@@ -103,7 +104,7 @@ def test_parse_quantize_accepts_any_case():
 
 
 def dequantized_twin(quantized: blip2.Blip2, path) -> blip2.Blip2:
-    """The float model of `path` with each weight quantized in `quantized` replaced by its dequantized value."""
+    """The float model of `path`, each weight that `quantized` quantized replaced by its dequantized value."""
     twin = blip2.load(path, device="cpu")
     modules = dict(twin.model.named_modules())
     for name, module in quantized.model.named_modules():

@@ -60,8 +60,8 @@ class Int8Linear(nn.Module):
         return cls(q, scale, bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        # int8 values are exact in float16/bfloat16/float32; the scale is applied to the (.., out) output, which
-        # is the same product as scaling the (out, in) weight but cheaper.
+        # int8 values are exact in float16/bfloat16/float32; the scale is applied to the (.., out) output,
+        # which is the same product as scaling the (out, in) weight but cheaper.
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -72,8 +72,8 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """y = x @ (q * scale).T + bias, with q in [-7, 7] packed two per byte and one float32 scale per group of
-    `group_size` input features of each output channel (the layout bitsandbytes and torchao call group-wise)."""
+    """y = x @ (q * scale).T + bias, with q in [-7, 7] packed two per byte and one float32 scale per group
+    of `group_size` input features of each output channel (what bitsandbytes and torchao call group-wise)."""
 
     weight: Tensor
     scale: Tensor
