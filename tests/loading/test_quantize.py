@@ -71,6 +71,17 @@ def test_int4_packing_round_trips_every_value():
     assert torch.equal(unpack_int4(packed), q)
 
 
+def test_int8_in_float16_does_not_overflow_where_the_float_layer_does_not():
+    # A small-weight row: its scale is ~1e-5, so x @ q.T in float16 (before scaling) would be far above 65504.
+    linear = nn.Linear(512, 4, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.full((4, 512), 1e-3))
+    x = torch.full((2, 512), 100.0)
+    expected = linear(x)  # 51.2
+    got = Int8Linear.from_linear(linear)(x.half())
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=0)
+
+
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
 def test_zero_rows_stay_zero_and_half_inputs_keep_their_dtype(cls):
     linear = nn.Linear(128, 6)

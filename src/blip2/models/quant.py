@@ -60,10 +60,13 @@ class Int8Linear(nn.Module):
         return cls(q, scale, bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        # int8 values are exact in float16/bfloat16/float32; the scale is applied to the (.., out) output,
-        # which is the same product as scaling the (out, in) weight but cheaper.
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.dtype == torch.float32:
+            # Scaling the (.., out) output is the same product as scaling the (out, in) weight, and cheaper.
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale
+            return y if bias is None else y + bias
+        # In half precision x @ q.T can overflow (q is up to 127 times the weight): dequantize the weight.
+        return F.linear(x, (self.weight * self.scale[:, None]).to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (
