@@ -12,6 +12,8 @@ For each checkpoint (the test suite's tiny fixtures, and caption_speed.py's size
 - logit cosine: the cosine between float and quantized next-token logits along the float model's greedy
   path (the quantized model is fed the float model's tokens), mean and minimum over rows and steps;
 - speed (--speed-size only): seconds for a batch of --speed-batch greedy captions, best of --repeats.
+With --memory-sizes (default: the released opt-2.7b and flan-t5-xl), the weight bytes of those sizes in
+--dtype and quantized, counted on the meta device: a config alone, no weights, so any machine can.
 Needs the `test` extra (transformers writes the checkpoints).
 """
 
@@ -28,7 +30,9 @@ import torch.nn.functional as F
 from caption_speed import NUM_QUERY_TOKENS, SIZES, _machine, time_call
 
 import blip2
-from blip2.loading.quantize import weight_bytes
+from blip2.loading.loader import build_on_meta, parse_dtype, read_model_config
+from blip2.loading.quantize import MODES, quantize_linears, weight_bytes
+from blip2.loading.weights import dtype_plan
 from blip2.tasks.captioning import make_options
 from blip2.testing import build_checkpoint, build_instructblip_checkpoint
 
@@ -58,6 +62,35 @@ def write_checkpoint(name: str, directory: Path) -> Path:
         text=spec["text"],
         std=0.02,
     )
+
+
+def meta_weight_bytes(size: str, dtype: torch.dtype, modes: list[str]) -> dict[str, int]:
+    """Weight bytes of caption_speed.py's `size` in `dtype` (key "float") and quantized in each of `modes`,
+    counted on models built on the meta device from the config alone."""
+    from transformers import Blip2Config
+
+    spec: dict[str, Any] = SIZES[size]
+    text = {"model_type": spec["lm"], **spec["text"]}
+    if spec["lm"] == "t5":
+        text |= {"tie_word_embeddings": False, "decoder_start_token_id": 0}  # Flan-T5 has its own head
+    directory = Path(tempfile.mkdtemp())
+    Blip2Config(
+        vision_config=spec["vision"],
+        qformer_config=spec["qformer"],
+        text_config=text,
+        num_query_tokens=NUM_QUERY_TOKENS,
+    ).save_pretrained(directory)
+    config, model_class = read_model_config(directory)
+    plan = dtype_plan(config, dtype)
+    sizes = {}
+    for mode in ["float", *modes]:
+        model = build_on_meta(model_class, config)
+        for name, parameter in model.named_parameters():
+            parameter.data = parameter.data.to(plan(name))
+        if mode != "float":
+            quantize_linears(model, MODES[mode])
+        sizes[mode] = weight_bytes(model)
+    return sizes
 
 
 def random_pixels(model, batch: int, device: str, seed: int = 0) -> torch.Tensor:
@@ -103,7 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", nargs="+", default=[*TINY, "mid-opt", "mid-t5"])
+    parser.add_argument("--sizes", nargs="*", default=[*TINY, "mid-opt", "mid-t5"])
     parser.add_argument("--modes", nargs="+", default=["int8"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
@@ -112,6 +145,7 @@ def main() -> None:
     parser.add_argument("--speed-size", default="mid-opt", help="the size whose speed is timed ('' for none)")
     parser.add_argument("--speed-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-sizes", nargs="*", default=["opt-2.7b", "flan-t5-xl"])
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp())
@@ -124,6 +158,17 @@ def main() -> None:
     for name in args.sizes:
         for row in compare(name, write_checkpoint(name, root / name), args):
             print(row, flush=True)
+    dtype = parse_dtype(args.dtype, torch.device(args.device))
+    if args.memory_sizes:
+        print(
+            f"\n| size ({args.dtype}, meta device) | "
+            + " | ".join(f"GiB {m}" for m in ["float", *args.modes])
+            + " |"
+        )
+        print("|---|" + "---|" * (1 + len(args.modes)))
+    for size in args.memory_sizes:
+        sizes = meta_weight_bytes(size, dtype, args.modes)
+        print(f"| {size} | " + " | ".join(f"{b / 2**30:.2f}" for b in sizes.values()) + " |", flush=True)
 
 
 def compare(name: str, directory: Path, args: argparse.Namespace) -> Iterator[str]:

@@ -86,11 +86,6 @@ def quantize_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers, each shared tensor (tied weights) counted once."""
-    seen: set[int] = set()
-    total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            total += tensor.numel() * tensor.element_size()
-    return total
+    """Bytes held by the model's parameters and buffers, a tied weight (one Parameter in two places) counted
+    once, as `parameters()` yields it once. Works on the meta device too (sizes without memory)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
