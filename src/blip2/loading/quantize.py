@@ -8,7 +8,9 @@ bitsandbytes' conversion).
 
 - "int8": per-output-channel int8 (`Int8Linear`), on every device. Compare bitsandbytes' `load_in_8bit`,
   which also keeps the weights in int8 but multiplies in int8 with float outliers split off (LLM.int8());
-  here the weight is dequantized in the matmul and the activations stay in the compute dtype.
+  here the weight is dequantized in the matmul and the activations stay in the compute dtype. It saves
+  memory, not time: on the CPU (torch 2.13, no int8 weight-only kernel faster than float32 here) greedy
+  captioning of the mid-size model took about twice as long as in float32 (benchmarks/quantize_quality.py).
 - "int4": group-wise int4 (`Int4Linear`, groups of 128 input features), on CUDA only. Compare
   bitsandbytes' `load_in_4bit` (NF4 or FP4 blocks of 64); here a uniform symmetric grid. On the CPU it is
   refused: the weight is dequantized at every call, which there is slower than float32, not faster.
