@@ -44,11 +44,11 @@ def cli():
 )
 @model_options
 @generation_options
-def caption(images, prompt, model, device, dtype, batch_size, as_json, **generation):
+def caption(images, prompt, model, device, dtype, quantize, batch_size, as_json, **generation):
     """Caption IMAGES (files). Defaults: 5 beams, at most 30 new tokens; InstructBLIP checkpoints are asked
     "A short image caption:" unless --prompt is given (as `model.caption` does)."""
     options = _task_options("caption", generation)
-    pipe = _load(model, device, dtype, batch_size)
+    pipe = _load(model, device, dtype, quantize, batch_size)
 
     failed = False
     for path, result in _each_image(pipe, images, lambda good: pipe.caption(good, prompt, **options)):
@@ -62,14 +62,14 @@ def caption(images, prompt, model, device, dtype, batch_size, as_json, **generat
 @click.option("--template", type=TEXT, default=None, help="Prompt template with {} for the question.")
 @model_options
 @generation_options
-def ask(image, questions, template, model, device, dtype, batch_size, as_json, **generation):
+def ask(image, questions, template, model, device, dtype, quantize, batch_size, as_json, **generation):
     """Answer QUESTIONS about IMAGE, --batch-size questions per pass (the image is decoded once). Defaults:
     5 beams, at most 10 new tokens, length penalty -1."""
     for q in questions:
         if not q.strip():
             raise click.BadParameter("a question is empty", param_hint="QUESTIONS")
     options = _task_options("ask", generation)
-    pipe = _load(model, device, dtype, batch_size)
+    pipe = _load(model, device, dtype, quantize, batch_size)
     answers = _one_image(
         pipe, image, as_json, lambda decoded: pipe.ask(decoded, list(questions), template, **options)
     )
@@ -86,9 +86,9 @@ def ask(image, questions, template, model, device, dtype, batch_size, as_json, *
 @click.argument("image")
 @click.argument("texts", nargs=-1, required=True, type=TEXT)
 @match_options
-def match(image, texts, model, device, dtype, batch_size, as_json):
+def match(image, texts, model, device, dtype, quantize, batch_size, as_json):
     """ITM: the probability that IMAGE matches each of TEXTS."""
-    pipe = _load(model, device, dtype, batch_size)
+    pipe = _load(model, device, dtype, quantize, batch_size)
     probs = _one_image(pipe, image, as_json, lambda decoded: pipe.match(decoded, list(texts)))
     if as_json:
         rows = [{"text": t, "probability": p} for t, p in zip(texts, probs)]
@@ -111,9 +111,9 @@ def match(image, texts, model, device, dtype, batch_size, as_json):
     help="A text to compare with (repeatable).",
 )
 @match_options
-def similarity(images, texts, model, device, dtype, batch_size, as_json):
+def similarity(images, texts, model, device, dtype, quantize, batch_size, as_json):
     """ITC: the similarity of each of IMAGES with each --text (best cosine over the query tokens)."""
-    pipe = _load(model, device, dtype, batch_size)
+    pipe = _load(model, device, dtype, quantize, batch_size)
     failed = False
     if not as_json:
         click.echo("\t".join(cell(t) for t in ("image", *texts)))
@@ -138,7 +138,7 @@ def similarity(images, texts, model, device, dtype, batch_size, as_json):
     help="Output file: .npy (image names in FILE.paths.jsonl beside it) or .parquet (an 'image' column).",
 )
 @match_options
-def embed(images, out, model, device, dtype, batch_size, as_json):
+def embed(images, out, model, device, dtype, quantize, batch_size, as_json):
     """Embed IMAGES for search: projected, normalised query embeddings (N, 32, 256) when the checkpoint has
     them (retrieval checkpoints), else the Q-Former outputs (N, 32, 768). Bad images are left out.
 
@@ -149,7 +149,7 @@ def embed(images, out, model, device, dtype, batch_size, as_json):
 
     writer = open_writer(out)  # an unusable destination fails here, before the model is loaded
     try:
-        pipe = _load(model, device, dtype, batch_size)
+        pipe = _load(model, device, dtype, quantize, batch_size)
     except BaseException:
         writer.discard()
         raise
@@ -195,12 +195,12 @@ def _close(writer, out: str, stopped: bool) -> None:
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep the k best labels.")
 @click.option("--rerank", is_flag=True, help="Re-rank the candidates by ITM (image and text read together).")
 @match_options
-def classify(image, labels, template, top_k, rerank, model, device, dtype, batch_size, as_json):
+def classify(image, labels, template, top_k, rerank, model, device, dtype, quantize, batch_size, as_json):
     """Zero-shot classification of IMAGE among --labels (ITC; probabilities: softmax of similarity / 0.07)."""
     names = [label.strip() for label in labels.split(",") if label.strip()]
     if not names:
         raise click.BadParameter("no labels given", param_hint="--labels")
-    pipe = _load(model, device, dtype, batch_size)
+    pipe = _load(model, device, dtype, quantize, batch_size)
     ranked = _one_image(
         pipe,
         image,
@@ -225,10 +225,10 @@ def _task_options(task: str, generation: dict) -> dict:
     return options
 
 
-def _load(model: str, device: str | None, dtype: str | None, batch_size: int):
+def _load(model: str, device: str | None, dtype: str | None, quantize: str | None, batch_size: int):
     from ..tasks.api import load
 
-    pipe = load(model, device=device, dtype=dtype)
+    pipe = load(model, device=device, dtype=dtype, quantize=quantize)
     pipe.batch_size = batch_size  # caption / ask: (image, prompt) pairs per forward pass
     return pipe
 

@@ -100,6 +100,12 @@ def model_options(func, envvar: str = "BLIP2_MODEL", default: str = DEFAULT_MODE
             help="float32, float16 or bfloat16 (default: float32 on CPU).",
         ),
         click.option(
+            "--quantize",
+            type=click.Choice(["int8", "int4"], case_sensitive=False),
+            default=None,
+            help="Weight-only quantization of the language model: int8 (CPU, GPU) or int4 (CUDA only).",
+        ),
+        click.option(
             "--batch-size",
             type=click.IntRange(min=1),
             default=8,

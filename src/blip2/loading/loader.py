@@ -25,6 +25,7 @@ from ..models.registry import family
 from ..models.retrieval import Blip2ForImageTextRetrieval
 from ..text import TextProcessor
 from .hub import resolve
+from .quantize import parse_quantize, quantize_transform
 from .weights import (
     assign_weights,
     check_config_against_checkpoint,
@@ -80,10 +81,14 @@ def load_checkpoint(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     transforms: Sequence[PostLoad] = (),
+    quantize: str | None = None,
 ) -> Checkpoint:
     """Load a local directory in the Hugging Face layout, or a Hub repo id (see `blip2.load`)."""
-    device = parse_device(device)  # a wrong device or dtype fails before anything is read or downloaded
+    device = parse_device(device)  # a wrong device, dtype or quantization fails before anything is read
     dtype = parse_dtype(dtype, device)
+    mode = parse_quantize(quantize, device)
+    if mode is not None:
+        transforms = (*transforms, quantize_transform(mode))
     return load_directory(resolve(name_or_path), device, dtype, str(name_or_path), transforms)
 
 
@@ -154,7 +159,7 @@ def build_on_meta(model_class: type[Blip2Model], config: Blip2Config) -> Blip2Mo
 
 
 def post_load(model: nn.Module, config: Blip2Config, transforms: Sequence[PostLoad]) -> nn.Module:
-    """`transforms` applied in order to the loaded model (none yet: quantization and compilation plug in here)."""
+    """`transforms` applied in order to the loaded model (quantization, see blip2.loading.quantize)."""
     for transform in transforms:
         model = transform(model, config)
     return model

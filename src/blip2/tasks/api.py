@@ -137,7 +137,10 @@ class Blip2(Engine):
 
 
 def load(
-    name_or_path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    name_or_path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    quantize: str | None = None,
 ) -> Blip2:
     """Load a BLIP-2 checkpoint: a local directory in the Hugging Face layout, or a Hub repo id.
 
@@ -147,8 +150,12 @@ def load(
     device: "cpu", "cuda", "cuda:1", ... (default: CUDA when available). dtype: float32 (default on CPU),
     float16 (default on GPU) or bfloat16. The Q-Former stays in float32, as in the reference; a Flan-T5
     language model asked for in float16 is kept in bfloat16, because T5 overflows in float16.
+
+    quantize: None (float weights), "int8" (weight-only, per output channel; CPU and GPU) or "int4"
+    (weight-only, groups of 128; CUDA only) for the language model; the vision tower, the Q-Former and the
+    language model's output head stay in float (see blip2.loading.quantize).
     """
-    return Blip2(load_checkpoint(name_or_path, device, dtype))
+    return Blip2(load_checkpoint(name_or_path, device, dtype, quantize=quantize))
 
 
 def load_retrieval(directory: Path, device: torch.device, dtype: torch.dtype, name: str = "") -> Blip2:
