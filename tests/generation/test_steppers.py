@@ -80,7 +80,7 @@ def test_encoder_decoder_steps_equal_the_full_decode(entry):
 
 
 def _addresses(stepper) -> list[int]:
-    tensors = [*stepper.cache.keys, *stepper.cache.values, stepper.positions, stepper.allowed]
+    tensors = [*stepper.cache.keys, *stepper.cache.values, stepper.positions, stepper.mask]
     return [t.data_ptr() for t in tensors]
 
 

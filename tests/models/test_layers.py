@@ -30,4 +30,7 @@ def test_rows_of_the_whole_length_mask_serve_a_shorter_prompt():
     whole = torch.cat([prompt, torch.ones(2, 4, dtype=prompt.dtype)], dim=1)
     assert torch.equal(causal_mask(whole)[:, :, :3, :3], causal_mask(prompt))
     assert not causal_mask(whole)[:, :, :3, 3:].any()  # nor do they see any later position
+    # a step's rows, by query position, are those rows of the whole mask
+    at = torch.tensor([4])
+    assert torch.equal(causal_mask(whole, at), causal_mask(whole)[:, :, at])
     assert torch.equal(position_ids(whole)[:, :3], position_ids(prompt))

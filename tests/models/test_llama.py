@@ -26,6 +26,8 @@ VARIANTS = {
     "mha": {},
     "gqa": dict(num_key_value_heads=2),
     "tied_theta": dict(tie_word_embeddings=True, rope_theta=500.0),
+    # a decode longer than the config's positions: the reference's rotary has no limit, nor has our table
+    "short_table": dict(max_position_embeddings=8),
 }
 
 
@@ -126,7 +128,7 @@ def test_half_precision_matches_reference_from_pretrained(dtype, tmp_path):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("variant", ["mha", "gqa"])
+@pytest.mark.parametrize("variant", ["mha", "gqa", "short_table"])
 def test_incremental_decoding_with_cache(variant):
     ref = reference(**VARIANTS[variant])
     model = ours(ref)

@@ -5,7 +5,7 @@ A stepper owns a batch of N rows (images x prompts, later x beams) and their KV 
 package only ever see logits and token ids; they never see embeddings, images or the model's layers.
 
 The decode path is static: `prefill` allocates the cache for the prompt plus `max_new_tokens` and builds
-the positions and masks of every position once; `step` then takes its rows by `input_pos`, a one-element
+the positions and the key mask of every position once; `step` then takes its rows by `input_pos`, a one-element
 device tensor advanced in place. A step is thus a function of fixed-shape tensors at fixed addresses, with
 no host sync and no shape-dependent Python, which is what lets `cuda_graphs=True` record it once and replay
 it. The recording runs the very `_decode` that the CPU path calls.
@@ -147,20 +147,18 @@ class DecoderOnlyStepper(_StaticStepper):
         super().__init__(cuda_graphs)
         self.lm = lm
         self.embeds: Tensor | None = inputs_embeds  # (N, T, D), dropped after prefill
-        self.mask = attention_mask  # (N, T) the prompt's; (N, L) with the new positions after prefill
+        self.mask = attention_mask  # (N, T) the prompt's; (N, L) bool with the new positions after prefill
         self.num_layers = num_layers
 
     def prefill(self, max_new_tokens: int = 1) -> Tensor:
         assert self.embeds is not None, "prefill is called once"
         n, t = self.mask.shape
-        self.mask = torch.cat([self.mask, self.mask.new_ones(n, max_new_tokens)], dim=1)  # (N, L)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(n, max_new_tokens)], dim=1).bool()  # (N, L)
         self.positions = position_ids(self.mask)  # (N, L)
-        self.allowed = causal_mask(self.mask)  # (N, 1, L, L)
         self.cache = KVCache(self.num_layers, t + max_new_tokens)
         prompt = torch.arange(t, device=self.mask.device)
-        logits = self.lm(
-            self.embeds, self.positions[:, :t], self.allowed[:, :, :t], self.cache, prompt, last_only=True
-        )
+        mask = causal_mask(self.mask, prompt)  # (N, 1, T, L)
+        logits = self.lm(self.embeds, self.positions[:, :t], mask, self.cache, prompt, last_only=True)
         self.embeds = None
         self.input_pos = torch.full((1,), t, dtype=torch.long, device=self.mask.device)
         return logits[:, -1].float()
@@ -168,7 +166,7 @@ class DecoderOnlyStepper(_StaticStepper):
     def _decode(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         embeds = self.lm.embed(tokens[:, None])  # (N, 1, D)
         positions = self.positions.index_select(1, input_pos)  # (N, 1)
-        mask = self.allowed.index_select(2, input_pos)  # (N, 1, 1, L)
+        mask = causal_mask(self.mask, input_pos)  # (N, 1, 1, L)
         return self.lm(embeds, positions, mask, self.cache, input_pos, last_only=True)[:, -1].float()
 
     def select(self, index: Tensor) -> None:
@@ -176,7 +174,6 @@ class DecoderOnlyStepper(_StaticStepper):
             self._rows_changed()
         self.mask = select_rows(self.mask, index)
         self.positions = select_rows(self.positions, index)
-        self.allowed = select_rows(self.allowed, index)
         self.cache.select(index)
 
 

@@ -62,17 +62,18 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return mask.cumsum(1) * mask - 1
 
 
-def causal_mask(attention_mask: Tensor) -> Tensor:
-    """(B, L) 1/0 key mask -> (B, 1, L, L) boolean mask (True = attend), one row per query position.
+def causal_mask(attention_mask: Tensor, queries: Tensor | None = None) -> Tensor:
+    """(B, L) 1/0 key mask -> (B, 1, T, L) boolean mask (True = attend) for the queries at positions
+    `queries` (T,), by default all L of them.
 
     A query sees the non-pad keys up to itself. It always sees itself too: that changes nothing for real
     tokens, and gives a left-padded row's pad queries something harmless to attend to instead of NaN.
-    Built once for the whole decode (prompt and new tokens, all 1 in the mask): a step takes its rows.
+    The decode path passes the key mask of the whole decode (prompt, then the new positions, all 1) and
+    the step's `input_pos`: keys not written yet lie after the query, so they are masked out.
     """
-    s = attention_mask.shape[1]
-    k_pos = torch.arange(s, device=attention_mask.device)  # (L,)
-    q_pos = k_pos[:, None]  # (L, 1)
-    allowed = (k_pos <= q_pos) & attention_mask.bool()[:, None, None, :]  # (B, 1, L, L)
+    k_pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # (L,)
+    q_pos = (k_pos if queries is None else queries)[:, None]  # (T, 1)
+    allowed = (k_pos <= q_pos) & attention_mask.bool()[:, None, None, :]  # (B, 1, T, L)
     return allowed | (k_pos == q_pos)
 
 

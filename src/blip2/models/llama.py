@@ -136,16 +136,19 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # Plain attributes, not buffers: the model is built on the meta device and loaded from a
         # checkpoint that has no such tensors. The cos/sin table is built once, on first use, for
-        # max_position_embeddings positions, on the activations' device and in their dtype.
+        # max_position_embeddings positions (more if a decode is longer), on the activations' device and
+        # in their dtype.
         self.inv_freq = rope_frequencies(config.head_dim, config.rope_theta)
         self.max_positions = config.max_position_embeddings
         self.rope: Tensor | None = None
 
-    def rope_table(self, like: Tensor) -> Tensor:
-        """The (2, max_position_embeddings, D) cos/sin table for `like`'s device and dtype."""
-        if self.rope is None or self.rope.device != like.device or self.rope.dtype != like.dtype:
-            self.rope = rope_table(self.max_positions, self.inv_freq.to(like.device), like.dtype)
-        return self.rope
+    def rope_table(self, like: Tensor, length: int) -> Tensor:
+        """The (2, P, D) cos/sin table for `like`'s device and dtype, P >= length positions."""
+        rope = self.rope
+        if rope is None or rope.device != like.device or rope.dtype != like.dtype or rope.shape[1] < length:
+            rows = max(self.max_positions, length)
+            rope = self.rope = rope_table(rows, self.inv_freq.to(like.device), like.dtype)
+        return rope
 
     def forward(
         self,
@@ -160,7 +163,8 @@ class LlamaModel(nn.Module):
         # Positions count the non-pad tokens of each row, as the reference's generate() computes them from
         # the attention mask (cumsum - 1). Note that a plain reference forward() without position_ids
         # uses 0..T-1 whatever the padding, so it differs from generate() on left-padded rows.
-        cos, sin = rope_cos_sin(positions, self.rope_table(x))  # (B, 1, T, D)
+        length = x.shape[1] if cache is None else cache.max_length  # positions are below it
+        cos, sin = rope_cos_sin(positions, self.rope_table(x, length))  # (B, 1, T, D)
         for block in self.layers:
             x = block(x, cos, sin, mask, cache, input_pos)
         if last_only:
