@@ -12,15 +12,13 @@ captions per second. Random weights at the sizes of caption_speed.SIZES.
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import torch
-from caption_speed import NUM_QUERY_TOKENS, SIZES, time_call
+from caption_speed import SIZES, checkpoint, time_call
 
 import blip2
 from blip2.tasks.captioning import make_options
-from blip2.testing import build_checkpoint
 
 
 def main() -> None:
@@ -39,18 +37,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     spec = SIZES[args.size]
-    directory = args.checkpoint or Path(tempfile.mkdtemp()) / args.size
-    if not (directory / "config.json").exists():
-        build_checkpoint(
-            directory,
-            spec["lm"],
-            num_query_tokens=NUM_QUERY_TOKENS,
-            vision=spec["vision"],
-            qformer=spec["qformer"],
-            text=spec["text"],
-            std=0.02,
-        )
-    ours = blip2.load(directory, device="cpu", dtype=torch.float32)
+    ours = blip2.load(checkpoint(args.size, args.checkpoint), device="cpu", dtype=torch.float32)
     n = args.new_tokens
     options = make_options(dict(num_beams=args.num_beams, max_new_tokens=n, min_new_tokens=n))
     size = spec["vision"]["image_size"]
