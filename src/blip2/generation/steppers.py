@@ -14,10 +14,10 @@ it. The recording runs the very `_decode` that the CPU path calls.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..models.cache import KVCache, select_rows
 from ..models.layers import causal_mask, position_ids
@@ -138,14 +138,14 @@ class DecoderOnlyStepper(_StaticStepper):
 
     def __init__(
         self,
-        lm: DecoderOnlyLM,
+        lm: nn.Module,
         inputs_embeds: Tensor,
         attention_mask: Tensor,
         num_layers: int,
         cuda_graphs: bool = False,
     ):
         super().__init__(cuda_graphs)
-        self.lm = lm
+        self.lm = cast(DecoderOnlyLM, lm)  # any language model of the registry's family kind
         self.embeds: Tensor | None = inputs_embeds  # (N, T, D), dropped after prefill
         self.mask = attention_mask  # (N, T) the prompt's; (N, L) bool with the new positions after prefill
         self.num_layers = num_layers
@@ -183,7 +183,7 @@ class EncoderDecoderStepper(_StaticStepper):
 
     def __init__(
         self,
-        lm: EncoderDecoderLM,
+        lm: nn.Module,
         inputs_embeds: Tensor,
         attention_mask: Tensor,
         start_token_id: int,
@@ -191,7 +191,7 @@ class EncoderDecoderStepper(_StaticStepper):
         cuda_graphs: bool = False,
     ):
         super().__init__(cuda_graphs)
-        self.lm = lm
+        self.lm = cast(EncoderDecoderLM, lm)  # any language model of the registry's family kind
         self.embeds: Tensor | None = inputs_embeds
         self.mask: Tensor | None = attention_mask  # encoder mask (N, S), dropped after prefill
         self.start = start_token_id

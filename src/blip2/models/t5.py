@@ -9,6 +9,7 @@ the float16 clamping of the residual stream.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -209,7 +210,8 @@ class T5Stack(nn.Module):
 
     def position_bias(self, q_len: int, k_len: int) -> Tensor:
         """Relative position bias (1, H, q_len, k_len) of block 0, for queries at positions 0..q_len."""
-        table = self.block[0].layer[0].SelfAttention.relative_attention_bias
+        self_attention = cast(T5LayerSelfAttention, cast(T5Block, self.block[0]).layer[0])
+        table = self_attention.SelfAttention.relative_attention_bias
         query = torch.arange(q_len, device=table.weight.device)[:, None]
         key = torch.arange(k_len, device=table.weight.device)[None, :]
         buckets = relative_position_bucket(
