@@ -178,17 +178,7 @@ def main():
     from transformers import Blip2ForConditionalGeneration
 
     spec = SIZES[args.size]
-    directory = args.checkpoint or Path(tempfile.mkdtemp()) / args.size
-    if not (directory / "config.json").exists():
-        build_checkpoint(
-            directory,
-            spec["lm"],
-            num_query_tokens=NUM_QUERY_TOKENS,
-            vision=spec["vision"],
-            qformer=spec["qformer"],
-            text=spec["text"],
-            std=0.02,
-        )
+    directory = checkpoint(args.size, args.checkpoint)
     dtype = blip2.loading.loader.parse_dtype(args.dtype, torch.device(args.device))
     ours = blip2.load(directory, device=args.device, dtype=dtype)
     hf = Blip2ForConditionalGeneration.from_pretrained(directory, dtype=dtype).to(args.device).eval()
@@ -207,6 +197,24 @@ def main():
     print("\n| batch | ours (img/s) | transformers (img/s) | ratio |\n|---|---|---|---|")
     for batch, a, b in rows:
         print(f"| {batch} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+
+
+def checkpoint(size: str, directory: Path | None) -> Path:
+    """A checkpoint of random weights at `size` in `directory` (a new temporary one if None), written
+    unless it is there already."""
+    spec = SIZES[size]
+    directory = directory or Path(tempfile.mkdtemp()) / size
+    if not (directory / "config.json").exists():
+        build_checkpoint(
+            directory,
+            spec["lm"],
+            num_query_tokens=NUM_QUERY_TOKENS,
+            vision=spec["vision"],
+            qformer=spec["qformer"],
+            text=spec["text"],
+            std=0.02,
+        )
+    return directory
 
 
 def _machine(device: str) -> str:

@@ -33,7 +33,7 @@ class OptStepper:
     def _logits(self) -> torch.Tensor:
         return self.model(input_ids=self.ids, attention_mask=self.mask).logits[:, -1].float()
 
-    def prefill(self) -> torch.Tensor:
+    def prefill(self, max_new_tokens: int = 1) -> torch.Tensor:
         return self._logits()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,7 @@ class T5Stepper:
         )
         return out.logits[:, -1].float()
 
-    def prefill(self) -> torch.Tensor:
+    def prefill(self, max_new_tokens: int = 1) -> torch.Tensor:
         return self._logits()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

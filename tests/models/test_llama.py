@@ -7,6 +7,7 @@ import transformers
 from blip2.config import LlamaConfig
 from blip2.errors import CheckpointError
 from blip2.models.cache import KVCache
+from blip2.models.layers import decoder_inputs
 from blip2.models.llama import LlamaForCausalLM
 
 VOCAB = 120
@@ -25,6 +26,8 @@ VARIANTS = {
     "mha": {},
     "gqa": dict(num_key_value_heads=2),
     "tied_theta": dict(tie_word_embeddings=True, rope_theta=500.0),
+    # a decode longer than the config's positions: the reference's rotary has no limit, nor has our table
+    "short_table": dict(max_position_embeddings=8),
 }
 
 
@@ -73,10 +76,10 @@ def test_full_sequence_matches_reference(variant):
     x = ids(2, 11)
     mask = torch.ones_like(x)
     expected = ref(input_ids=x, attention_mask=mask).logits
-    got = model(model.embed(x), mask)
+    got = model(model.embed(x), *decoder_inputs(mask))
     assert got.abs().std() > 1  # logits are spread, so a 1e-5 match means something
     assert_close(got, expected)
-    assert_close(model(model.embed(x), mask, last_only=True), expected[:, -1:])
+    assert_close(model(model.embed(x), *decoder_inputs(mask), last_only=True), expected[:, -1:])
 
 
 @torch.no_grad()
@@ -88,7 +91,7 @@ def test_left_padded_batch(variant, attn):
     x = ids(3, 9)
     mask = left_padded_mask([9, 5, 2], 9)
     expected = ref(input_ids=x, attention_mask=mask, position_ids=generate_positions(mask)).logits
-    got = model(model.embed(x), mask)
+    got = model(model.embed(x), *decoder_inputs(mask))
     assert not got.isnan().any()
     real = mask.bool()
     assert_close(got[real], expected[real])
@@ -102,7 +105,7 @@ def test_inputs_embeds_path():
     embeds = torch.randn(2, 7, TINY["hidden_size"], generator=torch.Generator().manual_seed(3))
     mask = left_padded_mask([7, 4], 7)
     expected = ref(inputs_embeds=embeds, attention_mask=mask, position_ids=generate_positions(mask)).logits
-    got = model(embeds, mask)
+    got = model(embeds, *decoder_inputs(mask))
     assert_close(got[mask.bool()], expected[mask.bool()])
     assert_close(model.embed(ids(2, 7)), ref.get_input_embeddings()(ids(2, 7)))
 
@@ -119,13 +122,13 @@ def test_half_precision_matches_reference_from_pretrained(dtype, tmp_path):
     x = ids(3, 9)
     mask = left_padded_mask([9, 5, 2], 9)
     expected = half_ref(input_ids=x, attention_mask=mask, position_ids=generate_positions(mask)).logits
-    got = model(model.embed(x), mask)
+    got = model(model.embed(x), *decoder_inputs(mask))
     assert got.dtype == dtype
     assert torch.equal(got[mask.bool()], expected[mask.bool()])
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("variant", ["mha", "gqa"])
+@pytest.mark.parametrize("variant", ["mha", "gqa", "short_table"])
 def test_incremental_decoding_with_cache(variant):
     ref = reference(**VARIANTS[variant])
     model = ours(ref)
@@ -135,14 +138,17 @@ def test_incremental_decoding_with_cache(variant):
     pos = generate_positions(mask)
     full = ref(input_ids=x, attention_mask=mask, position_ids=pos).logits  # (B, prompt + steps, V)
 
-    cache = KVCache(len(model.model.layers))
-    got = model(model.embed(x[:, :prompt]), mask[:, :prompt], cache, last_only=True)
+    positions, allowed = decoder_inputs(mask)  # built once for every position
+    cache = KVCache(len(model.model.layers), prompt + steps)
+    head = torch.arange(prompt)
+    got = model(model.embed(x[:, :prompt]), positions[:, :prompt], allowed[:, :, :prompt], cache, head, True)
     assert_close(got[:, 0], full[:, prompt - 1])
     hf = ref(
         input_ids=x[:, :prompt], attention_mask=mask[:, :prompt], position_ids=pos[:, :prompt], use_cache=True
     )
     for t in range(prompt, prompt + steps):
-        got = model(model.embed(x[:, t : t + 1]), mask[:, : t + 1], cache)
+        at = torch.tensor([t])
+        got = model(model.embed(x[:, t : t + 1]), positions[:, at], allowed[:, :, at], cache, at)
         hf = ref(
             input_ids=x[:, t : t + 1],
             attention_mask=mask[:, : t + 1],
@@ -150,7 +156,7 @@ def test_incremental_decoding_with_cache(variant):
             cache=hf.cache,
             use_cache=True,
         )
-        assert cache.length == t + 1
+        assert cache.keys[0][:, :, t].any() and not cache.keys[0][:, :, t + 1 :].any()  # written at t only
         assert_close(got[:, 0], hf.logits[:, 0])
         # The reference's own cached and full runs differ by float32 noise (up to ~3e-5 here).
         assert_close(got[:, 0], full[:, t], tol=1e-4)
@@ -175,14 +181,17 @@ def test_greedy_loop_matches_reference_generate(variant):
         output_logits=True,
         return_dict_in_generate=True,
     )
-    cache = KVCache(len(model.model.layers))
-    logits = model(embeds, mask, cache, last_only=True)  # (B, 1, V)
+    prompt = mask.shape[1]
+    positions, allowed = decoder_inputs(torch.cat([mask, torch.ones(3, steps, dtype=mask.dtype)], 1))
+    cache = KVCache(len(model.model.layers), prompt + steps)
+    head = torch.arange(prompt)
+    logits = model(embeds, positions[:, :prompt], allowed[:, :, :prompt], cache, head, True)  # (B, 1, V)
     for step in range(steps):
         assert_close(logits[:, 0], out.logits[step])
         token = logits[:, 0].argmax(-1, keepdim=True)  # (B, 1)
         assert token.tolist() == out.sequences[:, step : step + 1].tolist()
-        mask = torch.cat([mask, torch.ones_like(token)], 1)
-        logits = model(model.embed(token), mask, cache)
+        pos = torch.tensor([prompt + step])
+        logits = model(model.embed(token), positions[:, pos], allowed[:, :, pos], cache, pos)
 
 
 @torch.no_grad()
@@ -209,7 +218,10 @@ def test_meta_build_then_assign(variant):
     assert not any(True for _ in model.buffers())
     x = ids(2, 8)
     mask = left_padded_mask([8, 5], 8)
-    assert_close(model(model.embed(x), mask)[mask.bool()], expected(expected.embed(x), mask)[mask.bool()])
+    assert_close(
+        model(model.embed(x), *decoder_inputs(mask))[mask.bool()],
+        expected(expected.embed(x), *decoder_inputs(mask))[mask.bool()],
+    )
 
 
 def test_parameter_names_mirror_reference():

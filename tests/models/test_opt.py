@@ -6,6 +6,7 @@ import transformers
 
 from blip2.config import OPTConfig
 from blip2.models.cache import KVCache
+from blip2.models.layers import decoder_inputs
 from blip2.models.opt import OPTForCausalLM
 
 VOCAB = 120
@@ -71,10 +72,10 @@ def test_full_sequence_matches_reference(variant):
     x = ids(2, 11)
     mask = torch.ones_like(x)
     expected = ref(input_ids=x, attention_mask=mask).logits
-    got = model(model.embed(x), mask)
+    got = model(model.embed(x), *decoder_inputs(mask))
     assert got.abs().std() > 1  # logits are spread, so a 1e-5 match means something
     assert_close(got, expected)
-    assert_close(model(model.embed(x), mask, last_only=True), expected[:, -1:])
+    assert_close(model(model.embed(x), *decoder_inputs(mask), last_only=True), expected[:, -1:])
 
 
 @torch.no_grad()
@@ -86,7 +87,7 @@ def test_left_padded_batch(variant, attn):
     x = ids(3, 9)
     mask = left_padded_mask([9, 5, 2], 9)
     expected = ref(input_ids=x, attention_mask=mask).logits
-    got = model(model.embed(x), mask)
+    got = model(model.embed(x), *decoder_inputs(mask))
     assert not got.isnan().any()
     real = mask.bool()
     assert_close(got[real], expected[real])
@@ -100,7 +101,7 @@ def test_inputs_embeds_path():
     embeds = torch.randn(2, 7, TINY["hidden_size"], generator=torch.Generator().manual_seed(3))
     mask = left_padded_mask([7, 4], 7)
     expected = ref(inputs_embeds=embeds, attention_mask=mask).logits
-    got = model(embeds, mask)
+    got = model(embeds, *decoder_inputs(mask))
     assert_close(got[mask.bool()], expected[mask.bool()])
     assert_close(model.embed(ids(2, 7)), ref.get_input_embeddings()(ids(2, 7)))
 
@@ -115,14 +116,17 @@ def test_incremental_decoding_with_cache(variant):
     mask = torch.cat([left_padded_mask([6, 3], prompt), torch.ones(2, steps, dtype=torch.long)], 1)
     full = ref(input_ids=x, attention_mask=mask).logits  # (B, prompt + steps, V)
 
-    cache = KVCache(len(model.model.decoder.layers))
-    got = model(model.embed(x[:, :prompt]), mask[:, :prompt], cache, last_only=True)
+    positions, allowed = decoder_inputs(mask)  # built once for every position
+    cache = KVCache(len(model.model.decoder.layers), prompt + steps)
+    head = torch.arange(prompt)
+    got = model(model.embed(x[:, :prompt]), positions[:, :prompt], allowed[:, :, :prompt], cache, head, True)
     assert_close(got[:, 0], full[:, prompt - 1])
     hf = ref(input_ids=x[:, :prompt], attention_mask=mask[:, :prompt], use_cache=True)
     for t in range(prompt, prompt + steps):
-        got = model(model.embed(x[:, t : t + 1]), mask[:, : t + 1], cache)
+        at = torch.tensor([t])
+        got = model(model.embed(x[:, t : t + 1]), positions[:, at], allowed[:, :, at], cache, at)
         hf = ref(input_ids=x[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=hf.cache, use_cache=True)
-        assert cache.length == t + 1
+        assert cache.keys[0][:, :, t].any() and not cache.keys[0][:, :, t + 1 :].any()  # written at t only
         assert_close(got[:, 0], full[:, t])
         assert_close(got[:, 0], hf.logits[:, 0])
 
@@ -149,7 +153,10 @@ def test_meta_build_then_assign(variant):
     assert not any(p.is_meta for p in model.parameters())
     x = ids(2, 8)
     mask = left_padded_mask([8, 5], 8)
-    assert_close(model(model.embed(x), mask)[mask.bool()], expected(expected.embed(x), mask)[mask.bool()])
+    assert_close(
+        model(model.embed(x), *decoder_inputs(mask))[mask.bool()],
+        expected(expected.embed(x), *decoder_inputs(mask))[mask.bool()],
+    )
 
 
 def test_parameter_names_mirror_reference():

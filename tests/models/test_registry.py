@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from blip2.config import TEXT_CONFIGS
+from blip2.models.layers import decoder_inputs
 from blip2.models.registry import FAMILIES, family
 from blip2.testing import TINY_OPT, TINY_T5
 
@@ -33,10 +34,11 @@ def test_entry_builds_a_model_that_runs(entry):
     embeds = lm.embed(ids)
     assert embeds.shape == (2, 5, entry.width(config))
     if entry.is_encoder_decoder:
-        logits = lm.decode(ids[:, :1], lm.encode(embeds, mask), mask)
+        bias = lm.decoder_self_bias(1)
+        logits = lm.decode(ids[:, :1], lm.encode(embeds, mask), bias, lm.decoder_cross_bias(mask, bias.dtype))
         assert entry.padding_side == "right"
     else:
-        logits = lm(embeds, mask)
+        logits = lm(embeds, *decoder_inputs(mask))
         assert entry.padding_side == "left"
     assert logits.shape[::2] == (2, VOCAB) and torch.isfinite(logits).all()
     assert entry.decoder_layers(config) == 2

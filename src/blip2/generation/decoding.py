@@ -49,7 +49,7 @@ def generate(
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     if eos.numel() == 0:
         raise InputError("eos_token_id must name at least one token")
-    logits = stepper.prefill()  # (N, V)
+    logits = stepper.prefill(options.max_new_tokens)  # (N, V)
     if logits.shape[0] != history.shape[0]:
         raise InputError(f"the stepper has {logits.shape[0]} rows but history has {history.shape[0]}")
     # Work where the logits are; the output comes back there too.

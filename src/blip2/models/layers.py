@@ -51,25 +51,33 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, t, h * d)
 
 
-def position_ids(attention_mask: Tensor, past: int) -> Tensor:
-    """(B, S) 1/0 mask over all positions so far -> (B, S - past) position ids of the new ones.
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """(B, L) 1/0 mask over every position -> (B, L) position ids.
 
     Positions count non-pad tokens only, so a left-padded row starts at 0 at its first real token;
     pad positions get -1 (OPT: a real but irrelevant row of its position table; a pad query attends only
     to itself, so what it gets changes no real token).
     """
     mask = attention_mask.long()
-    return (mask.cumsum(1) * mask - 1)[:, past:]
+    return mask.cumsum(1) * mask - 1
 
 
-def causal_mask(attention_mask: Tensor, past: int) -> Tensor:
-    """(B, S) 1/0 key mask -> (B, 1, T, S) boolean mask (True = attend) for the T = S - past new queries.
+def causal_mask(attention_mask: Tensor, queries: Tensor | None = None) -> Tensor:
+    """(B, L) 1/0 key mask -> (B, 1, T, L) boolean mask (True = attend) for the queries at positions
+    `queries` (T,), by default all L of them.
 
     A query sees the non-pad keys up to itself. It always sees itself too: that changes nothing for real
     tokens, and gives a left-padded row's pad queries something harmless to attend to instead of NaN.
+    The decode path passes the key mask of the whole decode (prompt, then the new positions, all 1) and
+    the step's `input_pos`: keys not written yet lie after the query, so they are masked out.
     """
-    s = attention_mask.shape[1]
-    k_pos = torch.arange(s, device=attention_mask.device)  # (S,)
-    q_pos = k_pos[past:, None]  # (T, 1)
-    allowed = (k_pos <= q_pos) & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+    k_pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # (L,)
+    q_pos = (k_pos if queries is None else queries)[:, None]  # (T, 1)
+    allowed = (k_pos <= q_pos) & attention_mask.bool()[:, None, None, :]  # (B, 1, T, L)
     return allowed | (k_pos == q_pos)
+
+
+def decoder_inputs(attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, L) 1/0 mask -> the position ids (B, L) and attention mask (B, 1, L, L) of a decoder-only
+    forward over the whole sequence, without a cache."""
+    return position_ids(attention_mask), causal_mask(attention_mask)

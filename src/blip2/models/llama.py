@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..config import LlamaConfig
 from .cache import KVCache
-from .layers import activation, causal_mask, merge_heads, position_ids, split_heads
+from .layers import activation, merge_heads, split_heads
 
 
 class RMSNorm(nn.Module):
@@ -36,11 +36,20 @@ def rope_frequencies(head_dim: int, theta: float) -> Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim))
 
 
-def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(B, T) positions -> cos, sin (B, 1, T, D): angles in float32, then cast, as the reference does."""
-    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
-    angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, D): the two halves of a head share frequencies
-    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+def rope_table(length: int, inv_freq: Tensor, dtype: torch.dtype) -> Tensor:
+    """cos and sin of positions 0..length-1, (2, length, D): angles in float32, then cast, as the reference
+    does (each angle is the same float32 product position * inv_freq, so a lookup equals computing it)."""
+    positions = torch.arange(length, device=inv_freq.device)
+    freqs = positions[:, None].float() * inv_freq  # (L, D/2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (L, D): the two halves of a head share frequencies
+    return torch.stack((angles.cos(), angles.sin())).to(dtype)
+
+
+def rope_cos_sin(positions: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, T) positions -> cos, sin (B, 1, T, D) looked up in `rope_table`. Pad positions (-1) read row 0:
+    a pad query attends only to itself, so its rotation changes no real token."""
+    rows = table[:, positions.clamp(min=0)]  # (2, B, T, D)
+    return rows[0][:, None], rows[1][:, None]
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -62,12 +71,20 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(c, self.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, c, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        cache: KVCache | None,
+        input_pos: Tensor | None,
+    ) -> Tensor:
         q = apply_rope(split_heads(self.q_proj(x), self.num_heads), cos, sin)  # (B, H, T, D)
         k = apply_rope(split_heads(self.k_proj(x), self.num_kv_heads), cos, sin)  # (B, KV, T, D)
         v = split_heads(self.v_proj(x), self.num_kv_heads)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, KV, S, D): cached rotated, with few heads
+        if cache is not None and input_pos is not None:
+            k, v = cache.update(self.layer, k, v, input_pos)  # (B, KV, L, D): cached rotated, few heads
         if self.num_kv_heads != self.num_heads:  # grouped-query attention: each kv head serves a group
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -98,8 +115,16 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        cache: KVCache | None,
+        input_pos: Tensor | None,
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -109,25 +134,39 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # A plain attribute, not a buffer: the model is built on the meta device and loaded from a
-        # checkpoint that has no such tensor. Moved to the activations' device on first use.
+        # Plain attributes, not buffers: the model is built on the meta device and loaded from a
+        # checkpoint that has no such tensors. The cos/sin table is built once, on first use, for
+        # max_position_embeddings positions (more if a decode is longer), on the activations' device and
+        # in their dtype.
         self.inv_freq = rope_frequencies(config.head_dim, config.rope_theta)
+        self.max_positions = config.max_position_embeddings
+        self.rope: Tensor | None = None
+
+    def rope_table(self, like: Tensor, length: int) -> Tensor:
+        """The (2, P, D) cos/sin table for `like`'s device and dtype, P >= length positions."""
+        rope = self.rope
+        if rope is None or rope.device != like.device or rope.dtype != like.dtype or rope.shape[1] < length:
+            rows = max(self.max_positions, length)
+            rope = self.rope = rope_table(rows, self.inv_freq.to(like.device), like.dtype)
+        return rope
 
     def forward(
-        self, x: Tensor, attention_mask: Tensor, cache: KVCache | None, last_only: bool = False
+        self,
+        x: Tensor,
+        positions: Tensor,
+        mask: Tensor,
+        cache: KVCache | None,
+        input_pos: Tensor | None,
+        last_only: bool = False,
     ) -> Tensor:
         """(B, T, C) embeddings of the new positions -> (B, T or 1, C) hidden states."""
-        past = 0 if cache is None else cache.length
-        if self.inv_freq.device != x.device:
-            self.inv_freq = self.inv_freq.to(x.device)
         # Positions count the non-pad tokens of each row, as the reference's generate() computes them from
-        # the attention mask (cumsum - 1; it puts pads at 0, we at -1: a pad query attends only to itself,
-        # so its position changes nothing). Note that a plain reference forward() without position_ids
+        # the attention mask (cumsum - 1). Note that a plain reference forward() without position_ids
         # uses 0..T-1 whatever the padding, so it differs from generate() on left-padded rows.
-        cos, sin = rope_cos_sin(position_ids(attention_mask, past), self.inv_freq, x.dtype)  # (B, 1, T, D)
-        mask = causal_mask(attention_mask, past)  # (B, 1, T, past + T)
+        length = x.shape[1] if cache is None else cache.max_length  # positions are below it
+        cos, sin = rope_cos_sin(positions, self.rope_table(x, length))  # (B, 1, T, D)
         for block in self.layers:
-            x = block(x, cos, sin, mask, cache)
+            x = block(x, cos, sin, mask, cache, input_pos)
         if last_only:
             x = x[:, -1:]  # the final norm is per position
         return self.norm(x)
@@ -157,16 +196,21 @@ class LlamaForCausalLM(nn.Module):
     def forward(
         self,
         inputs_embeds: Tensor,
-        attention_mask: Tensor,
+        positions: Tensor,
+        mask: Tensor,
         cache: KVCache | None = None,
+        input_pos: Tensor | None = None,
         last_only: bool = False,
     ) -> Tensor:
         """Logits (B, T or 1, V) in the model's dtype for the new positions.
 
         inputs_embeds: (B, T, C) embeddings of the new positions only.
-        attention_mask: (B, past + T) 1/0 over every position so far, cached and new.
-        cache: filled with the new keys and values (rotated, num_key_value_heads heads) when given.
+        positions: (B, T) their position ids (`layers.position_ids`: pads do not count).
+        mask: (B, 1, T, S) boolean, True = attend, over the S keys: the T new ones without a cache, the
+            cache's L buffer positions with one (`layers.causal_mask` over the whole length, rows T).
+        cache, input_pos: with a cache, the new keys and values (rotated, num_key_value_heads heads) are
+            written at input_pos (T,).
         last_only: apply the head at the last position only (prefill before decoding).
         """
-        h = self.model(inputs_embeds, attention_mask, cache, last_only)
+        h = self.model(inputs_embeds, positions, mask, cache, input_pos, last_only)
         return self.lm_head(h)

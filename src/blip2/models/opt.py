@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..config import OPTConfig
 from .cache import KVCache
-from .layers import activation, causal_mask, merge_heads, position_ids, split_heads
+from .layers import activation, merge_heads, split_heads
 
 # OPT reserves the first two rows of its position table (a fairseq padding_idx leftover).
 POSITION_OFFSET = 2
@@ -30,13 +30,13 @@ class OPTAttention(nn.Module):
         self.v_proj = nn.Linear(c, c, bias=bias)
         self.out_proj = nn.Linear(c, c, bias=bias)
 
-    def forward(self, x: Tensor, mask: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, cache: KVCache | None, input_pos: Tensor | None) -> Tensor:
         # The reference scales q before the product (not inside the attention), and so do we.
         q = split_heads(self.q_proj(x) * self.scaling, self.num_heads)  # (B, H, T, D)
         k = split_heads(self.k_proj(x), self.num_heads)
         v = split_heads(self.v_proj(x), self.num_heads)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, H, S, D)
+        if cache is not None and input_pos is not None:
+            k, v = cache.update(self.layer, k, v, input_pos)  # (B, H, L, D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (B, H, T, D)
         return self.out_proj(merge_heads(y))
 
@@ -56,12 +56,12 @@ class OPTDecoderLayer(nn.Module):
     def mlp(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
-    def forward(self, x: Tensor, mask: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, cache: KVCache | None, input_pos: Tensor | None) -> Tensor:
         if self.pre_ln:  # 125m, 1.3b, 2.7b, 6.7b, ...
-            x = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache)
+            x = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache, input_pos)
             x = x + self.mlp(self.final_layer_norm(x))
         else:  # 350m: layer norm after each residual sum
-            x = self.self_attn_layer_norm(x + self.self_attn(x, mask, cache))
+            x = self.self_attn_layer_norm(x + self.self_attn(x, mask, cache, input_pos))
             x = self.final_layer_norm(x + self.mlp(x))
         return x
 
@@ -82,16 +82,20 @@ class OPTDecoder(nn.Module):
         self.final_layer_norm = nn.LayerNorm(c, elementwise_affine=affine) if has_final else None
 
     def forward(
-        self, x: Tensor, attention_mask: Tensor, cache: KVCache | None, last_only: bool = False
+        self,
+        x: Tensor,
+        positions: Tensor,
+        mask: Tensor,
+        cache: KVCache | None,
+        input_pos: Tensor | None,
+        last_only: bool = False,
     ) -> Tensor:
         """(B, T, E) embeddings of the new positions -> (B, T or 1, E) hidden states."""
-        past = 0 if cache is None else cache.length
         if self.project_in is not None:
             x = self.project_in(x)
-        x = x + self.embed_positions(position_ids(attention_mask, past) + POSITION_OFFSET)  # (B, T, C)
-        mask = causal_mask(attention_mask, past)  # (B, 1, T, past + T)
+        x = x + self.embed_positions(positions + POSITION_OFFSET)  # (B, T, C)
         for block in self.layers:
-            x = block(x, mask, cache)
+            x = block(x, mask, cache, input_pos)
         if last_only:
             x = x[:, -1:]  # everything below is per position
         if self.final_layer_norm is not None:
@@ -132,16 +136,20 @@ class OPTForCausalLM(nn.Module):
     def forward(
         self,
         inputs_embeds: Tensor,
-        attention_mask: Tensor,
+        positions: Tensor,
+        mask: Tensor,
         cache: KVCache | None = None,
+        input_pos: Tensor | None = None,
         last_only: bool = False,
     ) -> Tensor:
         """Logits (B, T or 1, V) in the model's dtype for the new positions.
 
         inputs_embeds: (B, T, E) embeddings of the new positions only.
-        attention_mask: (B, past + T) 1/0 over every position so far, cached and new.
-        cache: filled with the new keys and values when given.
+        positions: (B, T) their position ids (`layers.position_ids`: pads do not count).
+        mask: (B, 1, T, S) boolean, True = attend, over the S keys: the T new ones without a cache, the
+            cache's L buffer positions with one (`layers.causal_mask` over the whole length, rows T).
+        cache, input_pos: with a cache, the new keys and values are written at input_pos (T,).
         last_only: apply the head at the last position only (prefill before decoding).
         """
-        h = self.model.decoder(inputs_embeds, attention_mask, cache, last_only)
+        h = self.model.decoder(inputs_embeds, positions, mask, cache, input_pos, last_only)
         return self.lm_head(h)

@@ -9,6 +9,7 @@ the float16 clamping of the residual stream.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -109,11 +110,13 @@ class T5LayerSelfAttention(nn.Module):
         self.SelfAttention = T5Attention(config, has_relative_attention_bias)
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
-    def forward(self, x: Tensor, bias: Tensor, cache: KVCache | None, index: int) -> Tensor:
+    def forward(
+        self, x: Tensor, bias: Tensor, cache: KVCache | None, input_pos: Tensor | None, index: int
+    ) -> Tensor:
         h = self.layer_norm(x)
         k, v = self.SelfAttention.kv(h)
-        if cache is not None:
-            k, v = cache.update(index, k, v)  # (B, H, past + T, D)
+        if cache is not None and input_pos is not None:
+            k, v = cache.update(index, k, v, input_pos)  # (B, H, L, D)
         return x + self.SelfAttention(h, bias, k, v)
 
 
@@ -124,13 +127,15 @@ class T5LayerCrossAttention(nn.Module):
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
     def forward(
-        self, x: Tensor, encoder_hidden: Tensor, bias: Tensor, cache: KVCache | None, index: int
+        self, x: Tensor, encoder_hidden: Tensor | None, bias: Tensor, cache: KVCache | None, index: int
     ) -> Tensor:
         attn = self.EncDecAttention
-        if cache is None:
-            k, v = attn.kv(encoder_hidden)
-        else:
-            k, v = cache.cross(index, lambda: attn.kv(encoder_hidden))  # (B, H, S, D), computed once
+
+        def compute() -> tuple[Tensor, Tensor]:
+            assert encoder_hidden is not None, "the encoder output is needed until the cache holds its K/V"
+            return attn.kv(encoder_hidden)
+
+        k, v = compute() if cache is None else cache.cross(index, compute)  # (B, H, S, D), computed once
         return x + attn(self.layer_norm(x), bias, k, v)
 
 
@@ -177,6 +182,7 @@ class T5Block(nn.Module):
             layers.append(T5LayerCrossAttention(config))
         layers.append(T5LayerFF(config))
         self.layer = nn.ModuleList(layers)
+        self.is_decoder = is_decoder
 
     def forward(
         self,
@@ -185,10 +191,11 @@ class T5Block(nn.Module):
         encoder_hidden: Tensor | None = None,
         cross_bias: Tensor | None = None,
         cache: KVCache | None = None,
+        input_pos: Tensor | None = None,
         index: int = 0,
     ) -> Tensor:
-        x = _clamp_fp16(self.layer[0](x, bias, cache, index))
-        if encoder_hidden is not None:
+        x = _clamp_fp16(self.layer[0](x, bias, cache, input_pos, index))
+        if self.is_decoder:
             x = _clamp_fp16(self.layer[1](x, encoder_hidden, cross_bias, cache, index))
         return _clamp_fp16(self.layer[-1](x))
 
@@ -201,10 +208,11 @@ class T5Stack(nn.Module):
         self.block = nn.ModuleList(T5Block(config, is_decoder, i == 0) for i in range(n))
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
-    def position_bias(self, q_len: int, k_len: int, past: int = 0) -> Tensor:
-        """Relative position bias (1, H, q_len, k_len) of block 0, for queries at positions past..past+q_len."""
-        table = self.block[0].layer[0].SelfAttention.relative_attention_bias
-        query = torch.arange(q_len, device=table.weight.device)[:, None] + past
+    def position_bias(self, q_len: int, k_len: int) -> Tensor:
+        """Relative position bias (1, H, q_len, k_len) of block 0, for queries at positions 0..q_len."""
+        self_attention = cast(T5LayerSelfAttention, cast(T5Block, self.block[0]).layer[0])
+        table = self_attention.SelfAttention.relative_attention_bias
+        query = torch.arange(q_len, device=table.weight.device)[:, None]
         key = torch.arange(k_len, device=table.weight.device)[None, :]
         buckets = relative_position_bucket(
             key - query,
@@ -221,9 +229,10 @@ class T5Stack(nn.Module):
         encoder_hidden: Tensor | None = None,
         cross_bias: Tensor | None = None,
         cache: KVCache | None = None,
+        input_pos: Tensor | None = None,
     ) -> Tensor:
         for i, block in enumerate(self.block):
-            x = block(x, bias, encoder_hidden, cross_bias, cache, i)
+            x = block(x, bias, encoder_hidden, cross_bias, cache, input_pos, i)
         return self.final_layer_norm(x)
 
 
@@ -260,27 +269,37 @@ class T5ForConditionalGeneration(nn.Module):
         bias = _masked(self.encoder.position_bias(S, S), allowed)  # (B, H, S, S)
         return self.encoder(inputs_embeds, bias)
 
+    def decoder_self_bias(self, length: int) -> Tensor:
+        """Additive self-attention bias (1, H, L, L) of the decoder: relative positions, causal. Built once
+        for the whole decode; a step at `input_pos` takes its rows."""
+        bias = self.decoder.position_bias(length, length)
+        k_pos = torch.arange(length, device=bias.device)
+        return _masked(bias, k_pos[None, :] <= k_pos[:, None])
+
+    def decoder_cross_bias(self, encoder_mask: Tensor, dtype: torch.dtype) -> Tensor:
+        """Additive cross-attention mask (B, 1, 1, S): no position bias, only the encoder padding."""
+        zero = torch.zeros((), dtype=dtype, device=encoder_mask.device)
+        return _masked(zero, encoder_mask.bool()[:, None, None, :])
+
     def decode(
         self,
         decoder_input_ids: Tensor,
-        encoder_hidden: Tensor,
-        encoder_mask: Tensor,
+        encoder_hidden: Tensor | None,
+        bias: Tensor,
+        cross_bias: Tensor,
         cache: KVCache | None = None,
+        input_pos: Tensor | None = None,
         last_only: bool = False,
     ) -> Tensor:
-        """Logits (B, T or 1, V) for decoder tokens (B, T); with a cache, only the new tokens are passed."""
-        T = decoder_input_ids.shape[1]
-        past = cache.length if cache is not None else 0
+        """Logits (B, T or 1, V) for decoder tokens (B, T).
+
+        bias: (1, H, T, S) rows of `decoder_self_bias` for the T new positions, over the S keys (the T new
+            ones without a cache, the cache's L positions with one); cross_bias: `decoder_cross_bias`.
+        cache, input_pos: with a cache, the new tokens' keys and values are written at input_pos (T,);
+            encoder_hidden is only needed until the cache holds the cross-attention keys and values.
+        """
         x = self.shared(decoder_input_ids)  # (B, T, d_model)
-        device = x.device
-        causal = (
-            torch.arange(past + T, device=device)[None, :] <= torch.arange(T, device=device)[:, None] + past
-        )
-        bias = _masked(self.decoder.position_bias(T, past + T, past), causal)  # (1, H, T, past + T)
-        # cross-attention has no position bias, only the encoder padding mask
-        zero = torch.zeros((), dtype=bias.dtype, device=device)
-        cross_bias = _masked(zero, encoder_mask.bool()[:, None, None, :])  # (B, 1, 1, S)
-        h = self.decoder(x, bias, encoder_hidden, cross_bias, cache)  # (B, T, d_model)
+        h = self.decoder(x, bias, encoder_hidden, cross_bias, cache, input_pos)  # (B, T, d_model)
         if last_only:
             h = h[:, -1:]
         if self.config.scale_decoder_outputs:
