@@ -200,7 +200,7 @@ def hf_call(hf, ours, work: Workload, pixels: torch.Tensor, static: bool) -> Cal
         ids, mask = text.ids.to(pixels.device), text.mask.to(pixels.device)
         return _inference(lambda: embed_hf(hf, pixels, ids, mask))
     if work.kind == "encode":
-        return _inference(lambda: hf.get_image_features(pixel_values=pixels).pooler_output)
+        return _inference(lambda: hf.get_image_features(pixel_values=pixels))
     input_ids, mask = hf_prompt_inputs(ours, [""] * len(pixels), pixels.device)
     options: dict[str, object] = dict(
         do_sample=False, num_beams=work.beams, max_new_tokens=work.tokens, min_new_tokens=work.tokens
