@@ -261,25 +261,37 @@ def write_jpegs(root: Path, count: int) -> list[Path]:
 
 
 def time_files(size: str, ours, args, root: Path) -> list[Row]:
-    """`Blip2.caption` over two batches of JPEG files, greedy N = the first --new-tokens, with the decode
-    pool (DECODE_WORKERS threads) and without it (0)."""
+    """Over two batches of JPEG files, with the decode pool (DECODE_WORKERS threads) and without it (0):
+    `Blip2.caption`, greedy N = the first --new-tokens; and decoding alone (what the model would wait for
+    without the pool)."""
     rows = []
     tokens = args.new_tokens[0]
     default_workers = batch_iteration.DECODE_WORKERS
     for batch in args.files_batches:
         paths = write_jpegs(root, 2 * batch)
         ours.batch_size = batch
+        chunks = [paths[:batch], paths[batch:]]
         for workers in (default_workers, 0):
             batch_iteration.DECODE_WORKERS = workers
-            fn = functools.partial(
-                ours.caption, paths, num_beams=1, max_new_tokens=tokens, min_new_tokens=tokens
-            )
-            seconds, peak = measured(fn, args.repeats, args.device)
-            label = f"files greedy {tokens}, {workers} decode threads"
-            rows.append(Row(size, "ours", label, batch, len(paths) / seconds, peak))
-            print(f"  ours {label}: batch {batch}: {len(paths) / seconds:.2f} img/s", flush=True)
+            calls = {
+                f"files greedy {tokens}": functools.partial(
+                    ours.caption, paths, num_beams=1, max_new_tokens=tokens, min_new_tokens=tokens
+                ),
+                "files decode only": functools.partial(decode_all, chunks, ours, workers),
+            }
+            for name, fn in calls.items():
+                seconds, peak = measured(fn, args.repeats, args.device)
+                label = f"{name}, {workers} decode threads"
+                rows.append(Row(size, "ours", label, batch, len(paths) / seconds, peak))
+                print(f"  ours {label}: batch {batch}: {len(paths) / seconds:.2f} img/s", flush=True)
     batch_iteration.DECODE_WORKERS = default_workers
     return rows
+
+
+def decode_all(chunks: list[list[Path]], ours, workers: int) -> list:
+    """Decode and preprocess every file of `chunks` as `Blip2.caption` does, with `workers` threads."""
+    prepare = functools.partial(blip2.images.preprocess_one, config=ours.image_config)
+    return list(batch_iteration.prepared_ahead(chunks, prepare, workers))
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -287,6 +299,9 @@ def run_size(size: str, directory: Path, args, notes: list[str]) -> list[Row]:
     """Every row of one size: ours, ours quantized, transformers, transformers static + compile, files."""
     print(f"# {size}", flush=True)
     ours = load_ours(directory, args, None)
+    if args.files_only:
+        with tempfile.TemporaryDirectory() as root:
+            return time_files(size, ours, args, Path(root))
     hf = load_hf(directory, size, args)
     rows = time_engine(size, directory, "ours", ours, ours, args)
     rows += time_engine(size, directory, "transformers", hf, ours, args)
@@ -339,6 +354,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--beam-batches", type=int, nargs="+", help="default: --batches")
     parser.add_argument("--encode-batches", type=int, nargs="+", help="default: --batches")
     parser.add_argument("--files-batches", type=int, nargs="*", default=[], help="caption JPEG files (ours)")
+    parser.add_argument("--files-only", action="store_true", help="only the --files-batches rows")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument(
