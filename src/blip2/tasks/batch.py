@@ -84,8 +84,9 @@ def prepared_ahead(
             current = [future.result() for future in pending]
             pending = [] if following is None else [pool.submit(prepare, item) for item in following]
             yield current
-    finally:  # the caller stopped early or failed: drop what was not started, wait for what was
-        pool.shutdown(wait=True, cancel_futures=True)
+    finally:  # done, or the caller stopped early (Ctrl-C, an error): drop what was not started; the
+        # item or two still being prepared finish on their own (their threads are joined at exit)
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _attempt(prepare: Callable[[Item], object], item: Item) -> object:
