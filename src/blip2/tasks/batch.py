@@ -12,6 +12,7 @@ that cannot do the task) concerns every input and is raised.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
@@ -77,7 +78,7 @@ def prepared_ahead(
         for chunk in chunks:
             yield [prepare(item) for item in chunk]
         return
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="blip2-decode")
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="blip2-decode", initializer=_hold_signals)
     try:
         pending: list[Future[Prepared]] = [pool.submit(prepare, item) for item in chunks[0]]
         for following in [*chunks[1:], None]:
@@ -87,6 +88,13 @@ def prepared_ahead(
     finally:  # done, or the caller stopped early (Ctrl-C, an error): drop what was not started; the
         # item or two still being prepared finish on their own (their threads are joined at exit)
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _hold_signals() -> None:
+    """(In each decode thread) block SIGINT and SIGTERM here, so that the kernel delivers them to the main
+    thread: one delivered to an idle decode thread was seen to be lost (Ctrl-C did not stop a CLI run)."""
+    if hasattr(signal, "pthread_sigmask"):  # POSIX
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _attempt(prepare: Callable[[Item], object], item: Item) -> object:
