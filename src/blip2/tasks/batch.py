@@ -89,7 +89,7 @@ def prepared_ahead(
 
 def _hold_signals() -> None:
     """(In each decode thread) block SIGINT and SIGTERM here, so that the kernel delivers them to the main
-    thread: one delivered to an idle decode thread was seen to be lost (Ctrl-C did not stop a CLI run)."""
+    thread, whose wait for a decode they then interrupt at once (Python runs the handler there anyway)."""
     if hasattr(signal, "pthread_sigmask"):  # POSIX
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
