@@ -136,12 +136,10 @@ def _sync():
 
 def measure(ours, hf, spec, batch, args, dtype, options) -> tuple[float, float]:
     """Images/s of both engines captioning `batch` preprocessed images with an empty prompt."""
-    q, size = NUM_QUERY_TOKENS, spec["vision"]["image_size"]
+    size = spec["vision"]["image_size"]
     pixels = torch.randn(batch, 3, size, size, device=args.device)
     prompts = [""] * batch
-    ids = ours.text.batch(prompts, "left" if spec["lm"] == "opt" else "right")
-    input_ids = torch.cat([torch.full((batch, q), ours.config.image_token_index), ids.ids], 1).to(args.device)
-    mask = torch.cat([torch.ones(batch, q, dtype=torch.long), ids.mask], 1).to(args.device)
+    input_ids, mask = hf_prompt_inputs(ours, prompts, args.device)
 
     def run_ours():
         with torch.inference_mode():
@@ -160,6 +158,16 @@ def measure(ours, hf, spec, batch, args, dtype, options) -> tuple[float, float]:
             )
 
     return batch / time_call(run_ours, args.repeats), batch / time_call(run_hf, args.repeats)
+
+
+def hf_prompt_inputs(ours, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' input_ids and attention_mask for `prompts` after the image placeholders, tokenized by
+    our engine `ours` (the same tokenizer files) and padded on the side its language model pads."""
+    batch, q = len(prompts), ours.config.num_query_tokens
+    ids = ours.text.batch(prompts, "left" if ours.family != "t5" else "right")
+    input_ids = torch.cat([torch.full((batch, q), ours.config.image_token_index), ids.ids], 1).to(device)
+    mask = torch.cat([torch.ones(batch, q, dtype=torch.long), ids.mask], 1).to(device)
+    return input_ids, mask
 
 
 def main():

@@ -26,6 +26,18 @@ SIZES = {
 TEXT = "a group of people standing around a large clock tower"
 
 
+def embed_ours(ours, pixels: torch.Tensor) -> torch.Tensor:
+    """Our ITC image embeddings of preprocessed `pixels`: vision tower, Q-Former, projection."""
+    m = ours.model
+    return m.project_images(m.query(m.encode_images(pixels)))
+
+
+def embed_hf(hf, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """transformers' ITC image embeddings. Its retrieval model has no image-only call: the ITC path also runs
+    a text, given the shortest one here ([CLS], the first token of `ids`)."""
+    return hf(pixel_values=pixels, input_ids=ids[:, :1], attention_mask=mask[:, :1]).image_embeds
+
+
 def measure(ours, hf, processor, batch, device, dtype, repeats) -> list[float]:
     """[ours embed img/s, transformers embed img/s, ours match pairs/s, transformers match pairs/s]."""
     size = ours.image_config.size[0]
@@ -35,10 +47,10 @@ def measure(ours, hf, processor, batch, device, dtype, repeats) -> list[float]:
     m = ours.model
 
     def ours_embed():
-        return m.project_images(m.query(m.encode_images(pixels)))
+        return embed_ours(ours, pixels)
 
-    def hf_embed():  # the reference's ITC path also runs the text; give it the shortest text ([CLS])
-        return hf(pixel_values=pixels, input_ids=ids[:, :1], attention_mask=mask[:, :1]).image_embeds
+    def hf_embed():
+        return embed_hf(hf, pixels, ids, mask)
 
     def ours_match():
         return m.itm_logits(m.multimodal_features(m.encode_images(pixels), ids, mask))

@@ -430,10 +430,15 @@ def preprocess(images: ImageSource | Sequence[ImageSource], config: ImageProcess
     batch = list(images) if isinstance(images, (list, tuple)) else [cast(ImageSource, images)]
     if not batch:
         raise InputError("no images given")
-    tensors = [preprocess_one(image, config) for image in batch]
+    return stack_pixels([preprocess_one(image, config) for image in batch])
+
+
+def stack_pixels(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`preprocess_one`'s (3, H, W) tensors -> (B, 3, H, W); an `InputError` when their sizes differ
+    (aspect-preserving configs)."""
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:
         raise InputError(
             f"images resize to different shapes {sorted(shapes)}; use a fixed size to batch them"
         )
-    return torch.stack(tensors)
+    return torch.stack(list(tensors))

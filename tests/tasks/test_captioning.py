@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 import blip2
-from blip2.errors import CheckpointError, InputError
+from blip2.errors import CheckpointError, ImageError, InputError
 from blip2.models.registry import T5_TRAINED_LENGTH
 from blip2.tasks.captioning import make_options
 
@@ -141,6 +143,37 @@ def test_ask_encodes_image_once_and_matches_pairwise(ours, photos, monkeypatch):
     assert calls == [1]
     assert answers == [model.ask(photos[0], q, num_beams=1) for q in questions]
     assert isinstance(model.ask(photos[0], "what is it?"), str)
+
+
+def test_decode_pool_gives_the_same_output_and_errors(ours, photos, monkeypatch, tmp_path):
+    """caption / ask decode the next chunk's images in threads: same texts, same error, in those threads."""
+    model = ours("opt")
+    monkeypatch.setattr(model, "batch_size", 2)
+    threads = []
+    original = blip2.images.preprocess_one
+    monkeypatch.setattr(
+        blip2.images,
+        "preprocess_one",
+        lambda image, config: threads.append(threading.current_thread().name) or original(image, config),
+    )
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(photos[0].read_bytes()[:200])
+    questions = ["what is it?", "how many dogs are there?", "where?"]
+
+    def outputs(workers):
+        monkeypatch.setattr(blip2.tasks.batch, "DECODE_WORKERS", workers)
+        threads.clear()
+        captions = model.caption(photos + photos[:2], num_beams=1, max_new_tokens=8)
+        answers = model.ask(photos[0], questions, num_beams=1)  # one image over two chunks: encoded once
+        with pytest.raises(ImageError) as error:
+            model.caption([photos[0], photos[1], broken, photos[2]], num_beams=1, max_new_tokens=4)
+        return captions, answers, str(error.value), set(threads)
+
+    *serial, serial_threads = outputs(0)
+    *pooled, pooled_threads = outputs(2)
+    assert pooled == serial
+    assert serial_threads == {threading.current_thread().name}
+    assert any(name.startswith("blip2-decode") for name in pooled_threads)  # (one image alone: no pool)
 
 
 def test_ask_template_per_family(ours, photos):

@@ -14,11 +14,12 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from .. import images as image_io
 from ..config import Blip2Config
 from ..errors import InputError
 from ..generation import GenerationOptions
 from ..models.registry import DecoderOnlyConfig, family
-from . import inputs
+from . import batch, inputs
 from .engine import Engine, ImageInput
 
 # Defaults in the spirit of LAVIS: beam search for both; short answers favoured by a negative length penalty.
@@ -76,24 +77,30 @@ def ask_prompts(engine: Engine, questions: str | Sequence[str], template: str | 
 
 def run(engine: Engine, images: list, rows: list[int], prompts: list[str], options: dict) -> list:
     """Generate for (images[rows[i]], prompts[i]) pairs, `engine.batch_size` pairs at a time: each chunk
-    decodes and encodes only the images it uses, so a long list never sits in memory as pixels all at once.
-    Chunking does not change the output (a batch gives what each item gives alone).
+    decodes and encodes only the images it uses, so a long list never sits in memory as pixels all at once,
+    and the next chunk's images are decoded in `batch.DECODE_WORKERS` threads while the model works on the
+    current one. Chunking does not change the output (a batch gives what each item gives alone).
 
     Returns one str per pair, or with num_return_sequences=n > 1 one list of n str per pair. Options and
-    prompt lengths are checked first: a bad call fails before any image is read."""
+    prompt lengths are checked first: a bad call fails before any image is read; an unreadable image raises
+    its ImageError when its chunk is due."""
     engine.require_language_model()
     opts = make_options(options)
     check_lengths(engine, prompts, opts)
     size = engine.batch_size
+    chunks = [rows[start : start + size] for start in range(0, len(rows), size)]
+    new_rows = _rows_to_encode(chunks)
+    pixels = batch.prepared_ahead(
+        [[images[row] for row in new] for new in new_rows],
+        lambda image: image_io.preprocess_one(image, engine.image_config),
+        batch.DECODE_WORKERS,
+    )
     texts: list[str] = []
     encoded: dict[int, Tensor] = {}  # vision-tower outputs of the images the previous chunk used
-    for start in range(0, len(rows), size):
-        chunk = rows[start : start + size]
+    for start, chunk, new, chunk_pixels in zip(range(0, len(rows), size), chunks, new_rows, pixels):
         used = sorted(set(chunk))
-        # An image that spans chunks (one image, many questions) is decoded and encoded once.
-        new = [row for row in used if row not in encoded]
         if new:
-            encoded.update(zip(new, engine.encode_vision(engine.preprocess([images[row] for row in new]))))
+            encoded.update(zip(new, engine.encode_vision(image_io.stack_pixels(chunk_pixels))))
         encoded = {row: encoded[row] for row in used}
         local = {row: i for i, row in enumerate(used)}
         texts += engine.generate_from_embeds(
@@ -103,6 +110,18 @@ def run(engine: Engine, images: list, rows: list[int], prompts: list[str], optio
             opts,
         )
     return group_returns(texts, opts.num_return_sequences)
+
+
+def _rows_to_encode(chunks: list[list[int]]) -> list[list[int]]:
+    """The image rows each chunk must decode and encode, sorted: those it uses that the chunk before did not
+    (an image that spans chunks, one image with many questions, is decoded and encoded once)."""
+    previous: set[int] = set()
+    new_rows = []
+    for chunk in chunks:
+        used = set(chunk)
+        new_rows.append(sorted(used - previous))
+        previous = used
+    return new_rows
 
 
 def generate_text(
