@@ -30,6 +30,7 @@ import errno
 import io
 import os
 import stat
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import cast
@@ -185,11 +186,16 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
     )
 
 
+_OPEN_LOCK = threading.Lock()
+
+
 def _decode(data: bytes, name: str, limit: int) -> Image.Image:
     with _as_image_error(name):
         # PIL warns between 1x and 2x its MAX_IMAGE_PIXELS; our own limit replaces that warning.
-        # (catch_warnings swaps the process-wide filters; a concurrent thread may miss a warning meanwhile.)
-        with warnings.catch_warnings():
+        # catch_warnings swaps the process-wide filters, so two overlapping blocks (the decode pool's threads)
+        # could leave the "ignore" behind: the lock keeps ours apart. Opening only reads the header, so the
+        # lock is held briefly; decoding (load) runs in parallel.
+        with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = _open_allowed(data, name)
         with image:
