@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from caption_speed import NUM_QUERY_TOKENS, SIZES, _machine, time_call
+from caption_speed import NUM_QUERY_TOKENS, SIZES, _machine, checkpoint, time_call
 
 import blip2
 from blip2.loading.loader import build_on_meta, parse_dtype, read_model_config
@@ -50,18 +50,7 @@ TINY = {
 
 def write_checkpoint(name: str, directory: Path) -> Path:
     """A checkpoint directory for `name`: a tiny fixture or one of caption_speed.py's sizes."""
-    if name in TINY:
-        return TINY[name](directory)
-    spec: dict[str, Any] = SIZES[name]
-    return build_checkpoint(
-        directory,
-        spec["lm"],
-        num_query_tokens=NUM_QUERY_TOKENS,
-        vision=spec["vision"],
-        qformer=spec["qformer"],
-        text=spec["text"],
-        std=0.02,
-    )
+    return TINY[name](directory) if name in TINY else checkpoint(name, directory)
 
 
 def meta_weight_bytes(size: str, dtype: torch.dtype, modes: list[str]) -> dict[str, int]:
