@@ -36,8 +36,9 @@ def generate(
     tokens. `attention_mask` (N, T), if the prompts are left-padded, lets the repetition penalty skip the
     padding, as transformers does. Rows that stop early are padded as transformers pads them: with
     `pad_token_id` (greedy, sampling), or for beam search with `pad_token_id`, or EOS where that id is 0.
+    `options` were checked when they were built.
     """
-    options.validate()
+    assert isinstance(options, GenerationOptions), f"options must be GenerationOptions, not {type(options)}"
     if history.dim() != 2 or history.shape[0] == 0:
         raise InputError(
             f"history must be a non-empty (N, T) tensor of token ids, got shape {tuple(history.shape)}"
