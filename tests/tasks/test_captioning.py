@@ -473,3 +473,16 @@ def test_a_built_options_object_comes_alone(ours, photos):
         model.caption(photos[0], generation=dict(num_beams=2))
     with pytest.raises(InputError, match="must be a GenerationOptions"):
         model.run([photos[0]], [0], [""], dict(num_beams=2))
+
+
+def test_cpu_decoding_checks_the_stop_flag_every_step(ours, photos, monkeypatch):
+    """On CPU a host read costs nothing and a step past the end costs a model call: the engine asks the
+    loops to stop exactly where transformers stops."""
+    model = ours("opt")
+    seen: list = []
+    generate = blip2.tasks.engine.generate
+    monkeypatch.setattr(
+        blip2.tasks.engine, "generate", lambda *a, **k: seen.append(k["check_every"]) or generate(*a, **k)
+    )
+    model.caption(photos[0], num_beams=1, max_new_tokens=3)
+    assert seen == [1]
