@@ -459,3 +459,17 @@ def test_help_lists_the_exit_codes(capsys):
         "130  ",
     ]:
         assert line in out
+
+
+def test_cli_checks_the_options_once_and_passes_them_on(capsys, checkpoints, photos, monkeypatch):
+    """The flags become one GenerationOptions before the model loads; the task takes it as is."""
+    from blip2.generation import GenerationOptions
+
+    checks: list = []
+    validate = GenerationOptions.validate
+    monkeypatch.setattr(GenerationOptions, "validate", lambda self: checks.append(1) or validate(self))
+    images = [str(p) for p in photos[:2]]
+    code, _, _ = run(
+        capsys, "caption", *images, "-m", str(checkpoints["opt"]), "--beams", "2", "--max-new-tokens", "3"
+    )
+    assert code == 0 and checks == [1]

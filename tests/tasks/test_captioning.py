@@ -245,7 +245,10 @@ def test_num_return_sequences_sampling_and_ask(ours, photos):
     assert all(isinstance(t, str) for group in sampled for t in group)
     pixels = model.preprocess(photos[:2])
     flat = model.generate_text(
-        pixels, [0, 1], ["", ""], dict(do_sample=True, seed=0, num_return_sequences=3, max_new_tokens=6)
+        pixels,
+        [0, 1],
+        ["", ""],
+        make_options(dict(do_sample=True, seed=0, num_return_sequences=3, max_new_tokens=6)),
     )
     assert sampled == [flat[:3], flat[3:]]
     answers = model.ask(photos[0], ["what is it?", "where?"], num_beams=2, num_return_sequences=2)
@@ -428,3 +431,58 @@ def test_load_refuses_a_cuda_index_out_of_range(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(InputError, match="device 'cuda:99': this machine has 2 cuda device"):
         blip2.load(tmp_path / "does-not-exist", device="cuda:99")
+
+
+# -- options built once -----------------------------------------------------------------------------------------
+def _count_checks(monkeypatch) -> list:
+    checks: list = []
+    validate = blip2.generation.GenerationOptions.validate
+    monkeypatch.setattr(
+        blip2.generation.GenerationOptions, "validate", lambda self: checks.append(1) or validate(self)
+    )
+    return checks
+
+
+@pytest.mark.parametrize("task", ["caption", "ask"])
+def test_options_are_checked_once_per_call(task, ours, photos, monkeypatch):
+    model = ours("opt")
+    checks = _count_checks(monkeypatch)
+    if task == "caption":
+        model.caption(photos[:2], num_beams=2, max_new_tokens=4)
+    else:
+        model.ask(photos[0], ["what is it?", "where?"], num_beams=2, max_new_tokens=4)
+    assert checks == [1]
+
+
+def test_a_built_options_object_is_the_same_call_as_keywords(ours, photos):
+    model = ours("opt")
+    keywords = dict(num_beams=2, max_new_tokens=5)
+    caption = blip2.tasks.captioning.options_for_task("caption", keywords)
+    assert caption == make_options(dict(keywords, min_new_tokens=1))  # the task's defaults underneath
+    assert model.caption(photos[:2], generation=caption) == model.caption(photos[:2], **keywords)
+    ask = blip2.tasks.captioning.options_for_task("ask", keywords)
+    assert ask.length_penalty == -1.0
+    assert model.ask(photos[0], "what?", generation=ask) == model.ask(photos[0], "what?", **keywords)
+
+
+def test_a_built_options_object_comes_alone(ours, photos):
+    model = ours("opt")
+    with pytest.raises(InputError, match="not both"):
+        model.caption(photos[0], generation=make_options({}), num_beams=2)
+    with pytest.raises(InputError, match="must be a GenerationOptions"):
+        model.caption(photos[0], generation=dict(num_beams=2))
+    with pytest.raises(InputError, match="must be a GenerationOptions"):
+        model.run([photos[0]], [0], [""], dict(num_beams=2))
+
+
+def test_cpu_decoding_checks_the_stop_flag_every_step(ours, photos, monkeypatch):
+    """On CPU a host read costs nothing and a step past the end costs a model call: the engine asks the
+    loops to stop exactly where transformers stops."""
+    model = ours("opt")
+    seen: list = []
+    generate = blip2.tasks.engine.generate
+    monkeypatch.setattr(
+        blip2.tasks.engine, "generate", lambda *a, **k: seen.append(k["check_every"]) or generate(*a, **k)
+    )
+    model.caption(photos[0], num_beams=1, max_new_tokens=3)
+    assert seen == [1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
@@ -13,6 +13,9 @@ from ..embeddings_io import path_fields
 from ..errors import Blip2Error
 from .options import TEXT, generation_options, match_options, model_options
 from .output import cell, emit, json_line, message
+
+if TYPE_CHECKING:  # the library is imported when a command runs, so that --help stays fast
+    from ..generation import GenerationOptions
 
 PROGRESS_THRESHOLD = 8  # show a progress bar from this many images on
 
@@ -51,7 +54,9 @@ def caption(images, prompt, model, device, dtype, quantize, batch_size, as_json,
     pipe = _load(model, device, dtype, quantize, batch_size)
 
     failed = False
-    for path, result in _each_image(pipe, images, lambda good: pipe.caption(good, prompt, **options)):
+    for path, result in _each_image(
+        pipe, images, lambda good: pipe.caption(good, prompt, generation=options)
+    ):
         failed |= emit(path, result, as_json, lambda text: {"caption": text}, len(images) > 1)
     sys.exit(1 if failed else 0)
 
@@ -71,7 +76,7 @@ def ask(image, questions, template, model, device, dtype, quantize, batch_size, 
     options = _task_options("ask", generation)
     pipe = _load(model, device, dtype, quantize, batch_size)
     answers = _one_image(
-        pipe, image, as_json, lambda decoded: pipe.ask(decoded, list(questions), template, **options)
+        pipe, image, as_json, lambda decoded: pipe.ask(decoded, list(questions), template, generation=options)
     )
     if as_json:
         rows = [{"question": q, "answer": a} for q, a in zip(questions, answers)]
@@ -216,13 +221,12 @@ def classify(image, labels, template, top_k, rerank, model, device, dtype, quant
     sys.exit(0)
 
 
-def _task_options(task: str, generation: dict) -> dict:
-    """The options given on the command line, checked (with the task's defaults) before the model loads."""
-    from ..tasks.captioning import task_options
+def _task_options(task: str, generation: dict) -> GenerationOptions:
+    """The options given on the command line, with the task's defaults, as one `GenerationOptions`
+    checked before the model loads and passed to the task as is."""
+    from ..tasks.captioning import options_for_task
 
-    options = {k: v for k, v in generation.items() if v is not None}
-    task_options(task, options)
-    return options
+    return options_for_task(task, {k: v for k, v in generation.items() if v is not None})
 
 
 def _load(model: str, device: str | None, dtype: str | None, quantize: str | None, batch_size: int):

@@ -3,6 +3,14 @@
 In the deterministic modes the tokens are identical to transformers 5.24's `generate`: the same processors in
 the same order, the same tie-breaking ops (argmax, topk), and for beam search the same bookkeeping of finished
 hypotheses, early-stop heuristic and final selection (`GenerationMixin._beam_search`).
+
+Host syncs: the only value a loop reads back from the device while decoding is its stop flag ("has every
+row / search ended?"), and it reads it every `check_every` steps. With 1 (the default) the loops stop
+exactly where transformers stops, with as many model calls; on an accelerator a larger value lets the host
+queue (or a CUDA graph replay) several steps without waiting for the device, at the cost of up to
+`check_every - 1` steps run past the end. Those steps cannot change the output: finished greedy rows only
+add padding, which is cut off at the step where everything had ended, and a beam search freezes its
+finished hypotheses once its stop rule has held.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ def generate(
     eos_token_id: int | list[int],
     pad_token_id: int,
     attention_mask: Tensor | None = None,
+    check_every: int = 1,
 ) -> Tensor:
     """Decode new tokens for the N rows of `stepper`; returns (N * num_return_sequences, L), new tokens only.
 
@@ -36,8 +45,12 @@ def generate(
     tokens. `attention_mask` (N, T), if the prompts are left-padded, lets the repetition penalty skip the
     padding, as transformers does. Rows that stop early are padded as transformers pads them: with
     `pad_token_id` (greedy, sampling), or for beam search with `pad_token_id`, or EOS where that id is 0.
+    `options` were checked when they were built. `check_every` (>= 1): how many steps between reads of
+    the stop flag (see the module's docstring); it changes the number of model calls, never the tokens.
     """
-    options.validate()
+    assert isinstance(options, GenerationOptions), f"options must be GenerationOptions, not {type(options)}"
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise InputError(f"check_every must be an integer >= 1, got {check_every!r}")
     if history.dim() != 2 or history.shape[0] == 0:
         raise InputError(
             f"history must be a non-empty (N, T) tensor of token ids, got shape {tuple(history.shape)}"
@@ -56,8 +69,20 @@ def generate(
     history, eos = history.to(logits.device), eos.to(logits.device)
     # Number of left-padding positions per row: transformers' `prompt_ignore_length`.
     padding = None if attention_mask is None else (attention_mask != 0).int().argmax(dim=1).to(logits.device)
+    if options.do_sample and options.seed is None:
+        check_every = 1  # steps past the end would draw from the global RNG, which the caller may reuse
     loop = _beam_search if options.is_beam_search else _greedy_or_sample
-    return loop(stepper, logits, history, options, eos, pad_token_id, padding)
+    return loop(stepper, logits, history, options, eos, pad_token_id, padding, check_every)
+
+
+def _stop_due(step: int, check_every: int, flag: Tensor) -> bool:
+    """Read the device's stop flag on every `check_every`-th step, else go on unread."""
+    return (step + 1) % check_every == 0 and _read_flag(flag)
+
+
+def _read_flag(flag: Tensor) -> bool:
+    """The loops' one host sync per check: wait for the device, read a bool ()."""
+    return bool(flag)
 
 
 def _expand(stepper: Stepper, logits: Tensor, tensors: list[Tensor | None], copies: int):
@@ -77,26 +102,33 @@ def _greedy_or_sample(
     eos: Tensor,
     pad: int,
     padding: Tensor | None,
+    check_every: int,
 ) -> Tensor:
-    prompt_length = history.shape[1]
-    logits, (tokens, padding) = _expand(stepper, logits, [history, padding], options.num_return_sequences)
+    prompt_length, max_new = history.shape[1], options.max_new_tokens
+    logits, (history, padding) = _expand(stepper, logits, [history, padding], options.num_return_sequences)
     generator = None
     if options.do_sample and options.seed is not None:
         generator = torch.Generator(device=logits.device).manual_seed(options.seed)
+    # (N, T + max_new): the prompt, then the new tokens written in place; the processors see the filled part.
+    tokens = torch.cat([history, history.new_full((history.shape[0], max_new), pad)], dim=1)
     running = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-    for step in range(options.max_new_tokens):
-        scores = process(logits.float(), tokens, options, prompt_length, eos, padding)
+    # Steps taken while some row was running: the number of new tokens transformers returns.
+    length = torch.zeros((), dtype=torch.int64, device=tokens.device)
+    for step in range(max_new):
+        end = prompt_length + step
+        scores = process(logits.float(), tokens[:, :end], options, prompt_length, eos, padding)
         if options.do_sample:
             chosen = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
         else:
             chosen = scores.argmax(dim=-1)
         chosen = torch.where(running, chosen, pad)  # finished rows get padding
-        tokens = torch.cat([tokens, chosen[:, None]], dim=1)
+        tokens[:, end] = chosen
+        length += running.any()
         running &= ~torch.isin(chosen, eos)
-        if not running.any() or step == options.max_new_tokens - 1:
+        if step == max_new - 1 or _stop_due(step, check_every, ~running.any()):
             break
         logits = stepper.step(chosen)
-    return tokens[:, prompt_length:]
+    return tokens[:, prompt_length : prompt_length + int(length)]
 
 
 @dataclass
@@ -143,6 +175,7 @@ def _beam_search(
     eos: Tensor,
     pad: int,
     padding: Tensor | None,
+    check_every: int,
 ) -> Tensor:
     batch, prompt_length = history.shape
     num_beams = options.num_beams
@@ -153,6 +186,7 @@ def _beam_search(
     logits, (padding,) = _expand(stepper, logits, [padding], num_beams)
     # Keep (EOS ids + 1) * K candidates, so that K of them are still live even if the best ones end.
     num_candidates = max(2, 1 + eos.numel()) * num_beams
+    stopped = torch.zeros((), dtype=torch.bool, device=history.device)  # the stop rule has held
     for length in range(prompt_length, max_length):
         flat_history = beams.running[:, :, :length].reshape(batch * num_beams, length)
         log_probs = process(
@@ -161,9 +195,10 @@ def _beam_search(
         scores, sequences, rows = _candidates(beams, log_probs, length, num_candidates)
         ended = torch.isin(sequences[:, :, length], eos) | (length + 1 >= max_length)  # (B, C)
         _keep_running(beams, scores, sequences, rows, ended)
-        _keep_finished(beams, scores, sequences, ended, length + 1 - prompt_length, options)
+        _keep_finished(beams, scores, sequences, ended, length + 1 - prompt_length, options, stopped)
         _update_improvable(beams, length + 1 - prompt_length, options)
-        if not _should_continue(beams, ended, options):
+        stopped = stopped | _stop_rule(beams, ended, options)
+        if length == max_length - 1 or _stop_due(length - prompt_length, check_every, stopped):
             break
         stepper.select(beams.parent_rows.flatten())
         logits = stepper.step(beams.running[:, :, length].flatten())
@@ -200,9 +235,11 @@ def _keep_finished(
     ended: Tensor,
     new_length: int,
     options: GenerationOptions,
+    stopped: Tensor,
 ) -> None:
     """Merge the candidates that just ended among the K best into the finished set, keeping the K best by
-    length-normalised score. The additions mirror transformers' float32 arithmetic, which decides ties."""
+    length-normalised score. The additions mirror transformers' float32 arithmetic, which decides ties.
+    Once `stopped` (the stop rule held at an earlier step, not yet read by the host) the set is frozen."""
     num_beams = beams.running.shape[1]
     among_best = torch.arange(ended.shape[1], device=ended.device) < num_beams
     just_ended = ended & among_best[None, :]
@@ -213,6 +250,8 @@ def _keep_finished(
     normalised = normalised + (~just_ended).to(torch.float32) * _EXCLUDED
     merged_scores = torch.cat([beams.done_scores, normalised], dim=1)
     best = torch.topk(merged_scores, k=num_beams).indices
+    # Frozen: keep the K slots as they are (indices 0..K-1 of the merged set are the old ones).
+    best = torch.where(stopped, torch.arange(num_beams, device=best.device), best)
     lengths = torch.full_like(ended, new_length, dtype=torch.int64)
     beams.done = _gather(torch.cat([beams.done, sequences], dim=1), best)
     beams.done_scores = _gather(merged_scores, best)
@@ -230,9 +269,13 @@ def _update_improvable(beams: _Beams, generated: int, options: GenerationOptions
     beams.improvable = beams.improvable & torch.any(best_possible > worst_done, dim=-1, keepdim=True)
 
 
-def _should_continue(beams: _Beams, ended: Tensor, options: GenerationOptions) -> bool:
-    all_full = bool(torch.all(beams.is_done)) and options.early_stopping is True
-    return bool(beams.improvable.any()) and not all_full and not bool(ended.all())
+def _stop_rule(beams: _Beams, ended: Tensor, options: GenerationOptions) -> Tensor:
+    """transformers' stop rule, as a device bool (): no live beam can improve any input's finished set,
+    or with early_stopping=True every input has K finished hypotheses, or every candidate has ended."""
+    stop = ~beams.improvable.any() | ended.all()
+    if options.early_stopping is True:
+        stop = stop | beams.is_done.all()
+    return stop
 
 
 def _best_finished(beams: _Beams, prompt_length: int, count: int) -> Tensor:

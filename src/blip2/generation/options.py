@@ -1,17 +1,21 @@
 """How to decode: the options of `generate`, named and defaulted as in transformers' `GenerationConfig`,
-so that the same call means the same thing in both."""
+so that the same call means the same thing in both.
+
+`GenerationOptions` is one frozen, typed object that is valid by construction: it is checked once, where it
+is built (the API's keywords, the CLI's flags, a server's or a batch job's JSON, all through `from_kwargs`),
+and then travels as is through the tasks, the engine and the decoding loops, which do not check it again."""
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 from blip2.errors import InputError
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationOptions:
     max_new_tokens: int = 30
     min_new_tokens: int = 0  # EOS is forbidden until this many tokens are generated
@@ -26,6 +30,20 @@ class GenerationOptions:
     early_stopping: bool | Literal["never"] = False  # beam search, as transformers
     num_return_sequences: int = 1
     seed: int | None = None  # sampling: a seeded call is reproducible
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_kwargs(cls, **options: Any) -> GenerationOptions:
+        """Build from options given by name (API keywords, CLI flags, JSON), the others defaulted. An
+        `InputError` names any unknown option and lists the known ones, or names the first bad value."""
+        unknown = sorted(set(options) - OPTION_NAMES)
+        if unknown:
+            raise InputError(
+                f"unknown generation option(s): {', '.join(unknown)} (known: {', '.join(sorted(OPTION_NAMES))})"
+            )
+        return cls(**options)
 
     @property
     def is_beam_search(self) -> bool:
@@ -96,6 +114,7 @@ OPTION_KINDS = {
     "seed": "an integer or None",
 }
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+OPTION_NAMES = frozenset(field.name for field in fields(GenerationOptions))
 
 
 def _is_int(value) -> bool:

@@ -23,7 +23,12 @@ class Blip2(Engine):
 
     # -- captions and answers -------------------------------------------------------------------------------
     def caption(
-        self, images: ImageInput | Sequence[ImageInput], prompt: str | Sequence[str] | None = None, **options
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        prompt: str | Sequence[str] | None = None,
+        *,
+        generation: GenerationOptions | None = None,
+        **options,
     ) -> str | list[str] | list[list[str]]:
         """Caption one image (-> str) or a list (-> list of str).
 
@@ -33,14 +38,18 @@ class Blip2(Engine):
         num_return_sequences); the defaults are beam search with 5 beams and at most 30 new tokens.
         With num_return_sequences=n > 1, each image gets a list of n captions, best first for beam search:
         one image -> list of n str, several -> a list of such lists. Prompt lengths: see `check_lengths`.
+        Instead of keywords, `generation` may give every option as one `GenerationOptions` (built once,
+        e.g. with `captioning.options_for_task("caption", {...})`, and reused); it replaces the defaults.
         """
-        return captioning.caption(self, images, prompt, **options)
+        return captioning.caption(self, images, prompt, generation=generation, **options)
 
     def ask(
         self,
         images: ImageInput | Sequence[ImageInput],
         questions: str | Sequence[str],
         template: str | None = None,
+        *,
+        generation: GenerationOptions | None = None,
         **options,
     ) -> str | list[str] | list[list[str]]:
         """Answer questions about images.
@@ -50,8 +59,9 @@ class Blip2(Engine):
         answers pairwise. With num_return_sequences=n > 1, each answer becomes a list of n answers.
         `template` wraps each question (default "Question: {} Answer:" for OPT, "Question: {} Short answer:"
         for Flan-T5; see `ask_prompts`). Defaults: 5 beams, at most 10 new tokens, length_penalty -1.
+        Options are keywords, as for `caption`, or one `GenerationOptions` as `generation`.
         """
-        return captioning.ask(self, images, questions, template, **options)
+        return captioning.ask(self, images, questions, template, generation=generation, **options)
 
     def ask_prompts(self, questions: str | Sequence[str], template: str | None = None) -> list[str]:
         """The prompts `ask` gives the language model: each question, stripped, in `template` (default: the
@@ -59,14 +69,16 @@ class Blip2(Engine):
         is kept as written ("Q: {} {x}" -> "Q: what? {x}"); a template without `{}` is an InputError."""
         return captioning.ask_prompts(self, questions, template)
 
-    def run(self, images: list, rows: list[int], prompts: list[str], options: dict) -> list:
+    def run(self, images: list, rows: list[int], prompts: list[str], opts: GenerationOptions) -> list:
         """Generate for (images[rows[i]], prompts[i]) pairs, `batch_size` pairs at a time (see
         `captioning.run`)."""
-        return captioning.run(self, images, rows, prompts, options)
+        return captioning.run(self, images, rows, prompts, opts)
 
-    def generate_text(self, pixels: Tensor, rows: list[int], prompts: list[str], options: dict) -> list[str]:
+    def generate_text(
+        self, pixels: Tensor, rows: list[int], prompts: list[str], opts: GenerationOptions
+    ) -> list[str]:
         """Generate one text per (image row, prompt) from pixels (see `captioning.generate_text`)."""
-        return captioning.generate_text(self, pixels, rows, prompts, options)
+        return captioning.generate_text(self, pixels, rows, prompts, opts)
 
     def check_lengths(self, prompts: Sequence[str], opts: GenerationOptions) -> None:
         """An InputError for any prompt that does not fit the language model (see `captioning.check_lengths`)."""

@@ -1,14 +1,15 @@
 """Captions and answers: the prompts each task gives the language model, its default generation options,
 the prompt-length policy, and generation over (image, prompt) pairs a batch at a time.
 
-Every function takes the engine first (`Blip2` exposes them as methods). The API and every front end go
-through `task_options`, so that the same call gives the same output.
+Every function takes the engine first (`Blip2` exposes them as methods). The API and every front end build
+their options through `options_for_task` (a task's defaults, then the caller's options, checked once), so
+that the same call gives the same output; below that, options travel as one `GenerationOptions`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -35,14 +36,17 @@ def caption(
     engine: Engine,
     images: ImageInput | Sequence[ImageInput],
     prompt: str | Sequence[str] | None = None,
+    *,
+    generation: GenerationOptions | None = None,
     **options,
 ) -> str | list[str] | list[list[str]]:
     """Caption one image (-> str) or a list (-> list of str); see `Blip2.caption`."""
     engine.require_language_model()
+    opts = call_options("caption", generation, options)
     single = not inputs.is_list(images)
     items = inputs.as_list(images, "images")
     prompts = inputs.broadcast(prompt if prompt is not None else caption_prompt(engine), len(items), "prompt")
-    texts = run(engine, items, list(range(len(items))), prompts, task_options("caption", options))
+    texts = run(engine, items, list(range(len(items))), prompts, opts)
     return texts[0] if single else texts
 
 
@@ -56,15 +60,18 @@ def ask(
     images: ImageInput | Sequence[ImageInput],
     questions: str | Sequence[str],
     template: str | None = None,
+    *,
+    generation: GenerationOptions | None = None,
     **options,
 ) -> str | list[str] | list[list[str]]:
     """Answer questions about images; see `Blip2.ask` for how images and questions pair up."""
     engine.require_language_model()
+    opts = call_options("ask", generation, options)
     image_list = inputs.as_list(images, "images")
     rows, question_list = inputs.pairs(len(image_list), inputs.texts(questions, "questions"), "questions")
     single = not inputs.is_list(images) and not inputs.is_list(questions)
     prompts = ask_prompts(engine, question_list, template)
-    answers = run(engine, image_list, rows, prompts, task_options("ask", options))
+    answers = run(engine, image_list, rows, prompts, opts)
     return answers[0] if single else answers
 
 
@@ -75,7 +82,7 @@ def ask_prompts(engine: Engine, questions: str | Sequence[str], template: str | 
     return [inputs.fill(template, q.strip()) for q in inputs.texts(questions, "questions")]
 
 
-def run(engine: Engine, images: list, rows: list[int], prompts: list[str], options: dict) -> list:
+def run(engine: Engine, images: list, rows: list[int], prompts: list[str], opts: GenerationOptions) -> list:
     """Generate for (images[rows[i]], prompts[i]) pairs, `engine.batch_size` pairs at a time: each chunk
     decodes and encodes only the images it uses, so a long list never sits in memory as pixels all at once,
     and the next chunk's images are decoded in `batch.DECODE_WORKERS` threads while the model works on the
@@ -85,7 +92,7 @@ def run(engine: Engine, images: list, rows: list[int], prompts: list[str], optio
     prompt lengths are checked first: a bad call fails before any image is read; an unreadable image raises
     its ImageError when its chunk is due."""
     engine.require_language_model()
-    opts = make_options(options)
+    _require_options(opts)
     check_lengths(engine, prompts, opts)
     size = engine.batch_size
     chunks = [rows[start : start + size] for start in range(0, len(rows), size)]
@@ -125,13 +132,13 @@ def _rows_to_encode(chunks: list[list[int]]) -> list[list[int]]:
 
 
 def generate_text(
-    engine: Engine, pixels: Tensor, rows: list[int], prompts: list[str], options: dict
+    engine: Engine, pixels: Tensor, rows: list[int], prompts: list[str], opts: GenerationOptions
 ) -> list[str]:
     """Generate one text per (image row, prompt): `rows[i]` indexes `pixels` for `prompts[i]`.
     With num_return_sequences > 1, each prompt's texts follow one another (`group_returns` nests them).
-    Options and prompt lengths are checked before the images are encoded."""
+    Prompt lengths are checked before the images are encoded."""
     engine.require_language_model()
-    opts = make_options(options)
+    _require_options(opts)
     check_lengths(engine, prompts, opts)
     return engine.generate_from_embeds(engine.encode_vision(pixels), rows, prompts, opts)
 
@@ -206,25 +213,46 @@ def group_returns(texts: list[str], count: int) -> list:
     return [texts[i : i + count] for i in range(0, len(texts), count)]
 
 
-def task_options(task: str, options: dict) -> dict:
-    """The generation options a task ("caption", "ask") runs with: its defaults, overridden by `options`.
-    Sampling without an explicit num_beams samples one sequence (the defaults' 5 beams are for search).
-    The API and every front end go through here, so that the same call gives the same output."""
+def task_options(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The generation options a task ("caption", "ask") runs with, by name: its defaults, overridden by
+    `options`. Sampling without an explicit num_beams samples one sequence (the defaults' 5 beams are for
+    search). Nothing is checked here: `options_for_task` builds the checked object from this."""
     defaults = dict(TASK_DEFAULTS[task])
     if options.get("do_sample") and "num_beams" not in options:
         defaults["num_beams"] = 1
-    merged = {**defaults, **options}
-    make_options(merged)  # a bad option fails here, before any image is read
-    return merged
+    return {**defaults, **options}
 
 
-def make_options(options: dict) -> GenerationOptions:
-    names = {f.name for f in dataclasses.fields(GenerationOptions)}
-    unknown = sorted(set(options) - names)
-    if unknown:
+def options_for_task(task: str, options: Mapping[str, Any]) -> GenerationOptions:
+    """The checked options of a task called with `options` (keywords, CLI flags, JSON): an InputError
+    names any unknown or bad one, before any image is read. The API and every front end go through
+    here, so that the same call gives the same output."""
+    return GenerationOptions.from_kwargs(**task_options(task, options))
+
+
+def call_options(
+    task: str, generation: GenerationOptions | None, options: Mapping[str, Any]
+) -> GenerationOptions:
+    """The options of one API call: `generation`, a `GenerationOptions` built at the caller's edge, as
+    is, or else the task's defaults overridden by the keyword `options`, never both."""
+    if generation is None:
+        return options_for_task(task, options)
+    if options:
         raise InputError(
-            f"unknown generation option(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})"
+            f"generation options come either as keywords or as generation=GenerationOptions(...), not both "
+            f"(got generation= and {', '.join(sorted(options))})"
         )
-    opts = GenerationOptions(**options)
-    opts.validate()
-    return opts
+    return generation  # `run` checks that it is one
+
+
+def make_options(options: Mapping[str, Any]) -> GenerationOptions:
+    """`GenerationOptions.from_kwargs` over a mapping, without task defaults (tests and benchmarks)."""
+    return GenerationOptions.from_kwargs(**options)
+
+
+def _require_options(opts: object) -> None:
+    if not isinstance(opts, GenerationOptions):
+        raise InputError(
+            f"generation options must be a GenerationOptions (see GenerationOptions.from_kwargs), got "
+            f"{type(opts).__name__}"
+        )

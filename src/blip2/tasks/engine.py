@@ -27,6 +27,10 @@ from ..models.registry import EncoderDecoderConfig, family
 from . import inputs
 
 DEFAULT_BATCH_SIZE = 16
+# Decode steps between reads of the stop flag on an accelerator (see blip2.generation.decoding): the host
+# queues this many steps without waiting for the device, and may run up to this many - 1 past the end (their
+# output is dropped). On CPU there is no queue to keep full: read it every step, and never step past the end.
+ACCELERATOR_CHECK_EVERY = 4
 
 ImageInput = Any  # a path, bytes, a PIL image or a numpy array
 
@@ -152,6 +156,7 @@ class Engine:
             eos_token_id=text_cfg.eos_token_id,
             pad_token_id=_pad_id(text_cfg),
             attention_mask=history_mask,
+            check_every=1 if prefix.device.type == "cpu" else ACCELERATOR_CHECK_EVERY,
         )
 
     def stepper(self, prefix: Tensor, prompts: list[str]) -> tuple[Stepper, Tensor, Tensor | None]:
