@@ -43,7 +43,13 @@ def test_maxsim_reads_an_fp16_memmap_in_chunks(tmp_path, chunk_bytes):
     data.tofile(path)
     mapped = np.memmap(path, dtype="<f2", mode="r", shape=(37, 4, 16))
     query = unit(rng, 3, 16)
-    np.testing.assert_allclose(maxsim(mapped, query, chunk_bytes), reference(data, query), atol=1e-5)
+    np.testing.assert_allclose(
+        maxsim(mapped, query, chunk_bytes=chunk_bytes), reference(data, query), atol=1e-5
+    )
+    rows = np.array([0, 5, 6, 30, 36, 2])
+    np.testing.assert_allclose(
+        maxsim(mapped, query, rows, chunk_bytes), reference(data[rows], query), atol=1e-5
+    )
 
 
 def test_an_identical_image_scores_its_maximum():

@@ -21,13 +21,17 @@ from ..errors import InputError
 CHUNK_BYTES = 32 << 20
 
 
-def maxsim(vectors: np.ndarray, query: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> np.ndarray:
-    """Score (n,) float32 of each image in `vectors` (n, Q, D), float16 or float32, possibly a memmap,
+def maxsim(
+    vectors: np.ndarray, query: np.ndarray, rows: np.ndarray | None = None, chunk_bytes: int = CHUNK_BYTES
+) -> np.ndarray:
+    """Score (n,) float32 of each image in `vectors` (N, Q, D), float16 or float32, possibly a memmap,
     against `query` (m, D) or (D,): the mean over query rows of the max over the image's Q vectors of the inner
-    product, computed in float32. Reads `vectors` in slices of about `chunk_bytes` of float32."""
+    product, computed in float32. `rows` (n,) selects the images to score (sorted reads a memmap in order);
+    without it all N are. Reads `vectors` in slices of about `chunk_bytes` of float32."""
     if vectors.ndim != 3 or 0 in vectors.shape[1:]:
         raise InputError(f"vectors must be (n, Q, D) with Q, D > 0, got shape {vectors.shape}")
-    n, num_query, dim = vectors.shape
+    _, num_query, dim = vectors.shape
+    n = len(vectors) if rows is None else len(rows)
     q = np.asarray(query, dtype=np.float32)
     q = q[None, :] if q.ndim == 1 else q
     if q.ndim != 2 or q.shape[1] != dim or q.shape[0] == 0:
@@ -35,7 +39,8 @@ def maxsim(vectors: np.ndarray, query: np.ndarray, chunk_bytes: int = CHUNK_BYTE
     scores = np.empty(n, dtype=np.float32)
     step = max(1, chunk_bytes // (num_query * dim * 4))
     for start in range(0, n, step):
-        chunk = np.asarray(vectors[start : start + step], dtype=np.float32)  # (c, Q, D)
+        part = vectors[start : start + step] if rows is None else vectors[rows[start : start + step]]
+        chunk = np.asarray(part, dtype=np.float32)  # (c, Q, D)
         sims = chunk @ q.T  # (c, Q, m)
         scores[start : start + len(chunk)] = sims.max(axis=1).mean(axis=1)
     return scores
