@@ -24,8 +24,9 @@ from . import adding
 from .adding import AddReport, Progress
 from .ann import BRUTE_FORCE_BELOW, AnnIndex
 from .ann import search as ranked
-from .store import Meta, NewRow, Row, Store, Where, open_store
+from .store import ANN_FILES, DATABASE, Meta, NewRow, Row, Store, Where, open_store
 
+DATABASE_FILES = (DATABASE, DATABASE + "-wal")
 DEFAULT_LOCK_TIMEOUT = 10.0  # seconds a writer waits for another one to finish
 # The ITC projections of a checkpoint, whose sign bits identify its embedding space (see `fingerprint`).
 FINGERPRINT_PARAMETERS = (
@@ -97,6 +98,7 @@ class Index:
         self.lock_timeout = lock_timeout
         self._fingerprint: str | None = None
         self._reader: Store | None = None
+        self._seen: tuple = ()  # the database files' identity when the reader last refreshed
         self._ann: tuple[tuple, AnnIndex | None] | None = None  # (ann files' identity, loaded index)
 
     def __repr__(self) -> str:
@@ -345,7 +347,7 @@ class Index:
         while its files are unchanged."""
         if candidates < BRUTE_FORCE_BELOW or meta.num_query is None or meta.dim is None:
             return None
-        identity = _files_identity(store.path, ("ann.faiss", "ann.json"))
+        identity = _files_identity(store.path, ANN_FILES)
         if self._ann is None or self._ann[0] != identity:
             self._ann = (identity, AnnIndex.load(store.path, meta.num_query, meta.dim))
         return self._ann[1]
@@ -361,20 +363,25 @@ class Index:
         (Unix times), and whether the ANN stage is there and how many slots it covers."""
         store = self._store()
         meta = store.meta()
-        meta_fields = asdict(meta)
-        ann = AnnIndex.load(store.path, meta.num_query, meta.dim) if meta.num_query and meta.dim else None
+        ann = self._ann_for(store, meta, max(meta.count, BRUTE_FORCE_BELOW))
         return {
             "path": str(self.path),
-            **meta_fields,
-            "size_bytes": sum(f.stat().st_size for f in self.path.iterdir() if f.is_file()),
+            **asdict(meta),
+            "size_bytes": store.disk_bytes(),
             "ann": {"present": ann is not None, "covered": ann.covered if ann is not None else 0},
         }
 
     # -- plumbing -------------------------------------------------------------------------------------------
     def _store(self) -> Store:
-        """The reader, opened at first use and kept (searches take no lock)."""
+        """The reader, opened at first use and kept (searches take no lock), moved to the latest committed
+        state when the database files changed since (two stats: a refresh drops the store's per-snapshot
+        caches, which at a million rows cost more than a search)."""
+        identity = _files_identity(self.path, DATABASE_FILES)
         if self._reader is None:
             self._reader = open_store(self.path)
+        elif identity != self._seen:
+            self._reader.refresh()
+        self._seen = identity
         return self._reader
 
     def _writer(self) -> Store:
