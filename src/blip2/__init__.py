@@ -13,7 +13,16 @@ index.search(text="a dog on a beach", k=10)
 from .errors import Blip2Error, CheckpointError, ImageError, InputError
 
 __version__ = "0.1.0"
-__all__ = ["load", "Blip2", "Index", "Blip2Error", "CheckpointError", "ImageError", "InputError", "__version__"]
+__all__ = [
+    "load",
+    "Blip2",
+    "Index",
+    "Blip2Error",
+    "CheckpointError",
+    "ImageError",
+    "InputError",
+    "__version__",
+]
 
 
 def __getattr__(name: str):

@@ -17,8 +17,8 @@ from PIL import Image
 
 import blip2
 from blip2 import ImageError, InputError
-from blip2.images import load_image
 from blip2.errors import IndexBusyError, IndexFileError, IndexMismatchError
+from blip2.images import load_image
 from blip2.index import Index, Where, fingerprint
 from blip2.index import index as index_module
 from blip2.index.store import open_store
@@ -121,8 +121,12 @@ def test_rerank_orders_by_match(tmp_path, itm, folder):
     assert [h.to_dict().keys() for h in hits][0] == {"rank", "image", "score", "match"}
     # only the top rerank_k by ITC are re-scored (at least k)
     top2 = [h.image for h in index.search(text=TEXT, k=2)]
-    assert [h.image for h in index.search(text=TEXT, k=2, rerank=True, rerank_k=1)] == sorted(top2, key=lambda p: -probs[p])
-    assert [h.image for h in index.search(text=TEXT, k=1, rerank=True, rerank_k=2)] == sorted(top2, key=lambda p: -probs[p])[:1]
+    assert [h.image for h in index.search(text=TEXT, k=2, rerank=True, rerank_k=1)] == sorted(
+        top2, key=lambda p: -probs[p]
+    )
+    assert [h.image for h in index.search(text=TEXT, k=1, rerank=True, rerank_k=2)] == sorted(
+        top2, key=lambda p: -probs[p]
+    )[:1]
 
 
 def test_rerank_reports_a_missing_file(tmp_path, itm, folder):
@@ -143,11 +147,16 @@ def test_where_caption_and_path(tmp_path, itm, folder, checkpoints):
     index.add(paths[2:])
     captions = captioner.caption(paths[:2], max_new_tokens=30, num_beams=5)
     hits = index.search(text=TEXT, k=10)
-    assert {h.image: h.caption for h in hits} == {**dict(zip(paths[:2], captions)), **dict.fromkeys(paths[2:])}
+    assert {h.image: h.caption for h in hits} == {
+        **dict(zip(paths[:2], captions)),
+        **dict.fromkeys(paths[2:]),
+    }
     word = captions[0].split()[0]
     with_word = {p for p, c in zip(paths[:2], captions) if word.lower() in c.lower()}
     assert {h.image for h in index.search(text=TEXT, where=Where(caption=word.upper()))} == with_word
-    assert [h.image for h in index.search(text=TEXT, where=Where(path="*.png"))] == [str(folder / "noise.png")]
+    assert [h.image for h in index.search(text=TEXT, where=Where(path="*.png"))] == [
+        str(folder / "noise.png")
+    ]
 
 
 # -- incremental ------------------------------------------------------------------------------------------------
@@ -208,7 +217,9 @@ def test_another_checkpoint_is_a_mismatch(tmp_path, itm, other, folder):
 
 def test_fingerprint_is_the_same_in_every_dtype(retrieval_checkpoints, itm, other):
     for dtype in ("float16", "bfloat16"):
-        assert fingerprint(blip2.load(retrieval_checkpoints["plain"], device="cpu", dtype=dtype)) == fingerprint(itm)
+        assert fingerprint(
+            blip2.load(retrieval_checkpoints["plain"], device="cpu", dtype=dtype)
+        ) == fingerprint(itm)
     assert fingerprint(itm) != fingerprint(other)
 
 
@@ -234,7 +245,9 @@ def test_bad_files_are_skipped_with_reasons(tmp_path, itm, folder):
     with pytest.raises(ImageError) as decoded:
         load_image(folder / "truncated.jpg")
     assert reasons["truncated.jpg"] == decoded.value.reason
-    assert len(index) == 5 and "truncated.jpg" not in {os.path.basename(h.image) for h in index.search(text=TEXT)}
+    assert len(index) == 5 and "truncated.jpg" not in {
+        os.path.basename(h.image) for h in index.search(text=TEXT)
+    }
 
 
 @pytest.mark.parametrize(
@@ -288,7 +301,9 @@ def test_ann_path_gives_the_brute_force_top_k(tmp_path, itm, folder, monkeypatch
     paths = images_in(folder)
     rng = np.random.default_rng(0)
     # enough rows for the ANN to train on: the photos plus random unit vectors
-    noise = rng.normal(size=(300, *itm.embed_images(paths[0])["image_embeds_proj"].shape[1:])).astype(np.float32)
+    noise = rng.normal(size=(300, *itm.embed_images(paths[0])["image_embeds_proj"].shape[1:])).astype(
+        np.float32
+    )
     index = Index(tmp_path / "photos.idx", model=itm)
     index.add_embeddings([f"noise-{i}" for i in range(len(noise))], noise)
     monkeypatch.setattr(index_module, "BRUTE_FORCE_BELOW", 100)
@@ -319,14 +334,24 @@ main(sys.argv[2:])
 
 
 @pytest.mark.parametrize("kill_at", [2, 5])
-def test_add_killed_mid_run_then_rerun_completes_without_duplicates(tmp_path, retrieval_checkpoints, itm, photos, kill_at):
+def test_add_killed_mid_run_then_rerun_completes_without_duplicates(
+    tmp_path, retrieval_checkpoints, itm, photos, kill_at
+):
     """`kill -9` right after an fsync of the store (the vectors of a batch on disk, their rows maybe not yet
     committed): the rerun completes the add, each file once, and the index equals one built in one go."""
     folder = tmp_path / "photos"
     folder.mkdir()
     for i in range(12):  # 12 distinct files: each photo saved at several qualities
         Image.open(photos[i % 4]).save(folder / f"{i:02d}.jpg", quality=60 + i)
-    command = ["index", "add", str(folder), "--index", str(tmp_path / "p.idx"), "-m", str(retrieval_checkpoints["plain"])]
+    command = [
+        "index",
+        "add",
+        str(folder),
+        "--index",
+        str(tmp_path / "p.idx"),
+        "-m",
+        str(retrieval_checkpoints["plain"]),
+    ]
     killed = subprocess.run(
         [sys.executable, "-c", KILL_AFTER_FSYNC, str(kill_at), *command, "--batch-size", "2"],
         capture_output=True,

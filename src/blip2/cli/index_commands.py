@@ -93,7 +93,9 @@ def add_embeddings_command(file, index_path, model):
     keys, embeddings = read_embeddings(file)
     index = Index(index_path)
     added = index.add_embeddings(keys, embeddings, model_name=model)
-    click.echo(f"blip2: {message(index_path)}: {added} embeddings added; {len(index)} images in all", err=True)
+    click.echo(
+        f"blip2: {message(index_path)}: {added} embeddings added; {len(index)} images in all", err=True
+    )
     sys.exit(0)
 
 
@@ -138,7 +140,9 @@ def info_command(index_path, as_json):
         sys.exit(0)
     for key, value in info.items():
         if key in ("created", "updated") and value:
-            value = datetime.datetime.fromtimestamp(value, datetime.timezone.utc).isoformat(timespec="seconds")
+            value = datetime.datetime.fromtimestamp(value, datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            )
         elif isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items())
         click.echo(f"{key}\t{cell(str(value))}")
@@ -151,12 +155,29 @@ def info_command(index_path, as_json):
 @click.option("--image", default=None, help="Search by this image (similar images) instead of a text.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="How many results.")
 @click.option("--rerank", is_flag=True, help="Re-rank the top --rerank-k by the ITM head (text only).")
-@click.option("--rerank-k", type=click.IntRange(min=1), default=100, show_default=True, help="How many to re-rank.")
-@click.option("--where-caption", type=TEXT, default=None, help="Only images whose caption contains this text.")
+@click.option(
+    "--rerank-k", type=click.IntRange(min=1), default=100, show_default=True, help="How many to re-rank."
+)
+@click.option(
+    "--where-caption", type=TEXT, default=None, help="Only images whose caption contains this text."
+)
 @click.option("--where-path", default=None, help="Only images whose path matches this glob.")
 @index_model_options
 def search_command(
-    text, index_path, image, k, rerank, rerank_k, where_caption, where_path, model, device, dtype, quantize, batch_size, as_json
+    text,
+    index_path,
+    image,
+    k,
+    rerank,
+    rerank_k,
+    where_caption,
+    where_path,
+    model,
+    device,
+    dtype,
+    quantize,
+    batch_size,
+    as_json,
 ):
     """The images of the index that best match TEXT (or --image), best first: rank, score (BLIP-2 ITC, the
     best cosine over the query vectors) and path per line, with the ITM probability after the score when

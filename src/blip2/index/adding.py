@@ -187,7 +187,9 @@ def commit_batches(
                 report.skipped.append(Skipped(item.path, reason))
                 continue
             rows.append(
-                NewRow(item.path, item.hash, item.size, item.mtime, result.width, result.height, result.caption)
+                NewRow(
+                    item.path, item.hash, item.size, item.mtime, result.width, result.height, result.caption
+                )
             )
             vectors.append(result.vectors)
             (report.reembedded if item.changed else report.added).append(item.path)

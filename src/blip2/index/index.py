@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError, ImageError, IndexFileError, IndexMismatchError, InputError
+from ..errors import CheckpointError, ImageError, IndexMismatchError, InputError
 from ..sources import find_images
 from . import adding
 from .adding import AddReport, Progress
@@ -171,7 +171,9 @@ class Index:
 
         adding.commit_batches(store, results, size, report, advance)
 
-    def add_embeddings(self, keys: Sequence[str], embeddings: np.ndarray, model_name: str | None = None) -> int:
+    def add_embeddings(
+        self, keys: Sequence[str], embeddings: np.ndarray, model_name: str | None = None
+    ) -> int:
         """Add vectors made elsewhere (e.g. by `blip2 embed`): `embeddings` (N, Q, D), the projected query
         embeddings (`image_embeds_proj`) of the images named by `keys`, which must fit the index's (Q, D).
         No model is run. A key that names an existing file is stored as its absolute path with its size
@@ -268,7 +270,11 @@ class Index:
         An empty index returns []."""
         _check_count("k", k)
         _check_count("rerank_k", rerank_k)
-        given = [name for name, value in (("text", text), ("image", image), ("embedding", embedding)) if value is not None]
+        given = [
+            name
+            for name, value in (("text", text), ("image", image), ("embedding", embedding))
+            if value is not None
+        ]
         if len(given) != 1:
             raise InputError(f"search takes one of text, image or embedding; got {given or 'none'}")
         if rerank and text is None:
@@ -297,7 +303,9 @@ class Index:
             if vectors.ndim == 1:
                 vectors = vectors[None]
             if vectors.ndim != 2 or vectors.shape[1] != meta.dim or not len(vectors):
-                raise InputError(f"embedding: expected shape ({meta.dim},) or (m, {meta.dim}), got {np.shape(embedding)}")
+                raise InputError(
+                    f"embedding: expected shape ({meta.dim},) or (m, {meta.dim}), got {np.shape(embedding)}"
+                )
             return _unit_rows(vectors, "embedding")
         model = self._require_model("search by text or image")
         self._check_model(meta)
@@ -394,7 +402,9 @@ class Index:
 
 
 def _hit(rank: int, row: Row, score: float) -> Hit:
-    return Hit(rank, row.path, score, None, None, row.hash, row.size, row.mtime, row.width, row.height, row.caption)
+    return Hit(
+        rank, row.path, score, None, None, row.hash, row.size, row.mtime, row.width, row.height, row.caption
+    )
 
 
 def _check_count(name: str, value: int) -> None:
@@ -416,7 +426,9 @@ def _as_vectors(embeddings: np.ndarray, count: int) -> np.ndarray:
     """`add_embeddings`' input as unit (N, Q, D) float32 rows, checked."""
     vectors = np.asarray(embeddings, dtype=np.float32)
     if vectors.ndim != 3 or not vectors.size:
-        raise InputError(f"embeddings: expected (N, Q, D) projected query embeddings, got shape {vectors.shape}")
+        raise InputError(
+            f"embeddings: expected (N, Q, D) projected query embeddings, got shape {vectors.shape}"
+        )
     if len(vectors) != count:
         raise InputError(f"{count} keys for {len(vectors)} embeddings")
     return _unit_rows(vectors, "embeddings")
@@ -442,4 +454,3 @@ def _files_identity(folder: Path, names: Sequence[str]) -> tuple:
         except OSError:
             identity.append(None)
     return tuple(identity)
-
