@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError, ImageError, IndexMismatchError, InputError
+from ..errors import Blip2Error, CheckpointError, ImageError, IndexMismatchError, InputError
 from ..sources import find_images
 from . import adding
 from .adding import AddReport, Progress
@@ -341,8 +341,10 @@ class Index:
         )
         scored = []
         for hit, (_, result) in zip(hits, results):
-            if isinstance(result, ImageError):
-                scored.append(replace(hit, error=result.reason))
+            if isinstance(result, Blip2Error):
+                scored.append(
+                    replace(hit, error=result.reason if isinstance(result, ImageError) else str(result))
+                )
             else:
                 scored.append(replace(hit, match=float(result)))
         # Matched first by probability (ties: ITC order), the unreadable after them in ITC order.
@@ -446,7 +448,7 @@ def _embedding_row(key: str, vectors: np.ndarray) -> NewRow:
 
 def _files_identity(folder: Path, names: Sequence[str]) -> tuple:
     """(size, mtime_ns) of each file, None when missing: changes when a writer replaces them."""
-    identity = []
+    identity: list[tuple[int, int, int] | None] = []
     for name in names:
         try:
             info = os.stat(folder / name)
