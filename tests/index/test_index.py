@@ -238,10 +238,13 @@ def test_bad_files_are_skipped_with_reasons(tmp_path, itm, folder):
     data = (folder / "coffee.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
     (folder / "notes.jpg").write_text("not an image")
+    shutil.copy(folder / "coffee.jpg", os.fsdecode(bytes(folder / "caf\xe9") + b"\xff.jpg"))
     index = Index(tmp_path / "photos.idx", model=itm)
     report = index.add([folder, folder / "missing.jpg"])
     reasons = {os.path.basename(s.path): s.reason for s in report.skipped}
-    assert reasons.keys() == {"truncated.jpg", "notes.jpg", "missing.jpg"}
+    assert reasons.keys() == {"truncated.jpg", "notes.jpg", "missing.jpg", "caf\xe9\udcff.jpg"}
+    assert reasons["caf\xe9\udcff.jpg"] == "the file name is not valid UTF-8, which the index cannot store"
+    assert index.remove([os.fsdecode(b"\xff.jpg")]) == 0
     with pytest.raises(ImageError) as decoded:
         load_image(folder / "truncated.jpg")
     assert reasons["truncated.jpg"] == decoded.value.reason

@@ -87,7 +87,9 @@ def test_search_json_and_plain_equal_the_library(capsys, built, itm):
 
 
 def test_search_rerank_and_image(capsys, built, itm, folder):
-    code, out, err = run(capsys, "search", TEXT, "--index", built, "-k", 2, "--rerank", "--rerank-k", 4, "--json")
+    code, out, err = run(
+        capsys, "search", TEXT, "--index", built, "-k", 2, "--rerank", "--rerank-k", 4, "--json"
+    )
     assert code == 0, err
     expected = Index(built, model=itm).search(text=TEXT, k=2, rerank=True, rerank_k=4)
     assert [json.loads(line) for line in out.splitlines()] == [h.to_dict() for h in expected]
@@ -98,7 +100,9 @@ def test_search_rerank_and_image(capsys, built, itm, folder):
 
 def test_search_where_path(capsys, built, folder):
     code, out, _ = run(capsys, "search", TEXT, "--index", built, "--where-path", "*.png", "--json")
-    assert code == 0 and [json.loads(line)["image"] for line in out.splitlines()] == [str(folder / "noise.png")]
+    assert code == 0 and [json.loads(line)["image"] for line in out.splitlines()] == [
+        str(folder / "noise.png")
+    ]
 
 
 @pytest.mark.parametrize(
@@ -152,7 +156,9 @@ def test_add_embeddings_from_blip2_embed(capsys, tmp_path, folder, retrieval_che
     index = tmp_path / "e.idx"
     code, _, err = run(capsys, "index", "add-embeddings", out_file, "--index", index, "-m", "tiny-name")
     assert code == 0 and err.strip().endswith("5 embeddings added; 5 images in all")
-    code, out, err = run(capsys, "search", TEXT, "--index", index, "-m", retrieval_checkpoints["plain"], "--json")
+    code, out, err = run(
+        capsys, "search", TEXT, "--index", index, "-m", retrieval_checkpoints["plain"], "--json"
+    )
     assert code == 0, err
     scores = itm.similarity(images, TEXT)[:, 0].tolist()
     ranked = sorted(images, key=lambda p: -scores[images.index(p)])
@@ -163,4 +169,6 @@ def test_help_lists_the_commands(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0 and "index" in out and "search" in out
     code, out, _ = run(capsys, "index", "--help")
-    assert code == 0 and all(c in out for c in ("add", "add-embeddings", "remove", "prune", "info", "Exit codes"))
+    assert code == 0 and all(
+        c in out for c in ("add", "add-embeddings", "remove", "prune", "info", "Exit codes")
+    )

@@ -161,7 +161,7 @@ def info_command(index_path, as_json):
 @click.option(
     "--where-caption", type=TEXT, default=None, help="Only images whose caption contains this text."
 )
-@click.option("--where-path", default=None, help="Only images whose path matches this glob.")
+@click.option("--where-path", type=TEXT, default=None, help="Only images whose path matches this glob.")
 @index_model_options
 def search_command(
     text,

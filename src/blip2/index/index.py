@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import Blip2Error, CheckpointError, ImageError, IndexMismatchError, InputError
-from ..sources import find_images
+from ..sources import Skipped, find_images
 from . import adding
 from .adding import AddReport, Progress
 from .ann import BRUTE_FORCE_BELOW, AnnIndex
@@ -140,8 +140,15 @@ class Index:
 
         `progress(done, total)` is called as files are settled."""
         found = find_images([paths] if isinstance(paths, (str, os.PathLike)) else list(paths))
-        files = list(dict.fromkeys(os.path.abspath(f) for f in found.files))
         report = AddReport(skipped=list(found.skipped))
+        files = []
+        for path in dict.fromkeys(os.path.abspath(f) for f in found.files):
+            if _storable(path):
+                files.append(path)
+            else:
+                report.skipped.append(
+                    Skipped(path, "the file name is not valid UTF-8, which the index cannot store")
+                )
         tell = progress or (lambda done, total: None)
         with self._writer() as store:
             pending = adding.plan(store, files, report, tell)
@@ -233,7 +240,7 @@ class Index:
         if not self.path.exists():
             return 0
         with self._writer() as store:
-            return store.remove(list(dict.fromkeys(keys)))
+            return store.remove([key for key in dict.fromkeys(keys) if _storable(key)])
 
     def prune(self) -> list[str]:
         """Drop the rows whose file no longer exists; returns their paths."""
@@ -407,6 +414,15 @@ def _hit(rank: int, row: Row, score: float) -> Hit:
     return Hit(
         rank, row.path, score, None, None, row.hash, row.size, row.mtime, row.width, row.height, row.caption
     )
+
+
+def _storable(path: str) -> bool:
+    """Whether `path` is text SQLite can store: a name that is not UTF-8 reaches Python with lone surrogates."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_count(name: str, value: int) -> None:
