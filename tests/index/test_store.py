@@ -3,9 +3,19 @@ together, filters, binding, and every crafted file refused with an IndexFileErro
 
 from __future__ import annotations
 
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
+from store_writer import expected_vectors
 
+import blip2
 from blip2.errors import IndexBusyError, IndexFileError, IndexMismatchError, InputError
 from blip2.index.store import NewRow, Where, open_store
 
@@ -132,3 +142,218 @@ def test_missing_or_foreign_paths_are_index_file_errors(tmp_path):
     (tmp_path / "photos" / "x.jpg").write_text("x")
     with pytest.raises(IndexFileError, match="not empty"):
         open_store(tmp_path / "photos", writable=True)
+
+
+# --- real processes: kill -9, two writers, readers during writes ------------------------------------------
+
+WRITER = Path(__file__).with_name("store_writer.py")
+
+
+def _start_writer(index: Path, first: int, count: int, batch: int, *options: str) -> subprocess.Popen:
+    src = str(Path(blip2.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, str(WRITER), str(index), str(first), str(count), str(batch), *options]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    """The writer's exit status (0 done, 3 busy) and its stderr."""
+    _, err = process.communicate(timeout=timeout)
+    assert process.returncode in (0, 3), err
+    return process.returncode, err
+
+
+def _wait_for(file: Path, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not file.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{file} never appeared"
+        time.sleep(0.02)
+
+
+def _kill(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+
+
+def _assert_consistent(index: Path, paths: set[str] | None = None) -> None:
+    """Every live row has its own path's vectors, one row per path, and the counts agree."""
+    with open_store(index) as store:
+        rows, vectors = store.rows(), store.vectors()
+        assert len(rows) == len(store) == len(store.live_slots()) == store.meta().count
+        assert len({r.path for r in rows}) == len(rows) and len({r.slot for r in rows}) == len(rows)
+        for r in rows:
+            assert r.hash == f"hash-{r.path}"
+            np.testing.assert_array_equal(vectors[r.slot], expected_vectors(r.path), err_msg=r.path)
+        if paths is not None:
+            assert {r.path for r in rows} == paths
+
+
+def test_kill_between_fsync_and_commit_loses_only_that_batch(tmp_path):
+    index = tmp_path / "a.idx"
+    writer = _start_writer(index, 0, 40, 10, "--pause-at", "2")
+    _wait_for(tmp_path / "a.idx.paused", writer)
+    _kill(writer)
+    slot_bytes = Q * D * 2
+    assert (index / "vectors.f16").stat().st_size == 30 * slot_bytes  # batch 2's vectors are on disk...
+    _assert_consistent(index, {f"p{i}" for i in range(20)})  # ...but only batches 0 and 1 are rows
+    assert _finish(_start_writer(index, 0, 40, 10))[0] == 0  # the resumed add completes the rest
+    _assert_consistent(index, {f"p{i}" for i in range(40)})
+    with open_store(index) as store:  # the tail was dropped, not skipped: no hole, no duplicate
+        assert store.meta().slots == 40 and (index / "vectors.f16").stat().st_size == 40 * slot_bytes
+
+
+def test_kill_at_random_moments_never_corrupts(tmp_path):
+    index, rng, interrupted = tmp_path / "a.idx", np.random.default_rng(0), 0
+    for _ in range(6):
+        writer = _start_writer(index, 0, 3000, 7)
+        time.sleep(float(rng.uniform(0.2, 1.0)))
+        interrupted += writer.poll() is None
+        _kill(writer)
+        if index.joinpath("index.sqlite").exists():
+            _assert_consistent(index)
+    assert interrupted >= 3  # most kills hit a writer at work
+    assert _finish(_start_writer(index, 0, 3000, 500))[0] == 0
+    _assert_consistent(index, {f"p{i}" for i in range(3000)})
+
+
+def test_two_writers_one_waits_the_other_is_busy(tmp_path):
+    index = tmp_path / "a.idx"
+    holder = _start_writer(index, 0, 20, 10, "--pause-at", "1")
+    _wait_for(tmp_path / "a.idx.paused", holder)
+    busy = _start_writer(index, 100, 10, 10, "--timeout", "0.2")
+    status, message = _finish(busy)
+    assert status == 3 and "another process is writing" in message and str(index) in message
+    with pytest.raises(IndexBusyError, match=str(index)):
+        open_store(index, writable=True, lock_timeout=0.1)
+    waiter = _start_writer(index, 100, 10, 10, "--timeout", "60")
+    time.sleep(0.5)
+    assert waiter.poll() is None  # still waiting for the lock
+    _kill(holder)  # the kernel releases a dead process's flock
+    assert _finish(waiter)[0] == 0
+    _assert_consistent(index, {f"p{i}" for i in range(10)} | {f"p{i}" for i in range(100, 110)})
+
+
+def test_concurrent_writers_both_complete(tmp_path):
+    index = tmp_path / "a.idx"
+    open_store(index, writable=True).close()
+    writers = [_start_writer(index, first, 400, 20, "--timeout", "60") for first in (0, 1000)]
+    assert [_finish(w)[0] for w in writers] == [0, 0]
+    _assert_consistent(index, {f"p{i}" for i in (*range(400), *range(1000, 1400))})
+
+
+def test_readers_see_consistent_snapshots_while_a_writer_writes(tmp_path):
+    index = tmp_path / "a.idx"
+    _finish(_start_writer(index, 0, 10, 10))
+    writer = _start_writer(index, 10, 2000, 13)
+    seen = set()
+    with open_store(index) as reader:
+        while writer.poll() is None:
+            reader.refresh()
+            rows, vectors = reader.rows(), reader.vectors()
+            assert len(rows) == len(reader.live_slots()) == reader.meta().count <= len(vectors)
+            for r in rows[-20:]:
+                np.testing.assert_array_equal(vectors[r.slot], expected_vectors(r.path))
+            seen.add(len(rows))
+    assert _finish(writer)[0] == 0
+    assert len(seen) > 2  # the reader did look while rows were being added
+    _assert_consistent(index, {f"p{i}" for i in range(2010)})
+
+
+# --- crafted files ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def good_index(tmp_path):
+    """A sound index of three rows, closed, to corrupt."""
+    index = tmp_path / "a.idx"
+    with open_store(index, writable=True) as store:
+        store.bind(Q, D, "tiny", "fp1")
+        store.add([_row("a"), _row("b"), _row("c")], _vectors(3))
+    return index
+
+
+def _sql(index: Path, *statements: str) -> None:
+    db = sqlite3.connect(index / "index.sqlite", isolation_level=None)
+    for statement in statements:
+        db.execute(statement)
+    db.close()
+
+
+CRAFTED_DATABASES = {
+    "format": ("UPDATE meta SET value = 'other/9' WHERE key = 'format'",),
+    "no meta key": ("DELETE FROM meta WHERE key = 'slots'",),
+    "huge num_query": ("UPDATE meta SET value = '1000000000' WHERE key = 'num_query'",),
+    "negative dim": ("UPDATE meta SET value = '-8' WHERE key = 'dim'",),
+    "dim without num_query": ("UPDATE meta SET value = '' WHERE key = 'num_query'",),
+    "slots not a number": ("UPDATE meta SET value = '3x' WHERE key = 'slots'",),
+    "slots past the file": ("UPDATE meta SET value = '1000000000000' WHERE key = 'slots'",),
+    "created not finite": ("UPDATE meta SET value = 'nan' WHERE key = 'created'",),
+    "vectors outside": ("UPDATE meta SET value = '../../x.f16' WHERE key = 'vectors'",),
+    "negative slot": ("UPDATE images SET slot = -1 WHERE path = 'a'",),
+    "slot past the committed ones": ("UPDATE images SET slot = 3 WHERE path = 'c'",),
+    "missing table": ("DROP TABLE images",),
+    "extra table": ("CREATE TABLE x(y)",),
+    "a trigger": ("CREATE TRIGGER t AFTER DELETE ON images BEGIN DELETE FROM meta; END",),
+    "a view": ("CREATE VIEW v AS SELECT 1",),
+    "no unique slots": (
+        "DROP TABLE images",
+        "CREATE TABLE images(id INTEGER PRIMARY KEY, path TEXT, hash TEXT, size INTEGER, mtime REAL,"
+        " width INTEGER, height INTEGER, slot INTEGER, caption TEXT, added REAL)",
+        "INSERT INTO images VALUES (1, 'a', 'h', 1, 1.0, 1, 1, 0, NULL, 1.0), (2, 'b', 'h', 1, 1.0, 1, 1, 0, NULL, 1.0)",
+    ),
+}
+
+
+@pytest.mark.parametrize("writable", [False, True], ids=["reader", "writer"])
+@pytest.mark.parametrize("craft", CRAFTED_DATABASES.values(), ids=CRAFTED_DATABASES.keys())
+def test_crafted_database_is_refused_naming_it(good_index, craft, writable):
+    _sql(good_index, *craft)
+    with pytest.raises(IndexFileError, match=r"a\.idx/(index\.sqlite|vectors\.f16):"):
+        open_store(good_index, writable=writable)
+
+
+def test_a_nul_in_a_stored_path_is_refused(good_index):
+    _sql(good_index, "UPDATE images SET path = 'a' || char(0) || 'b' WHERE path = 'a'")
+    with open_store(good_index) as store, pytest.raises(IndexFileError, match="NUL"):
+        store.rows()
+
+
+CRAFTED_FILES = {
+    "not sqlite": lambda index: (index / "index.sqlite").write_bytes(b"#!/bin/sh\nrm -rf /\n" * 10),
+    "empty database": lambda index: (index / "index.sqlite").write_bytes(b""),
+    "sqlite symlink": lambda index: _replace_by_symlink(index / "index.sqlite"),
+    "vectors symlink": lambda index: _replace_by_symlink(index / "vectors.f16"),
+    "vectors missing": lambda index: (index / "vectors.f16").unlink(),
+    "vectors short": lambda index: os.truncate(index / "vectors.f16", 3 * Q * D * 2 - 3),
+    "vectors a folder": lambda index: ((index / "vectors.f16").unlink(), (index / "vectors.f16").mkdir()),
+}
+
+
+def _replace_by_symlink(file: Path) -> None:
+    """`file` moved outside the index, a symlink left in its place."""
+    outside = file.parent.parent / f"outside-{file.name}"
+    file.rename(outside)
+    file.symlink_to(outside)
+
+
+@pytest.mark.parametrize("craft", CRAFTED_FILES.values(), ids=CRAFTED_FILES.keys())
+def test_crafted_files_are_refused_naming_them(good_index, craft):
+    for name in ("index.sqlite-wal", "index.sqlite-shm"):
+        assert not (good_index / name).exists()  # the last close checkpointed: index.sqlite is complete
+    craft(good_index)
+    for writable in (False, True):
+        with pytest.raises(IndexFileError, match=r"a\.idx/(index\.sqlite|vectors\.f16):"):
+            open_store(good_index, writable=writable)
+
+
+def test_a_crash_tail_is_ignored_by_readers_and_dropped_by_the_writer(good_index):
+    with open(good_index / "vectors.f16", "ab") as f:
+        f.write(b"\x7f" * (Q * D * 2 + 5))  # a batch that never committed, cut mid-slot
+    with open_store(good_index) as reader:
+        assert reader.vectors().shape == (3, Q, D)
+    with open_store(good_index, writable=True) as store:
+        store.add([_row("d")], _vectors(1, seed=1))
+        assert store.get("d").slot == 3
+        np.testing.assert_array_equal(store.vectors()[3], _vectors(1, seed=1)[0].astype(np.float16))
+    assert (good_index / "vectors.f16").stat().st_size == 4 * Q * D * 2

@@ -134,9 +134,13 @@ def open_store(path: str | os.PathLike[str], writable: bool = False, lock_timeou
     else:
         _check_directory(directory)
     lock = _take_lock(directory, lock_timeout) if writable else None
+    db = None
     try:
-        return Store(directory, _connect(directory, writable), lock)
+        db = _connect(directory, writable)
+        return Store(directory, db, lock)
     except BaseException:
+        if db is not None:
+            db.close()
         if lock is not None:
             os.close(lock)
         raise
@@ -464,7 +468,7 @@ class Store:
             raise self._corrupt("not a regular file (a symlink or special file)", file)
         if info.st_size < m["slots"] * self._slot_bytes:
             raise self._corrupt(
-                f"{info.st_size} bytes, shorter than its {m['slots']} committed slots of {self._slot_bytes}",
+                f"{info.st_size} bytes, shorter than its {m['slots']} committed slots of {self._slot_bytes} bytes",
                 file,
             )
 
@@ -700,6 +704,8 @@ def _create_or_check_schema(db: sqlite3.Connection, file: Path) -> None:
     """A new (or crashed-while-new, table-less) database gets our schema; any other must have exactly it."""
     try:
         if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+            if any(_VECTORS_NAME.fullmatch(name) for name in os.listdir(file.parent)):
+                raise IndexFileError(str(file), "an empty database next to stored vectors, not an index")
             # WAL: readers never block the writer nor see its uncommitted rows.
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("BEGIN IMMEDIATE")
@@ -734,22 +740,15 @@ def _read_meta(db: sqlite3.Connection, file: Path) -> dict[str, Any]:
     except sqlite3.DatabaseError as e:
         raise IndexFileError(str(file), f"database error ({e})") from None
     if raw.get("format") != FORMAT:
-        raise IndexFileError(str(file), f"format {raw.get('format')!r}, expected {FORMAT!r}")
-    try:
-        meta = {
-            "num_query": _optional_int(raw["num_query"]),
-            "dim": _optional_int(raw["dim"]),
-            "model": raw["model"],
-            "fingerprint": raw["fingerprint"],
-            "created": _finite(raw["created"]),
-            "updated": _finite(raw["updated"]),
-            "slots": int(raw["slots"]),
-            "vectors": raw["vectors"],
-        }
-    except KeyError as e:
-        raise IndexFileError(str(file), f"meta has no {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise IndexFileError(str(file), f"bad meta value ({e})") from None
+        raise IndexFileError(str(file), f"format {str(raw.get('format'))[:80]!r}, expected {FORMAT!r}")
+    meta: dict[str, Any] = {}
+    for key, parse in _META_VALUES.items():
+        if key not in raw:
+            raise IndexFileError(str(file), f"meta has no {key!r}")
+        try:
+            meta[key] = parse(raw[key])
+        except (TypeError, ValueError) as e:
+            raise IndexFileError(str(file), f"meta {key} = {str(raw[key])[:80]!r}: {e}") from None
     if (meta["num_query"] is None) != (meta["dim"] is None):
         raise IndexFileError(str(file), "meta has num_query or dim without the other")
     if meta["num_query"] is not None:
@@ -757,8 +756,6 @@ def _read_meta(db: sqlite3.Connection, file: Path) -> dict[str, Any]:
             _check_shape(meta["num_query"], meta["dim"])
         except InputError as e:
             raise IndexFileError(str(file), f"meta: {e}") from None
-    if meta["slots"] < 0 or not _VECTORS_NAME.fullmatch(meta["vectors"]):
-        raise IndexFileError(str(file), "meta: bad slot count or vector file name")
     return meta
 
 
@@ -766,15 +763,46 @@ def _write_meta(db: sqlite3.Connection, values: dict[str, str]) -> None:
     db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", values.items())
 
 
-def _optional_int(text: str) -> int | None:
-    return None if text == "" else int(text)
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text!r} is not a finite number")
+def _text(value: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError("not text")
     return value
+
+
+def _optional_int(value: str) -> int | None:
+    return None if _text(value) == "" else int(value)
+
+
+def _count(value: str) -> int:
+    number = int(_text(value))
+    if number < 0:
+        raise ValueError("negative")
+    return number
+
+
+def _finite(value: str) -> float:
+    number = float(_text(value))
+    if not math.isfinite(number):
+        raise ValueError("not a finite number")
+    return number
+
+
+def _vectors_name(value: str) -> str:
+    if not _VECTORS_NAME.fullmatch(_text(value)):
+        raise ValueError("not a vector file name of this index (vectors.f16 or vectors.N.f16)")
+    return value
+
+
+_META_VALUES = {
+    "num_query": _optional_int,
+    "dim": _optional_int,
+    "model": _text,
+    "fingerprint": _text,
+    "created": _finite,
+    "updated": _finite,
+    "slots": _count,
+    "vectors": _vectors_name,
+}
 
 
 def _check_shape(num_query: int, dim: int) -> None:
