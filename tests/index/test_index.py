@@ -202,6 +202,10 @@ def test_remove_and_prune(tmp_path, itm, folder):
     assert index.prune() == [paths[2]]
     assert sorted(h.image for h in index.search(text=TEXT, k=10)) == paths[3:]
     assert len(index) == len(paths) - 3
+    before = index.search(text=TEXT, k=10)
+    index.compact()
+    assert index.meta().slots == len(paths) - 3
+    assert [(h.image, h.score) for h in index.search(text=TEXT, k=10)] == [(h.image, h.score) for h in before]
 
 
 # -- errors -----------------------------------------------------------------------------------------------------

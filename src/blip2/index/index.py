@@ -251,6 +251,15 @@ class Index:
             store.remove(gone)
         return gone
 
+    def compact(self) -> None:
+        """Reclaim the disk space of removed and replaced images (their vectors stay in the vector file until
+        then): the vectors are rewritten without them, and the ANN stage rebuilt when the index has one."""
+        if not self.path.exists():
+            return
+        with self._writer() as store:
+            store.compact()
+            self._update_ann(store)
+
     # -- searching ------------------------------------------------------------------------------------------
     def search(
         self,
