@@ -29,23 +29,8 @@ FP16_ATOL = 2e-3
 
 
 @pytest.fixture(scope="module")
-def itm(retrieval_checkpoints):
-    return blip2.load(retrieval_checkpoints["plain"], device="cpu")
-
-
-@pytest.fixture(scope="module")
 def other(retrieval_checkpoints):
     return blip2.load(retrieval_checkpoints["image-token"], device="cpu")  # other weights (seed 1)
-
-
-@pytest.fixture
-def folder(tmp_path, photos):
-    """The sample photos copied into a folder of their own (they get moved and changed here)."""
-    root = tmp_path / "photos"
-    root.mkdir()
-    for photo in photos:
-        shutil.copy(photo, root / photo.name)
-    return root
 
 
 def images_in(folder):
@@ -299,6 +284,8 @@ def test_add_embeddings_then_search(tmp_path, itm, folder):
         plain.add_embeddings(paths[:1], vectors[:1, :3])
     with pytest.raises(InputError, match="keys"):
         plain.add_embeddings(paths, vectors[:2])
+    with pytest.raises(InputError, match="not UTF-8"):
+        plain.add_embeddings([os.fsdecode(b"\xff.jpg")], vectors[:1])
     # the files are known by size and mtime: adding them with the model embeds nothing
     assert sorted(Index(tmp_path / "e.idx", model=itm).add(folder).unchanged) == paths
 
@@ -321,6 +308,10 @@ def test_ann_path_gives_the_brute_force_top_k(tmp_path, itm, folder, monkeypatch
     exact = index.search(text=TEXT, k=10)
     assert [h.image for h in with_ann] == [h.image for h in exact]
     assert [h.score for h in with_ann] == [h.score for h in exact]
+    # a filter that leaves few rows: all of them, exactly ranked, whatever the ANN proposes
+    monkeypatch.setattr(index_module, "BRUTE_FORCE_BELOW", 100)
+    narrow = Where(path="noise-1??")  # 100 rows: fewer of them among the ANN's candidates
+    assert len(index.search(text=TEXT, k=100, where=narrow)) == 100
 
 
 # -- crash safety -----------------------------------------------------------------------------------------------------

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 
-import blip2
 from blip2.cli import main
 from blip2.index import Index
 
@@ -21,20 +19,6 @@ def run(capsys, *args):
         main([str(a) for a in args])
     out, err = capsys.readouterr()
     return exit_info.value.code, out, err
-
-
-@pytest.fixture(scope="module")
-def itm(retrieval_checkpoints):
-    return blip2.load(retrieval_checkpoints["plain"], device="cpu")
-
-
-@pytest.fixture
-def folder(tmp_path, photos):
-    root = tmp_path / "photos"
-    root.mkdir()
-    for photo in photos:
-        shutil.copy(photo, root / photo.name)
-    return root
 
 
 @pytest.fixture

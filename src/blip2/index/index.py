@@ -28,6 +28,7 @@ from .store import ANN_FILES, DATABASE, Meta, NewRow, Row, Store, Where, open_st
 
 DATABASE_FILES = (DATABASE, DATABASE + "-wal")
 DEFAULT_LOCK_TIMEOUT = 10.0  # seconds a writer waits for another one to finish
+EMBEDDINGS_BATCH = 4096  # rows per transaction in add_embeddings (32 MiB of fp16 vectors at 32x256)
 # The ITC projections of a checkpoint, whose sign bits identify its embedding space (see `fingerprint`).
 FINGERPRINT_PARAMETERS = (
     "query_tokens",
@@ -151,14 +152,26 @@ class Index:
                 )
         tell = progress or (lambda done, total: None)
         with self._writer() as store:
+            if self.model is not None:
+                self._bind(store)  # another checkpoint fails before anything changes
             pending = adding.plan(store, files, report, tell)
             if pending:
-                self._bind(store)
+                self._bind(store)  # (without a model: the error that says one is needed)
                 self._embed(store, pending, batch_size, caption_model, report, tell, len(files))
             self._update_ann(store)
         return report
 
-    def _embed(self, store, pending, batch_size, caption_model, report, tell, total) -> None:
+    def _embed(
+        self,
+        store: Store,
+        pending: list[adding.Pending],
+        batch_size: int | None,
+        caption_model,
+        report: AddReport,
+        tell: Progress,
+        total: int,
+    ) -> None:
+        """Embed (and caption) the pending files, decoding the next batch while the model runs."""
         from ..tasks.batch import DECODE_WORKERS, each_input
 
         size = batch_size or self.model.batch_size
@@ -189,13 +202,19 @@ class Index:
         as the index's model when it has none (the checkpoint `blip2 search` then loads by default). Returns
         the number added."""
         vectors = _as_vectors(embeddings, len(keys))
+        for key in keys:
+            if not isinstance(key, str) or not _storable(key):
+                raise InputError(
+                    f"{key!r}: a key must be text (a file name that is not UTF-8 cannot be stored)"
+                )
         rows = [_embedding_row(key, v) for key, v in zip(keys, vectors)]
         with self._writer() as store:
             if self.model is not None:
                 self._bind(store)
             else:
                 store.bind(vectors.shape[1], vectors.shape[2], store.meta().model or model_name or "", "")
-            store.add(rows, vectors)
+            for start in range(0, len(rows), EMBEDDINGS_BATCH):  # a kill loses one batch at most
+                store.add(rows[start : start + EMBEDDINGS_BATCH], vectors[start : start + EMBEDDINGS_BATCH])
             self._update_ann(store)
         return len(rows)
 
@@ -302,7 +321,11 @@ class Index:
             return []
         query = self._query(meta, text, image, embedding)  # (m, D) float32, unit rows
         wanted = max(k, rerank_k) if rerank else k
-        found, scores = ranked(store.vectors(), slots, query, wanted, self._ann_for(store, meta, len(slots)))
+        ann = self._ann_for(store, meta, len(slots))
+        found, scores = ranked(store.vectors(), slots, query, wanted, ann)
+        if ann is not None and len(found) < min(wanted, len(slots)):
+            # a narrow `where` leaves too few of the ANN's candidates: rank the filtered rows exactly
+            found, scores = ranked(store.vectors(), slots, query, wanted, None)
         hits = [
             _hit(rank, row, score)
             for rank, (row, score) in enumerate(zip(store.rows_for_slots(found.tolist()), scores.tolist()), 1)
