@@ -86,6 +86,52 @@ def test_replace_move_copy_remove_and_compact_keep_vectors_with_rows(store):
     assert store.get("c2").mtime == 7.0 and store.get("b").hash == "h2"
 
 
+def test_a_reader_keeps_its_snapshot_through_a_compaction(store, tmp_path):
+    v = _vectors(4)
+    store.add([_row("a"), _row("b"), _row("c"), _row("d")], v)
+    with open_store(tmp_path / "a.idx") as reader:
+        store.remove(["a", "c"])
+        store.compact()
+        assert [r.path for r in store.rows()] == ["b", "d"] and store.meta().slots == 2
+        assert [(r.path, r.slot) for r in reader.rows()] == [("a", 0), ("b", 1), ("c", 2), ("d", 3)]
+        np.testing.assert_array_equal(reader.vectors(), v.astype(np.float16))  # the old file, still mapped
+        reader.refresh()
+        assert [(r.path, r.slot) for r in reader.rows()] == [("b", 0), ("d", 1)]
+        np.testing.assert_array_equal(reader.vectors(), v[[1, 3]].astype(np.float16))
+    assert sorted(p.name for p in (tmp_path / "a.idx").glob("vectors*")) == ["vectors.1.f16"]
+
+
+def test_vector_files_a_crashed_compaction_left_are_removed_by_the_next_writer(store, tmp_path):
+    store.add([_row("a"), _row("b")], _vectors(2))
+    store.remove(["a"])
+    store.close()
+    index = tmp_path / "a.idx"
+    (index / "vectors.1.f16").write_bytes(b"\0" * 100)  # written, never committed
+    with open_store(index) as reader:  # a reader ignores it and changes nothing
+        assert reader.vectors().shape == (2, Q, D)
+    with open_store(index, writable=True) as writer:
+        assert sorted(p.name for p in index.glob("vectors*")) == ["vectors.f16"]
+        writer.compact()
+        assert writer.get("b").slot == 0
+    (index / "vectors.f16").write_bytes(b"\0" * 100)  # committed away, not yet unlinked
+    open_store(index, writable=True).close()
+    assert sorted(p.name for p in index.glob("vectors*")) == ["vectors.1.f16"]
+
+
+def test_refresh_sees_new_rows_and_keeps_its_caches_when_nothing_changed(store, tmp_path):
+    store.add([_row("a")], _vectors(1))
+    with open_store(tmp_path / "a.idx") as reader:
+        slots, vectors = reader.live_slots(), reader.vectors()
+        reader.refresh()
+        assert reader.live_slots() is slots and reader.vectors() is vectors
+        store.add([_row("b")], _vectors(1, seed=1))
+        assert len(reader) == 1  # still the old snapshot
+        reader.refresh()
+        assert (
+            len(reader) == 2 and list(reader.live_slots()) == [0, 1] and reader.vectors().shape == (2, Q, D)
+        )
+
+
 def test_where_filters_by_caption_and_path_glob(store):
     store.add(
         [
@@ -292,6 +338,7 @@ CRAFTED_DATABASES = {
     "vectors outside": ("UPDATE meta SET value = '../../x.f16' WHERE key = 'vectors'",),
     "negative slot": ("UPDATE images SET slot = -1 WHERE path = 'a'",),
     "slot past the committed ones": ("UPDATE images SET slot = 3 WHERE path = 'c'",),
+    "dead slot past the committed ones": ("INSERT INTO dead(slot) VALUES (3)",),
     "missing table": ("DROP TABLE images",),
     "extra table": ("CREATE TABLE x(y)",),
     "a trigger": ("CREATE TRIGGER t AFTER DELETE ON images BEGIN DELETE FROM meta; END",),
@@ -311,6 +358,15 @@ def test_crafted_database_is_refused_naming_it(good_index, craft, writable):
     _sql(good_index, *craft)
     with pytest.raises(IndexFileError, match=r"a\.idx/(index\.sqlite|vectors\.f16):"):
         open_store(good_index, writable=writable)
+
+
+def test_rows_and_dead_slots_that_disagree_are_refused(good_index):
+    _sql(good_index, "DELETE FROM images WHERE path = 'a'")  # a row gone without its slot marked dead
+    with (
+        open_store(good_index) as store,
+        pytest.raises(IndexFileError, match="2 rows, but 3 slots are not dead"),
+    ):
+        store.live_slots()
 
 
 def test_a_nul_in_a_stored_path_is_refused(good_index):
