@@ -413,3 +413,25 @@ def test_a_crash_tail_is_ignored_by_readers_and_dropped_by_the_writer(good_index
         assert store.get("d").slot == 3
         np.testing.assert_array_equal(store.vectors()[3], _vectors(1, seed=1)[0].astype(np.float16))
     assert (good_index / "vectors.f16").stat().st_size == 4 * Q * D * 2
+
+
+def test_text_that_is_not_utf8_is_an_input_error(store):
+    store.add([_row("a")], _vectors(1))
+    name = b"caf\xe9.jpg".decode("utf-8", "surrogateescape")  # a Latin-1 file name, as os.listdir gives it
+    with pytest.raises(InputError, match="not UTF-8"):
+        store.add([_row(name)], _vectors(1))
+    for call in (lambda: store.get(name), lambda: store.remove([name]), lambda: store.move("a", name, 1.0)):
+        with pytest.raises(InputError, match="not UTF-8"):
+            call()
+    assert [r.path for r in store.rows()] == ["a"]
+
+
+def test_moving_a_row_onto_itself_unchanged_writes_nothing(store):
+    store.add([_row("a")], _vectors(1))
+    updated = store.meta().updated
+    store.move("a", "a", mtime=1.5)
+    assert store.meta().updated == updated
+    store.move("a", "a", mtime=2.5)
+    assert store.meta().updated > updated and store.get("a").mtime == 2.5
+    with pytest.raises(InputError, match="not in the index"):
+        store.move("missing", "b", mtime=1.0)

@@ -333,19 +333,18 @@ class Store:
 
     def move(self, old_path: str, new_path: str, mtime: float) -> None:
         """Re-key the row at `old_path` to `new_path` (a moved file keeps its vectors). A row already at
-        `new_path` is replaced."""
+        `new_path` is replaced. Nothing is written when nothing changes (an unchanged file re-added)."""
         self._require_writable()
         _check_new_rows([NewRow(new_path, "", 0, mtime, 0, 0)])
+        row = self.get(old_path)
+        if row is None:
+            raise InputError(f"{old_path}: not in the index {self.path}")
+        if new_path == old_path and row.mtime == mtime:
+            return
         with self._transaction() as db:
             if new_path != old_path:
                 _delete_paths(db, [new_path])
-            if (
-                db.execute(
-                    "UPDATE images SET path = ?, mtime = ? WHERE path = ?", (new_path, mtime, old_path)
-                ).rowcount
-                == 0
-            ):
-                raise InputError(f"{old_path}: not in the index {self.path}")
+            db.execute("UPDATE images SET path = ?, mtime = ? WHERE path = ?", (new_path, mtime, old_path))
 
     def set_caption(self, path: str, caption: str) -> None:
         """Store `caption` for the row at `path`."""
@@ -409,6 +408,8 @@ class Store:
                 yield
             except sqlite3.DatabaseError as e:
                 raise self._corrupt(f"database error ({e})") from None
+            except UnicodeEncodeError as e:  # a str with lone surrogates: a file name that is not UTF-8
+                raise InputError(f"{self.path}: {str(e.object)[:200]!r} is not UTF-8 text") from None
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -613,7 +614,7 @@ class Store:
     def _select(self, clause: str, params: Sequence[Any]) -> list[Row]:
         with self._guard():
             found = self._db.execute(f"SELECT {_ROW_COLUMNS} FROM images {clause}", params).fetchall()
-        return [_row(values, self._db_file) for values in found]
+        return _rows(found, self._db_file)
 
 
 # --- files and locks ----------------------------------------------------------------------------------------
@@ -860,33 +861,30 @@ def _check_new_rows(rows: Sequence[NewRow]) -> None:
     for row in rows:
         if not isinstance(row.path, str) or not row.path or "\x00" in row.path:
             raise InputError(f"{row.path!r}: an index path must be a non-empty string without NUL")
+        for text in (row.path, row.hash, row.caption or ""):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputError(f"{row.path!r}: {text[:200]!r} is not UTF-8 text") from None
         if row.path in paths:
             raise InputError(f"{row.path}: given twice in one batch")
         paths.add(row.path)
 
 
-_ROW_TYPES: tuple[type | tuple[type, ...], ...] = (
-    str,
-    str,
-    int,
-    float,
-    int,
-    int,
-    int,
-    (str, type(None)),
-    float,
-)
+# The Python types of a row's columns as SQLite returns them (STRICT tables; the caption may be NULL).
+_ROW_TYPES = {(str, str, int, float, int, int, int, caption, float) for caption in (str, type(None))}
 
 
-def _row(values: tuple[Any, ...], file: Path) -> Row:
-    """A database row as a `Row`, its types checked (a crafted file may hold anything)."""
-    if len(values) != len(_ROW_TYPES) or not all(
-        isinstance(v, t) and not isinstance(v, bool) for v, t in zip(values, _ROW_TYPES)
-    ):
-        raise IndexFileError(str(file), f"a malformed row ({str(values)[:200]})")
-    if "\x00" in values[0]:
-        raise IndexFileError(str(file), f"a path with a NUL character ({values[0][:200]!r})")
-    return Row(*values)
+def _rows(found: list[tuple[Any, ...]], file: Path) -> list[Row]:
+    """Database rows as `Row`s, their types checked (a crafted file may hold anything)."""
+    rows = []
+    for values in found:
+        if tuple(map(type, values)) not in _ROW_TYPES:
+            raise IndexFileError(str(file), f"a malformed row ({str(values)[:200]})")
+        if "\x00" in values[0]:
+            raise IndexFileError(str(file), f"a path with a NUL character ({values[0][:200]!r})")
+        rows.append(Row(*values))
+    return rows
 
 
 def _where_sql(where: Where | None) -> tuple[str, list[str]]:
