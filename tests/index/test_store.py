@@ -3,6 +3,7 @@ together, filters, binding, and every crafted file refused with an IndexFileErro
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import signal
 import sqlite3
@@ -435,3 +436,25 @@ def test_moving_a_row_onto_itself_unchanged_writes_nothing(store):
     assert store.meta().updated > updated and store.get("a").mtime == 2.5
     with pytest.raises(InputError, match="not in the index"):
         store.move("missing", "b", mtime=1.0)
+
+
+GLOB_PATHS = [
+    "/p/dog.jpg",
+    "/p/x.jpg",
+    "/q/cat.png",
+    "/p/[a].jpg",
+    "/p/a]b.jpg",
+    "/p/!x.jpg",
+    "/P/DOG.JPG",
+    "/é/ü.jpg",
+]
+GLOB_PATTERNS = ["/p/*", "*.jpg", "/p/?.jpg", "/p/[dx]*", "/p/[!dx]*", "/p/[]a]*", "/p/[!]]*", "/p/[a", "*[a]*",
+                 "/p/[[]a]*", "/?/*", "/[é]/*", "*]*", "", "*", "/p/[a-d]og.jpg", "/p/[!a-z]*"]  # fmt: skip
+
+
+def test_path_glob_is_exactly_fnmatch(store):
+    """SQLite's GLOB prefilter never drops a row fnmatch keeps (nor keeps one it drops)."""
+    store.add([_row(p) for p in GLOB_PATHS], _vectors(len(GLOB_PATHS)))
+    for pattern in GLOB_PATTERNS:
+        expected = [p for p in GLOB_PATHS if fnmatch.fnmatchcase(p, pattern)]
+        assert [r.path for r in store.rows(Where(path=pattern))] == expected, pattern

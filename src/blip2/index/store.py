@@ -888,15 +888,36 @@ def _rows(found: list[tuple[Any, ...]], file: Path) -> list[Row]:
 
 
 def _where_sql(where: Where | None) -> tuple[str, list[str]]:
-    """A WHERE clause built only from constant text; the filter's values go in as parameters."""
+    """A WHERE clause built only from constant text; the filter's values go in as parameters. SQLite's own
+    tests run first (a NULL caption, a relaxed GLOB), so the exact Python test sees only the rows they pass."""
     clauses, params = [], []
     if where is not None and where.caption is not None:
-        clauses.append("b2_contains(caption, ?)")
+        clauses.append("caption IS NOT NULL AND b2_contains(caption, ?)")
         params.append(where.caption)
     if where is not None and where.path is not None:
-        clauses.append("b2_glob(path, ?)")
-        params.append(where.path)
+        clauses.append("path GLOB ? AND b2_glob(path, ?)")
+        params += [_relaxed_glob(where.path), where.path]
     return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _relaxed_glob(pattern: str) -> str:
+    """An SQLite GLOB pattern that matches at least what the fnmatch `pattern` matches: `*` and `?` mean the
+    same in both, a `[...]` set becomes `?` (any one character), and a `[` that opens no set is literal."""
+    out, i = [], 0
+    while i < len(pattern):
+        c, i = pattern[i], i + 1
+        if c != "[":
+            out.append(c)
+            continue
+        end = i + (pattern[i : i + 1] == "!")  # fnmatch's scan for the set's closing bracket
+        end += pattern[end : end + 1] == "]"
+        end = pattern.find("]", end)
+        if end < 0:
+            out.append("[[]")
+        else:
+            out.append("?")
+            i = end + 1
+    return "".join(out)
 
 
 def _contains(text: str | None, needle: str) -> bool:
