@@ -150,13 +150,27 @@ def test_where_filters_by_caption_and_path_glob(store):
 
 
 def test_bind_refuses_another_shape_or_checkpoint(store):
+    updated = store.meta().updated
     store.bind(Q, D, "tiny", "")  # embeddings made elsewhere: no fingerprint to compare
+    store.bind(Q, D, "tiny", "fp1")
+    assert store.meta().updated == updated  # nothing changed, nothing written
     with pytest.raises(IndexMismatchError, match="4x8"):
         store.bind(Q, D * 2, "other", "fp1")
     with pytest.raises(IndexMismatchError, match="fp2"):
         store.bind(Q, D, "other", "fp2")
     with pytest.raises(IndexMismatchError, match="shape"):
         store.add([_row("a")], _vectors(1)[:, :2])
+    meta = store.meta()
+    assert (meta.num_query, meta.dim, meta.model, meta.fingerprint) == (Q, D, "tiny", "fp1")
+
+
+def test_a_first_fingerprint_fills_an_empty_one(tmp_path):
+    with open_store(tmp_path / "a.idx", writable=True) as store:
+        store.bind(Q, D, "", "")  # add-embeddings without a model
+        store.bind(Q, D, "tiny", "fp1")
+        assert (store.meta().model, store.meta().fingerprint) == ("tiny", "fp1")
+        with pytest.raises(IndexMismatchError, match="fp1"):
+            store.bind(Q, D, "other", "fp2")
 
 
 def test_bad_rows_and_vectors_are_refused(store):

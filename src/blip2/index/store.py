@@ -143,38 +143,40 @@ def open_store(path: str | os.PathLike[str], writable: bool = False, lock_timeou
     else:
         _check_directory(directory)
     lock = _take_lock(directory, lock_timeout) if writable else None
-    db = None
     try:
         db = _connect(directory, writable)
-        return Store(directory, db, lock)
     except BaseException:
-        if db is not None:
-            db.close()
         if lock is not None:
             os.close(lock)
         raise
+    return Store(directory, db, lock)
 
 
 class Store:
     """An open index directory; see the module docstring. A context manager: `close()` releases the lock."""
 
     def __init__(self, path: Path, connection: sqlite3.Connection, lock: int | None):
+        """Take over an open connection and, for a writer, the locked LOCK descriptor (closed on failure)."""
         self.path = path
         self.writable = lock is not None
         self._db = connection
         self._lock_fd = lock
         self._mutex = threading.RLock()  # one statement at a time on the shared connection
         self._meta: dict[str, Any] = {}
-        self._cache: dict[str, Any] = {}  # per snapshot: count, live slots, the mapped vectors
-        self._vectors_fd: int | None = None
-        with self._guard():
-            if self.writable:
-                _create_or_check_schema(self._db, self._db_file)
-                self._meta = _read_meta(self._db, self._db_file)
-                self._check_slots()
-                self._remove_orphans()
-            else:
-                self._begin_snapshot()
+        self._cache: dict[str, Any] = {}  # per snapshot: the live slots, the mapped vectors
+        self._vectors_fd: int | None = None  # a reader's: the snapshot's vector file, however it is renamed
+        try:
+            with self._guard():
+                if self.writable:
+                    _create_or_check_schema(self._db, self._db_file)
+                    self._meta = _read_meta(self._db, self._db_file)
+                    self._check_slots()
+                    self._remove_orphans()
+                else:
+                    self._begin_snapshot()
+        except BaseException:
+            self.close()
+            raise
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -306,8 +308,10 @@ class Store:
             changes |= {"fingerprint": fingerprint, "model": model}
         elif model and not m["model"]:
             changes["model"] = model
-        with self._transaction() as db:
-            _write_meta(db, changes)
+        changes = {key: value for key, value in changes.items() if str(m[key]) != value}
+        if changes:  # an index already bound this way costs no transaction
+            with self._transaction() as db:
+                _write_meta(db, changes)
 
     def add(self, rows: Sequence[NewRow], vectors: np.ndarray) -> list[int]:
         """Store `rows` with their vectors (n, Q, D) float16/float32 in one transaction and return their slots.
