@@ -472,3 +472,16 @@ def test_path_glob_is_exactly_fnmatch(store):
     for pattern in GLOB_PATTERNS:
         expected = [p for p in GLOB_PATHS if fnmatch.fnmatchcase(p, pattern)]
         assert [r.path for r in store.rows(Where(path=pattern))] == expected, pattern
+
+
+def test_index_paths_with_uri_characters(tmp_path):
+    """The database is opened through an SQLite URI: ?, #, % and spaces in the path are quoted."""
+    index = tmp_path / "a b?mode=rwc#x%20.idx"
+    with open_store(index, writable=True) as store:
+        store.bind(Q, D, "", "")
+        store.add([_row("a")], _vectors(1))
+    with open_store(index) as reader:
+        assert [r.path for r in reader.rows()] == ["a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [index.name]
+    with pytest.raises(InputError, match="NUL"):
+        open_store(str(tmp_path / "a\x00b"))
