@@ -740,25 +740,23 @@ def _unlink(file: Path) -> None:
 
 
 def _create_or_check_schema(db: sqlite3.Connection, file: Path) -> None:
-    """A new (or crashed-while-new, table-less) database gets our schema; any other must have exactly it."""
-    try:
-        if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
-            if any(_VECTORS_NAME.fullmatch(name) for name in os.listdir(file.parent)):
-                raise IndexFileError(str(file), "an empty database next to stored vectors, not an index")
-            # WAL: readers never block the writer nor see its uncommitted rows.
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA:
-                db.execute(statement)
-            now = repr(time.time())
-            initial = {"format": FORMAT, "num_query": "", "dim": "", "model": "", "fingerprint": ""}
-            initial |= {"created": now, "updated": now, "slots": "0", "vectors": FIRST_VECTORS}
-            db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", initial.items())
-            db.execute("COMMIT")
-        _check_schema(db, file)
-        db.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
-    except sqlite3.DatabaseError as e:
-        raise IndexFileError(str(file), f"database error ({e})") from None
+    """A new (or crashed-while-new, table-less) database gets our schema; any other must have exactly it.
+    Also the writer's settings: WAL (persistent in the file; set again in case a copy lost it), so that readers
+    never block the writer nor see its uncommitted rows, and SYNCHRONOUS (per connection)."""
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
+    if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+        if any(_VECTORS_NAME.fullmatch(name) for name in os.listdir(file.parent)):
+            raise IndexFileError(str(file), "an empty database next to stored vectors, not an index")
+        db.execute("BEGIN IMMEDIATE")
+        for statement in _SCHEMA:
+            db.execute(statement)
+        now = repr(time.time())
+        initial = {"format": FORMAT, "num_query": "", "dim": "", "model": "", "fingerprint": ""}
+        initial |= {"created": now, "updated": now, "slots": "0", "vectors": FIRST_VECTORS}
+        db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", initial.items())
+        db.execute("COMMIT")
+    _check_schema(db, file)
 
 
 def _check_schema(db: sqlite3.Connection, file: Path) -> None:
@@ -770,14 +768,11 @@ def _check_schema(db: sqlite3.Connection, file: Path) -> None:
 
 
 def _read_meta(db: sqlite3.Connection, file: Path) -> dict[str, Any]:
-    """The meta table, parsed and bounded."""
-    try:
-        if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
-            raise IndexFileError(str(file), "an empty database, not an index")
-        _check_schema(db, file)
-        raw = dict(db.execute("SELECT key, value FROM meta").fetchall())
-    except sqlite3.DatabaseError as e:
-        raise IndexFileError(str(file), f"database error ({e})") from None
+    """The meta table, parsed and bounded (SQLite's own errors are left to `Store._guard`)."""
+    if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+        raise IndexFileError(str(file), "an empty database, not an index")
+    _check_schema(db, file)
+    raw = dict(db.execute("SELECT key, value FROM meta").fetchall())
     if raw.get("format") != FORMAT:
         raise IndexFileError(str(file), f"format {str(raw.get('format'))[:80]!r}, expected {FORMAT!r}")
     meta: dict[str, Any] = {}
