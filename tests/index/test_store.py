@@ -18,7 +18,7 @@ from store_writer import expected_vectors
 
 import blip2
 from blip2.errors import IndexBusyError, IndexFileError, IndexMismatchError, InputError
-from blip2.index.store import NewRow, Where, open_store
+from blip2.index.store import NewRow, Store, Where, open_store
 
 Q, D = 4, 8
 
@@ -485,3 +485,35 @@ def test_index_paths_with_uri_characters(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [index.name]
     with pytest.raises(InputError, match="NUL"):
         open_store(str(tmp_path / "a\x00b"))
+
+
+def test_a_snapshot_whose_vector_file_vanished_is_taken_again(store, tmp_path, monkeypatch):
+    """A compaction can commit and unlink the old vector file between a reader's BEGIN and its open."""
+    store.add([_row("a"), _row("b")], _vectors(2))
+    with open_store(tmp_path / "a.idx") as reader:
+        store.remove(["a"])
+        store.compact()
+        real, calls = Store._open_vectors, []
+
+        def vanishing(self):
+            calls.append(self._meta["vectors"])
+            if len(calls) == 1:
+                raise FileNotFoundError(self._meta["vectors"])
+            return real(self)
+
+        monkeypatch.setattr(Store, "_open_vectors", vanishing)
+        reader.refresh()
+        assert calls == ["vectors.1.f16", "vectors.1.f16"]
+        np.testing.assert_array_equal(reader.vectors(), _vectors(2)[1:].astype(np.float16))
+
+
+def test_a_refresh_onto_an_unsound_state_closes_the_reader(store, tmp_path):
+    store.add([_row("a")], _vectors(1))
+    with open_store(tmp_path / "a.idx") as reader:
+        _sql(
+            tmp_path / "a.idx", "UPDATE meta SET value = '99' WHERE key = 'slots'"
+        )  # behind the writer's back
+        with pytest.raises(IndexFileError, match="shorter than its 99 committed slots"):
+            reader.refresh()
+        with pytest.raises(InputError, match="closed"):
+            reader.rows()

@@ -203,11 +203,15 @@ class Store:
 
     def refresh(self) -> None:
         """A reader: move to the latest committed state (a new snapshot; cheap when nothing changed). A writer
-        always sees it."""
-        with self._guard():
-            if not self.writable:
-                self._db.execute("COMMIT")
+        always sees it. If the new state is unsound, the error is raised and the store closed."""
+        if self.writable:
+            return
+        try:
+            with self._guard():
                 self._begin_snapshot()
+        except BaseException:
+            self.close()
+            raise
 
     # --- reading ---------------------------------------------------------------------------------------------
 
@@ -378,7 +382,7 @@ class Store:
         new = f"vectors.{int((match and match.group(1)) or 0) + 1}.f16"
         self._write_compacted(self.path / new, live)
         with self._transaction() as db:
-            moved = [(new, old) for new, old in enumerate(live.tolist()) if new != old]
+            moved = [(to, at) for to, at in enumerate(live.tolist()) if to != at]
             db.executemany("UPDATE images SET slot = ? WHERE slot = ?", moved)
             db.execute("DELETE FROM dead")
             _write_meta(db, {"slots": str(len(live)), "vectors": new})
@@ -440,25 +444,24 @@ class Store:
     def _begin_snapshot(self) -> None:
         """Start a read transaction and take this snapshot's meta and vector file (kept, with the caches, when
         nothing was committed since the last snapshot: every write transaction stamps `updated`)."""
-        previous = self._meta
-        self._db.execute("BEGIN")
-        self._meta = _read_meta(self._db, self._db_file)
-        if self._meta == previous:
-            return
-        self._cache.clear()
-        if self._vectors_fd is not None:
-            os.close(self._vectors_fd)
-            self._vectors_fd = None
-        for attempt in range(3):  # a compaction may remove the snapshot's vector file between the two steps
-            if attempt:
-                self._db.execute("BEGIN")
-                self._meta = _read_meta(self._db, self._db_file)
+        for _ in range(3):  # a compaction may remove the snapshot's vector file between the two steps
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+            self._db.execute("BEGIN")
+            meta = _read_meta(self._db, self._db_file)
+            if meta == self._meta:
+                return
+            self._cache.clear()
+            if self._vectors_fd is not None:
+                os.close(self._vectors_fd)
+                self._vectors_fd = None
+            self._meta = meta
             self._check_slots()
             try:
                 self._vectors_fd = self._open_vectors()
                 return
             except FileNotFoundError:
-                self._db.execute("COMMIT")
+                self._meta = {}  # not taken: the next round must not find it unchanged
         raise self._corrupt("the vector file keeps disappearing", self._vectors_file)
 
     def _live_slots(self) -> np.ndarray:
@@ -529,13 +532,17 @@ class Store:
         return fd
 
     def _map_vectors(self) -> np.ndarray:
+        """The committed slots mapped read-only: a reader's from its snapshot's descriptor, a writer's afresh."""
         slots, q, d = self._meta["slots"], self._meta["num_query"] or 0, self._meta["dim"] or 0
         if slots == 0:
             return np.empty((0, q, d), dtype="<f2")
         fd = self._vectors_fd if not self.writable else None
         own = fd is None
         if own:
-            fd = self._open_vectors()
+            try:
+                fd = self._open_vectors()
+            except FileNotFoundError:
+                raise self._corrupt(f"missing, but the index has {slots} slots", self._vectors_file) from None
         assert fd is not None
         try:
             buffer = mmap.mmap(fd, slots * self._slot_bytes, access=mmap.ACCESS_READ)
