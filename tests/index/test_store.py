@@ -3,6 +3,7 @@ together, filters, binding, and every crafted file refused with an IndexFileErro
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import signal
 import sqlite3
@@ -17,7 +18,7 @@ from store_writer import expected_vectors
 
 import blip2
 from blip2.errors import IndexBusyError, IndexFileError, IndexMismatchError, InputError
-from blip2.index.store import NewRow, Where, open_store
+from blip2.index.store import NewRow, Store, Where, open_store
 
 Q, D = 4, 8
 
@@ -86,6 +87,52 @@ def test_replace_move_copy_remove_and_compact_keep_vectors_with_rows(store):
     assert store.get("c2").mtime == 7.0 and store.get("b").hash == "h2"
 
 
+def test_a_reader_keeps_its_snapshot_through_a_compaction(store, tmp_path):
+    v = _vectors(4)
+    store.add([_row("a"), _row("b"), _row("c"), _row("d")], v)
+    with open_store(tmp_path / "a.idx") as reader:
+        store.remove(["a", "c"])
+        store.compact()
+        assert [r.path for r in store.rows()] == ["b", "d"] and store.meta().slots == 2
+        assert [(r.path, r.slot) for r in reader.rows()] == [("a", 0), ("b", 1), ("c", 2), ("d", 3)]
+        np.testing.assert_array_equal(reader.vectors(), v.astype(np.float16))  # the old file, still mapped
+        reader.refresh()
+        assert [(r.path, r.slot) for r in reader.rows()] == [("b", 0), ("d", 1)]
+        np.testing.assert_array_equal(reader.vectors(), v[[1, 3]].astype(np.float16))
+    assert sorted(p.name for p in (tmp_path / "a.idx").glob("vectors*")) == ["vectors.1.f16"]
+
+
+def test_vector_files_a_crashed_compaction_left_are_removed_by_the_next_writer(store, tmp_path):
+    store.add([_row("a"), _row("b")], _vectors(2))
+    store.remove(["a"])
+    store.close()
+    index = tmp_path / "a.idx"
+    (index / "vectors.1.f16").write_bytes(b"\0" * 100)  # written, never committed
+    with open_store(index) as reader:  # a reader ignores it and changes nothing
+        assert reader.vectors().shape == (2, Q, D)
+    with open_store(index, writable=True) as writer:
+        assert sorted(p.name for p in index.glob("vectors*")) == ["vectors.f16"]
+        writer.compact()
+        assert writer.get("b").slot == 0
+    (index / "vectors.f16").write_bytes(b"\0" * 100)  # committed away, not yet unlinked
+    open_store(index, writable=True).close()
+    assert sorted(p.name for p in index.glob("vectors*")) == ["vectors.1.f16"]
+
+
+def test_refresh_sees_new_rows_and_keeps_its_caches_when_nothing_changed(store, tmp_path):
+    store.add([_row("a")], _vectors(1))
+    with open_store(tmp_path / "a.idx") as reader:
+        slots, vectors = reader.live_slots(), reader.vectors()
+        reader.refresh()
+        assert reader.live_slots() is slots and reader.vectors() is vectors
+        store.add([_row("b")], _vectors(1, seed=1))
+        assert len(reader) == 1  # still the old snapshot
+        reader.refresh()
+        assert (
+            len(reader) == 2 and list(reader.live_slots()) == [0, 1] and reader.vectors().shape == (2, Q, D)
+        )
+
+
 def test_where_filters_by_caption_and_path_glob(store):
     store.add(
         [
@@ -103,13 +150,27 @@ def test_where_filters_by_caption_and_path_glob(store):
 
 
 def test_bind_refuses_another_shape_or_checkpoint(store):
+    updated = store.meta().updated
     store.bind(Q, D, "tiny", "")  # embeddings made elsewhere: no fingerprint to compare
+    store.bind(Q, D, "tiny", "fp1")
+    assert store.meta().updated == updated  # nothing changed, nothing written
     with pytest.raises(IndexMismatchError, match="4x8"):
         store.bind(Q, D * 2, "other", "fp1")
     with pytest.raises(IndexMismatchError, match="fp2"):
         store.bind(Q, D, "other", "fp2")
     with pytest.raises(IndexMismatchError, match="shape"):
         store.add([_row("a")], _vectors(1)[:, :2])
+    meta = store.meta()
+    assert (meta.num_query, meta.dim, meta.model, meta.fingerprint) == (Q, D, "tiny", "fp1")
+
+
+def test_a_first_fingerprint_fills_an_empty_one(tmp_path):
+    with open_store(tmp_path / "a.idx", writable=True) as store:
+        store.bind(Q, D, "", "")  # add-embeddings without a model
+        store.bind(Q, D, "tiny", "fp1")
+        assert (store.meta().model, store.meta().fingerprint) == ("tiny", "fp1")
+        with pytest.raises(IndexMismatchError, match="fp1"):
+            store.bind(Q, D, "other", "fp2")
 
 
 def test_bad_rows_and_vectors_are_refused(store):
@@ -292,6 +353,7 @@ CRAFTED_DATABASES = {
     "vectors outside": ("UPDATE meta SET value = '../../x.f16' WHERE key = 'vectors'",),
     "negative slot": ("UPDATE images SET slot = -1 WHERE path = 'a'",),
     "slot past the committed ones": ("UPDATE images SET slot = 3 WHERE path = 'c'",),
+    "dead slot past the committed ones": ("INSERT INTO dead(slot) VALUES (3)",),
     "missing table": ("DROP TABLE images",),
     "extra table": ("CREATE TABLE x(y)",),
     "a trigger": ("CREATE TRIGGER t AFTER DELETE ON images BEGIN DELETE FROM meta; END",),
@@ -311,6 +373,15 @@ def test_crafted_database_is_refused_naming_it(good_index, craft, writable):
     _sql(good_index, *craft)
     with pytest.raises(IndexFileError, match=r"a\.idx/(index\.sqlite|vectors\.f16):"):
         open_store(good_index, writable=writable)
+
+
+def test_rows_and_dead_slots_that_disagree_are_refused(good_index):
+    _sql(good_index, "DELETE FROM images WHERE path = 'a'")  # a row gone without its slot marked dead
+    with (
+        open_store(good_index) as store,
+        pytest.raises(IndexFileError, match="2 rows, but 3 slots are not dead"),
+    ):
+        store.live_slots()
 
 
 def test_a_nul_in_a_stored_path_is_refused(good_index):
@@ -357,3 +428,92 @@ def test_a_crash_tail_is_ignored_by_readers_and_dropped_by_the_writer(good_index
         assert store.get("d").slot == 3
         np.testing.assert_array_equal(store.vectors()[3], _vectors(1, seed=1)[0].astype(np.float16))
     assert (good_index / "vectors.f16").stat().st_size == 4 * Q * D * 2
+
+
+def test_text_that_is_not_utf8_is_an_input_error(store):
+    store.add([_row("a")], _vectors(1))
+    name = b"caf\xe9.jpg".decode("utf-8", "surrogateescape")  # a Latin-1 file name, as os.listdir gives it
+    with pytest.raises(InputError, match="not UTF-8"):
+        store.add([_row(name)], _vectors(1))
+    for call in (lambda: store.get(name), lambda: store.remove([name]), lambda: store.move("a", name, 1.0)):
+        with pytest.raises(InputError, match="not UTF-8"):
+            call()
+    assert [r.path for r in store.rows()] == ["a"]
+
+
+def test_moving_a_row_onto_itself_unchanged_writes_nothing(store):
+    store.add([_row("a")], _vectors(1))
+    updated = store.meta().updated
+    store.move("a", "a", mtime=1.5)
+    assert store.meta().updated == updated
+    store.move("a", "a", mtime=2.5)
+    assert store.meta().updated > updated and store.get("a").mtime == 2.5
+    with pytest.raises(InputError, match="not in the index"):
+        store.move("missing", "b", mtime=1.0)
+
+
+GLOB_PATHS = [
+    "/p/dog.jpg",
+    "/p/x.jpg",
+    "/q/cat.png",
+    "/p/[a].jpg",
+    "/p/a]b.jpg",
+    "/p/!x.jpg",
+    "/P/DOG.JPG",
+    "/é/ü.jpg",
+]
+GLOB_PATTERNS = ["/p/*", "*.jpg", "/p/?.jpg", "/p/[dx]*", "/p/[!dx]*", "/p/[]a]*", "/p/[!]]*", "/p/[a", "*[a]*",
+                 "/p/[[]a]*", "/?/*", "/[é]/*", "*]*", "", "*", "/p/[a-d]og.jpg", "/p/[!a-z]*"]  # fmt: skip
+
+
+def test_path_glob_is_exactly_fnmatch(store):
+    """SQLite's GLOB prefilter never drops a row fnmatch keeps (nor keeps one it drops)."""
+    store.add([_row(p) for p in GLOB_PATHS], _vectors(len(GLOB_PATHS)))
+    for pattern in GLOB_PATTERNS:
+        expected = [p for p in GLOB_PATHS if fnmatch.fnmatchcase(p, pattern)]
+        assert [r.path for r in store.rows(Where(path=pattern))] == expected, pattern
+
+
+def test_index_paths_with_uri_characters(tmp_path):
+    """The database is opened through an SQLite URI: ?, #, % and spaces in the path are quoted."""
+    index = tmp_path / "a b?mode=rwc#x%20.idx"
+    with open_store(index, writable=True) as store:
+        store.bind(Q, D, "", "")
+        store.add([_row("a")], _vectors(1))
+    with open_store(index) as reader:
+        assert [r.path for r in reader.rows()] == ["a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [index.name]
+    with pytest.raises(InputError, match="NUL"):
+        open_store(str(tmp_path / "a\x00b"))
+
+
+def test_a_snapshot_whose_vector_file_vanished_is_taken_again(store, tmp_path, monkeypatch):
+    """A compaction can commit and unlink the old vector file between a reader's BEGIN and its open."""
+    store.add([_row("a"), _row("b")], _vectors(2))
+    with open_store(tmp_path / "a.idx") as reader:
+        store.remove(["a"])
+        store.compact()
+        real, calls = Store._open_vectors, []
+
+        def vanishing(self):
+            calls.append(self._meta["vectors"])
+            if len(calls) == 1:
+                raise FileNotFoundError(self._meta["vectors"])
+            return real(self)
+
+        monkeypatch.setattr(Store, "_open_vectors", vanishing)
+        reader.refresh()
+        assert calls == ["vectors.1.f16", "vectors.1.f16"]
+        np.testing.assert_array_equal(reader.vectors(), _vectors(2)[1:].astype(np.float16))
+
+
+def test_a_refresh_onto_an_unsound_state_closes_the_reader(store, tmp_path):
+    store.add([_row("a")], _vectors(1))
+    with open_store(tmp_path / "a.idx") as reader:
+        _sql(
+            tmp_path / "a.idx", "UPDATE meta SET value = '99' WHERE key = 'slots'"
+        )  # behind the writer's back
+        with pytest.raises(IndexFileError, match="shorter than its 99 committed slots"):
+            reader.refresh()
+        with pytest.raises(InputError, match="closed"):
+            reader.rows()

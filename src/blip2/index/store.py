@@ -56,6 +56,12 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 _OPEN_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 _CHUNK_SLOTS = 4096  # compaction copies this many slots at a time (64 MiB at Q=32, D=256)
 _SQL_VARIABLES = 900  # per `IN (...)` list: under every SQLite's variable limit
+# The writer's SQLite durability, with WAL. Both FULL and NORMAL survive a `kill -9` (a commit is in the OS's
+# cache either way); FULL also fsyncs the WAL at each commit, so rows `add` has returned survive a power cut
+# too. Measured (benchmarks/index_store_speed.py, 32x256, 2-core VM under load): FULL costs ~8 ms per commit,
+# 5.8k against 12.3k rows/s at batches of 256 and 12.3k against 14.1k at 4,096; the model embeds two orders
+# of magnitude slower than either, so FULL.
+SYNCHRONOUS = "FULL"
 
 _SCHEMA = (
     "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT",
@@ -63,6 +69,9 @@ _SCHEMA = (
     "size INTEGER NOT NULL, mtime REAL NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL, "
     "slot INTEGER UNIQUE NOT NULL, caption TEXT, added REAL NOT NULL) STRICT",
     "CREATE INDEX images_hash ON images(hash)",
+    # The slots of removed or replaced rows, so that the live ones are all slots but these (a search needs
+    # them per snapshot: reading 1M slots out of `images` takes ~0.5 s, this a few ms).
+    "CREATE TABLE dead(slot INTEGER PRIMARY KEY) STRICT",
 )
 _ROW_COLUMNS = "path, hash, size, mtime, width, height, slot, caption, added"
 
@@ -134,38 +143,40 @@ def open_store(path: str | os.PathLike[str], writable: bool = False, lock_timeou
     else:
         _check_directory(directory)
     lock = _take_lock(directory, lock_timeout) if writable else None
-    db = None
     try:
         db = _connect(directory, writable)
-        return Store(directory, db, lock)
     except BaseException:
-        if db is not None:
-            db.close()
         if lock is not None:
             os.close(lock)
         raise
+    return Store(directory, db, lock)
 
 
 class Store:
     """An open index directory; see the module docstring. A context manager: `close()` releases the lock."""
 
     def __init__(self, path: Path, connection: sqlite3.Connection, lock: int | None):
+        """Take over an open connection and, for a writer, the locked LOCK descriptor (closed on failure)."""
         self.path = path
         self.writable = lock is not None
         self._db = connection
         self._lock_fd = lock
         self._mutex = threading.RLock()  # one statement at a time on the shared connection
         self._meta: dict[str, Any] = {}
-        self._cache: dict[str, Any] = {}  # per snapshot: count, live slots, the mapped vectors
-        self._vectors_fd: int | None = None
-        with self._guard():
-            if self.writable:
-                _create_or_check_schema(self._db, self._db_file)
-                self._meta = _read_meta(self._db, self._db_file)
-                self._check_slots()
-                self._remove_orphans()
-            else:
-                self._begin_snapshot()
+        self._cache: dict[str, Any] = {}  # per snapshot: the live slots, the mapped vectors
+        self._vectors_fd: int | None = None  # a reader's: the snapshot's vector file, however it is renamed
+        try:
+            with self._guard():
+                if self.writable:
+                    _create_or_check_schema(self._db, self._db_file)
+                    self._meta = _read_meta(self._db, self._db_file)
+                    self._check_slots()
+                    self._remove_orphans()
+                else:
+                    self._begin_snapshot()
+        except BaseException:
+            self.close()
+            raise
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -191,11 +202,16 @@ class Store:
                 self._lock_fd = None
 
     def refresh(self) -> None:
-        """A reader: move to the latest committed state (a new snapshot). A writer always sees it."""
-        with self._guard():
-            if not self.writable:
-                self._db.execute("COMMIT")
+        """A reader: move to the latest committed state (a new snapshot; cheap when nothing changed). A writer
+        always sees it. If the new state is unsound, the error is raised and the store closed."""
+        if self.writable:
+            return
+        try:
+            with self._guard():
                 self._begin_snapshot()
+        except BaseException:
+            self.close()
+            raise
 
     # --- reading ---------------------------------------------------------------------------------------------
 
@@ -215,12 +231,7 @@ class Store:
 
     def __len__(self) -> int:
         """The number of live rows."""
-        if "live" in self._cache:
-            return len(self._cache["live"])
-        if "count" not in self._cache:
-            with self._guard():
-                self._cache["count"] = self._db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
-        return self._cache["count"]
+        return len(self.live_slots())
 
     def get(self, path: str) -> Row | None:
         """The row stored under `path`, or None."""
@@ -239,20 +250,14 @@ class Store:
     def live_slots(self, where: Where | None = None) -> np.ndarray:
         """The slots of the live rows (those matching `where`): int64, sorted ascending. Cached per snapshot
         without a filter, so a search pays for it once."""
-        if where is None and "live" in self._cache:
+        if where is None:
+            if "live" not in self._cache:
+                self._cache["live"] = self._live_slots()
             return self._cache["live"]
         clause, params = _where_sql(where)
-        with self._guard():
-            cursor = self._db.execute(f"SELECT slot FROM images {clause} ORDER BY slot", params)
-            try:
-                slots = np.fromiter((s for (s,) in cursor), dtype=np.int64)
-            except (TypeError, ValueError, OverflowError):
-                raise self._corrupt("a slot that is not an integer") from None
+        slots = self._slot_column(f"SELECT slot FROM images {clause} ORDER BY slot", params)
         if len(slots) and (slots[0] < 0 or slots[-1] >= self._meta["slots"] or np.any(np.diff(slots) <= 0)):
             raise self._corrupt("slots out of range or repeated")
-        slots.flags.writeable = False
-        if where is None:
-            self._cache["live"] = slots
         return slots
 
     def rows_for_slots(self, slots: Sequence[int] | np.ndarray) -> list[Row]:
@@ -307,8 +312,10 @@ class Store:
             changes |= {"fingerprint": fingerprint, "model": model}
         elif model and not m["model"]:
             changes["model"] = model
-        with self._transaction() as db:
-            _write_meta(db, changes)
+        changes = {key: value for key, value in changes.items() if str(m[key]) != value}
+        if changes:  # an index already bound this way costs no transaction
+            with self._transaction() as db:
+                _write_meta(db, changes)
 
     def add(self, rows: Sequence[NewRow], vectors: np.ndarray) -> list[int]:
         """Store `rows` with their vectors (n, Q, D) float16/float32 in one transaction and return their slots.
@@ -334,19 +341,18 @@ class Store:
 
     def move(self, old_path: str, new_path: str, mtime: float) -> None:
         """Re-key the row at `old_path` to `new_path` (a moved file keeps its vectors). A row already at
-        `new_path` is replaced."""
+        `new_path` is replaced. Nothing is written when nothing changes (an unchanged file re-added)."""
         self._require_writable()
         _check_new_rows([NewRow(new_path, "", 0, mtime, 0, 0)])
+        row = self.get(old_path)
+        if row is None:
+            raise InputError(f"{old_path}: not in the index {self.path}")
+        if new_path == old_path and row.mtime == mtime:
+            return
         with self._transaction() as db:
             if new_path != old_path:
-                db.execute("DELETE FROM images WHERE path = ?", (new_path,))
-            if (
-                db.execute(
-                    "UPDATE images SET path = ?, mtime = ? WHERE path = ?", (new_path, mtime, old_path)
-                ).rowcount
-                == 0
-            ):
-                raise InputError(f"{old_path}: not in the index {self.path}")
+                _delete_paths(db, [new_path])
+            db.execute("UPDATE images SET path = ?, mtime = ? WHERE path = ?", (new_path, mtime, old_path))
 
     def set_caption(self, path: str, caption: str) -> None:
         """Store `caption` for the row at `path`."""
@@ -359,9 +365,7 @@ class Store:
         """Remove the rows at `paths` (absent ones are ignored); returns how many were removed."""
         self._require_writable()
         with self._transaction() as db:
-            before = db.total_changes
-            db.executemany("DELETE FROM images WHERE path = ?", ((p,) for p in paths))
-            return db.total_changes - before
+            return _delete_paths(db, paths)
 
     def compact(self) -> None:
         """Rewrite the vectors without dead slots into a new file, renumber the rows' slots 0..n-1 in the same
@@ -378,7 +382,9 @@ class Store:
         new = f"vectors.{int((match and match.group(1)) or 0) + 1}.f16"
         self._write_compacted(self.path / new, live)
         with self._transaction() as db:
-            db.executemany("UPDATE images SET slot = ? WHERE slot = ?", enumerate(live.tolist()))
+            moved = [(to, at) for to, at in enumerate(live.tolist()) if to != at]
+            db.executemany("UPDATE images SET slot = ? WHERE slot = ?", moved)
+            db.execute("DELETE FROM dead")
             _write_meta(db, {"slots": str(len(live)), "vectors": new})
         _unlink(self.path / old)  # readers that still map it keep their copy
         _fsync_directory(self.path)
@@ -410,6 +416,8 @@ class Store:
                 yield
             except sqlite3.DatabaseError as e:
                 raise self._corrupt(f"database error ({e})") from None
+            except UnicodeEncodeError as e:  # a str with lone surrogates: a file name that is not UTF-8
+                raise InputError(f"{self.path}: {str(e.object)[:200]!r} is not UTF-8 text") from None
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -434,30 +442,64 @@ class Store:
             raise InputError(f"{self.path}: the index store is closed")
 
     def _begin_snapshot(self) -> None:
-        """Start a read transaction and take this snapshot's meta and vector file."""
-        self._cache.clear()
-        if self._vectors_fd is not None:
-            os.close(self._vectors_fd)
-            self._vectors_fd = None
+        """Start a read transaction and take this snapshot's meta and vector file (kept, with the caches, when
+        nothing was committed since the last snapshot: every write transaction stamps `updated`)."""
         for _ in range(3):  # a compaction may remove the snapshot's vector file between the two steps
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
             self._db.execute("BEGIN")
-            self._meta = _read_meta(self._db, self._db_file)
+            meta = _read_meta(self._db, self._db_file)
+            if meta == self._meta:
+                return
+            self._cache.clear()
+            if self._vectors_fd is not None:
+                os.close(self._vectors_fd)
+                self._vectors_fd = None
+            self._meta = meta
             self._check_slots()
             try:
                 self._vectors_fd = self._open_vectors()
                 return
             except FileNotFoundError:
-                self._db.execute("COMMIT")
+                self._meta = {}  # not taken: the next round must not find it unchanged
         raise self._corrupt("the vector file keeps disappearing", self._vectors_file)
+
+    def _live_slots(self) -> np.ndarray:
+        """All committed slots but the dead ones; checked against the number of rows (a crafted file may
+        disagree with itself)."""
+        dead = self._slot_column("SELECT slot FROM dead ORDER BY slot", ())
+        if len(dead) and (dead[0] < 0 or dead[-1] >= self._meta["slots"]):
+            raise self._corrupt("dead slots out of range")
+        live = np.delete(np.arange(self._meta["slots"], dtype=np.int64), dead)
+        with self._guard():
+            rows = self._db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        if rows != len(live):
+            raise self._corrupt(f"{rows} rows, but {len(live)} slots are not dead")
+        live.flags.writeable = False
+        return live
+
+    def _slot_column(self, sql: str, params: Sequence[Any]) -> np.ndarray:
+        """The integers one query selects, as int64 (read-only)."""
+        with self._guard():
+            try:
+                slots = np.fromiter((s for (s,) in self._db.execute(sql, params)), dtype=np.int64)
+            except (TypeError, ValueError, OverflowError):
+                raise self._corrupt("a slot that is not an integer") from None
+        slots.flags.writeable = False
+        return slots
 
     def _check_slots(self) -> None:
         """The rows' slots lie within the committed slots, and those within the vector file."""
         m, file = self._meta, self._vectors_file
-        low, high, count = self._db.execute("SELECT MIN(slot), MAX(slot), COUNT(*) FROM images").fetchone()
-        if m["num_query"] is None and (count or m["slots"]):
-            raise self._corrupt("rows stored but no embedding size recorded")
-        if count and not (isinstance(low, int) and isinstance(high, int) and 0 <= low and high < m["slots"]):
-            raise self._corrupt(f"row slots {low}..{high} outside the {m['slots']} committed slots")
+        if m["num_query"] is None and m["slots"]:
+            raise self._corrupt("slots stored but no embedding size recorded")
+        for table in ("images", "dead"):  # MIN and MAX each from the slot index: no scan of the table
+            low = self._db.execute(f"SELECT MIN(slot) FROM {table}").fetchone()[0]
+            high = self._db.execute(f"SELECT MAX(slot) FROM {table}").fetchone()[0]
+            if low is not None and not (
+                isinstance(low, int) and isinstance(high, int) and 0 <= low <= high < m["slots"]
+            ):
+                raise self._corrupt(f"{table} slots {low}..{high} outside the {m['slots']} committed slots")
         if m["slots"] == 0:
             return
         try:
@@ -490,13 +532,17 @@ class Store:
         return fd
 
     def _map_vectors(self) -> np.ndarray:
+        """The committed slots mapped read-only: a reader's from its snapshot's descriptor, a writer's afresh."""
         slots, q, d = self._meta["slots"], self._meta["num_query"] or 0, self._meta["dim"] or 0
         if slots == 0:
             return np.empty((0, q, d), dtype="<f2")
         fd = self._vectors_fd if not self.writable else None
         own = fd is None
         if own:
-            fd = self._open_vectors()
+            try:
+                fd = self._open_vectors()
+            except FileNotFoundError:
+                raise self._corrupt(f"missing, but the index has {slots} slots", self._vectors_file) from None
         assert fd is not None
         try:
             buffer = mmap.mmap(fd, slots * self._slot_bytes, access=mmap.ACCESS_READ)
@@ -553,7 +599,7 @@ class Store:
             for r, s in zip(rows, slots)
         ]
         with self._transaction() as db:
-            db.executemany("DELETE FROM images WHERE path = ?", ((r.path,) for r in rows))
+            _delete_paths(db, [r.path for r in rows])
             db.executemany(f"INSERT INTO images({_ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
             _write_meta(db, {"slots": str(slots[-1] + 1)})
 
@@ -579,7 +625,7 @@ class Store:
     def _select(self, clause: str, params: Sequence[Any]) -> list[Row]:
         with self._guard():
             found = self._db.execute(f"SELECT {_ROW_COLUMNS} FROM images {clause}", params).fetchall()
-        return [_row(values, self._db_file) for values in found]
+        return _rows(found, self._db_file)
 
 
 # --- files and locks ----------------------------------------------------------------------------------------
@@ -701,44 +747,39 @@ def _unlink(file: Path) -> None:
 
 
 def _create_or_check_schema(db: sqlite3.Connection, file: Path) -> None:
-    """A new (or crashed-while-new, table-less) database gets our schema; any other must have exactly it."""
-    try:
-        if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
-            if any(_VECTORS_NAME.fullmatch(name) for name in os.listdir(file.parent)):
-                raise IndexFileError(str(file), "an empty database next to stored vectors, not an index")
-            # WAL: readers never block the writer nor see its uncommitted rows.
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA:
-                db.execute(statement)
-            now = repr(time.time())
-            initial = {"format": FORMAT, "num_query": "", "dim": "", "model": "", "fingerprint": ""}
-            initial |= {"created": now, "updated": now, "slots": "0", "vectors": FIRST_VECTORS}
-            db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", initial.items())
-            db.execute("COMMIT")
-        _check_schema(db, file)
-        db.execute("PRAGMA synchronous = FULL")
-    except sqlite3.DatabaseError as e:
-        raise IndexFileError(str(file), f"database error ({e})") from None
+    """A new (or crashed-while-new, table-less) database gets our schema; any other must have exactly it.
+    Also the writer's settings: WAL (persistent in the file; set again in case a copy lost it), so that readers
+    never block the writer nor see its uncommitted rows, and SYNCHRONOUS (per connection)."""
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
+    if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+        if any(_VECTORS_NAME.fullmatch(name) for name in os.listdir(file.parent)):
+            raise IndexFileError(str(file), "an empty database next to stored vectors, not an index")
+        db.execute("BEGIN IMMEDIATE")
+        for statement in _SCHEMA:
+            db.execute(statement)
+        now = repr(time.time())
+        initial = {"format": FORMAT, "num_query": "", "dim": "", "model": "", "fingerprint": ""}
+        initial |= {"created": now, "updated": now, "slots": "0", "vectors": FIRST_VECTORS}
+        db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", initial.items())
+        db.execute("COMMIT")
+    _check_schema(db, file)
 
 
 def _check_schema(db: sqlite3.Connection, file: Path) -> None:
     """Exactly our tables and index: a crafted trigger or view would run on our reads and writes."""
     found = db.execute("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL").fetchall()
-    expected = [("table", "meta"), ("table", "images"), ("index", "images_hash")]
+    expected = [("table", "meta"), ("table", "images"), ("index", "images_hash"), ("table", "dead")]
     if sorted(found) != sorted((t, n, s) for (t, n), s in zip(expected, _SCHEMA)):
         raise IndexFileError(str(file), "not a blip2 index database (unexpected tables or schema)")
 
 
 def _read_meta(db: sqlite3.Connection, file: Path) -> dict[str, Any]:
-    """The meta table, parsed and bounded."""
-    try:
-        if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
-            raise IndexFileError(str(file), "an empty database, not an index")
-        _check_schema(db, file)
-        raw = dict(db.execute("SELECT key, value FROM meta").fetchall())
-    except sqlite3.DatabaseError as e:
-        raise IndexFileError(str(file), f"database error ({e})") from None
+    """The meta table, parsed and bounded (SQLite's own errors are left to `Store._guard`)."""
+    if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+        raise IndexFileError(str(file), "an empty database, not an index")
+    _check_schema(db, file)
+    raw = dict(db.execute("SELECT key, value FROM meta").fetchall())
     if raw.get("format") != FORMAT:
         raise IndexFileError(str(file), f"format {str(raw.get('format'))[:80]!r}, expected {FORMAT!r}")
     meta: dict[str, Any] = {}
@@ -757,6 +798,15 @@ def _read_meta(db: sqlite3.Connection, file: Path) -> dict[str, Any]:
         except InputError as e:
             raise IndexFileError(str(file), f"meta: {e}") from None
     return meta
+
+
+def _delete_paths(db: sqlite3.Connection, paths: Sequence[str]) -> int:
+    """Delete the rows at `paths`, their slots recorded as dead; returns how many rows there were."""
+    params = [(p,) for p in paths]
+    db.executemany("INSERT INTO dead(slot) SELECT slot FROM images WHERE path = ?", params)
+    before = db.total_changes
+    db.executemany("DELETE FROM images WHERE path = ?", params)
+    return db.total_changes - before
 
 
 def _write_meta(db: sqlite3.Connection, values: dict[str, str]) -> None:
@@ -817,45 +867,63 @@ def _check_new_rows(rows: Sequence[NewRow]) -> None:
     for row in rows:
         if not isinstance(row.path, str) or not row.path or "\x00" in row.path:
             raise InputError(f"{row.path!r}: an index path must be a non-empty string without NUL")
+        for text in (row.path, row.hash, row.caption or ""):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputError(f"{row.path!r}: {text[:200]!r} is not UTF-8 text") from None
         if row.path in paths:
             raise InputError(f"{row.path}: given twice in one batch")
         paths.add(row.path)
 
 
-_ROW_TYPES: tuple[type | tuple[type, ...], ...] = (
-    str,
-    str,
-    int,
-    float,
-    int,
-    int,
-    int,
-    (str, type(None)),
-    float,
-)
+# The Python types of a row's columns as SQLite returns them (STRICT tables; the caption may be NULL).
+_ROW_TYPES = {(str, str, int, float, int, int, int, caption, float) for caption in (str, type(None))}
 
 
-def _row(values: tuple[Any, ...], file: Path) -> Row:
-    """A database row as a `Row`, its types checked (a crafted file may hold anything)."""
-    if len(values) != len(_ROW_TYPES) or not all(
-        isinstance(v, t) and not isinstance(v, bool) for v, t in zip(values, _ROW_TYPES)
-    ):
-        raise IndexFileError(str(file), f"a malformed row ({str(values)[:200]})")
-    if "\x00" in values[0]:
-        raise IndexFileError(str(file), f"a path with a NUL character ({values[0][:200]!r})")
-    return Row(*values)
+def _rows(found: list[tuple[Any, ...]], file: Path) -> list[Row]:
+    """Database rows as `Row`s, their types checked (a crafted file may hold anything)."""
+    rows = []
+    for values in found:
+        if tuple(map(type, values)) not in _ROW_TYPES:
+            raise IndexFileError(str(file), f"a malformed row ({str(values)[:200]})")
+        if "\x00" in values[0]:
+            raise IndexFileError(str(file), f"a path with a NUL character ({values[0][:200]!r})")
+        rows.append(Row(*values))
+    return rows
 
 
 def _where_sql(where: Where | None) -> tuple[str, list[str]]:
-    """A WHERE clause built only from constant text; the filter's values go in as parameters."""
+    """A WHERE clause built only from constant text; the filter's values go in as parameters. SQLite's own
+    tests run first (a NULL caption, a relaxed GLOB), so the exact Python test sees only the rows they pass."""
     clauses, params = [], []
     if where is not None and where.caption is not None:
-        clauses.append("b2_contains(caption, ?)")
+        clauses.append("caption IS NOT NULL AND b2_contains(caption, ?)")
         params.append(where.caption)
     if where is not None and where.path is not None:
-        clauses.append("b2_glob(path, ?)")
-        params.append(where.path)
+        clauses.append("path GLOB ? AND b2_glob(path, ?)")
+        params += [_relaxed_glob(where.path), where.path]
     return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _relaxed_glob(pattern: str) -> str:
+    """An SQLite GLOB pattern that matches at least what the fnmatch `pattern` matches: `*` and `?` mean the
+    same in both, a `[...]` set becomes `?` (any one character), and a `[` that opens no set is literal."""
+    out, i = [], 0
+    while i < len(pattern):
+        c, i = pattern[i], i + 1
+        if c != "[":
+            out.append(c)
+            continue
+        end = i + (pattern[i : i + 1] == "!")  # fnmatch's scan for the set's closing bracket
+        end += pattern[end : end + 1] == "]"
+        end = pattern.find("]", end)
+        if end < 0:
+            out.append("[[]")
+        else:
+            out.append("?")
+            i = end + 1
+    return "".join(out)
 
 
 def _contains(text: str | None, needle: str) -> bool:
