@@ -24,9 +24,8 @@ from . import adding
 from .adding import AddReport, Progress
 from .ann import BRUTE_FORCE_BELOW, AnnIndex
 from .ann import search as ranked
-from .store import ANN_FILES, DATABASE, Meta, NewRow, Row, Store, Where, open_store
+from .store import ANN_FILES, Meta, NewRow, Row, Store, Where, open_store
 
-DATABASE_FILES = (DATABASE, DATABASE + "-wal")
 DEFAULT_LOCK_TIMEOUT = 10.0  # seconds a writer waits for another one to finish
 EMBEDDINGS_BATCH = 4096  # rows per transaction in add_embeddings (32 MiB of fp16 vectors at 32x256)
 # The ITC projections of a checkpoint, whose sign bits identify its embedding space (see `fingerprint`).
@@ -99,7 +98,6 @@ class Index:
         self.lock_timeout = lock_timeout
         self._fingerprint: str | None = None
         self._reader: Store | None = None
-        self._seen: tuple = ()  # the database files' identity when the reader last refreshed
         self._ann: tuple[tuple, AnnIndex | None] | None = None  # (ann files' identity, loaded index)
 
     def __repr__(self) -> str:
@@ -423,14 +421,15 @@ class Index:
     # -- plumbing -------------------------------------------------------------------------------------------
     def _store(self) -> Store:
         """The reader, opened at first use and kept (searches take no lock), moved to the latest committed
-        state when the database files changed since (two stats: a refresh drops the store's per-snapshot
-        caches, which at a million rows cost more than a search)."""
-        identity = _files_identity(self.path, DATABASE_FILES)
+        state at each use (cheap when nothing changed)."""
         if self._reader is None:
             self._reader = open_store(self.path)
-        elif identity != self._seen:
+            return self._reader
+        try:
             self._reader.refresh()
-        self._seen = identity
+        except BaseException:
+            self._reader = None  # the store closed itself: the next use opens it again
+            raise
         return self._reader
 
     def _writer(self) -> Store:
