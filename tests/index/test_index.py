@@ -142,6 +142,11 @@ def test_where_caption_and_path(tmp_path, itm, folder, checkpoints):
     assert [h.image for h in index.search(text=TEXT, where=Where(path="*.png"))] == [
         str(folder / "noise.png")
     ]
+    # the files indexed without a caption get one when given again with a captioning model
+    report = index.add(folder, caption_model=captioner)
+    assert sorted(report.unchanged) == paths and report.embedded == 0
+    expected = dict(zip(paths, captioner.caption(paths, max_new_tokens=30, num_beams=5)))
+    assert {h.image: h.caption for h in index.search(text=TEXT, k=10)} == expected
 
 
 # -- incremental ------------------------------------------------------------------------------------------------

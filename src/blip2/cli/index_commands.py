@@ -38,7 +38,7 @@ def index_group():
 @click.option(
     "--caption-model",
     default=None,
-    help="A captioning checkpoint: store a caption of each new image, for search --where-caption.",
+    help="A captioning checkpoint: caption each image that has no caption yet, for search --where-caption.",
 )
 @index_model_options
 def add_command(paths, index_path, caption_model, model, device, dtype, quantize, batch_size, as_json):

@@ -197,3 +197,27 @@ def commit_batches(
             store.add(rows, np.stack(vectors))
             report.embedded += len(rows)
         progress(len(chunk))
+
+
+def caption_missing(
+    store: Store, paths: Sequence[str], caption_model, batch_size: int, report: AddReport
+) -> None:
+    """Caption the rows at `paths` that have no caption yet (indexed before, without a captioning model),
+    their files decoded again. A file that cannot be read keeps its row, uncaptioned, and is reported."""
+    from ..images import load_resized
+    from ..tasks.batch import DECODE_WORKERS, each_input
+
+    missing = [path for path in paths if (row := store.get(path)) is not None and row.caption is None]
+    results = each_input(
+        missing,
+        batch_size,
+        lambda path: load_resized(path, caption_model.image_config),
+        lambda good: caption_model.caption(good),
+        workers=DECODE_WORKERS,
+    )
+    for path, result in results:
+        if isinstance(result, Blip2Error):
+            reason = result.reason if isinstance(result, ImageError) else str(result)
+            report.skipped.append(Skipped(path, f"indexed, but not captioned: {reason}"))
+        else:
+            store.set_caption(path, result)

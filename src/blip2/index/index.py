@@ -135,7 +135,8 @@ class Index:
         ones take their stored vector (see `blip2.index.adding`); the rest is embedded `batch_size` at a time
         (default: the model's), each batch committed on its own. Files that cannot be read or decoded are
         in the report's `skipped` with their reason. With `caption_model` (a captioning checkpoint), each
-        embedded image is captioned too, for `search(where=Where(caption=...))`.
+        embedded image is captioned too, and so are the files given that are indexed without a caption, for
+        `search(where=Where(caption=...))`.
 
         `progress(done, total)` is called as files are settled."""
         found = find_images([paths] if isinstance(paths, (str, os.PathLike)) else list(paths))
@@ -156,6 +157,11 @@ class Index:
             if pending:
                 self._bind(store)  # (without a model: the error that says one is needed)
                 self._embed(store, pending, batch_size, caption_model, report, tell, len(files))
+            if caption_model is not None:
+                kept = [*report.unchanged, *(new for _, new in report.moved), *report.copied]
+                adding.caption_missing(
+                    store, kept, caption_model, batch_size or caption_model.batch_size, report
+                )
             self._update_ann(store)
         return report
 
@@ -199,7 +205,7 @@ class Index:
         Vectors are L2-normalised here (a no-op for `blip2 embed`'s). Without a model, `model_name` is recorded
         as the index's model when it has none (the checkpoint `blip2 search` then loads by default). Returns
         the number added."""
-        vectors = _as_vectors(embeddings, len(keys))
+        vectors = _as_vectors(embeddings, len(keys)).astype("<f2")  # as stored: converted once, hashed as is
         for key in keys:
             if not isinstance(key, str) or not _storable(key):
                 raise InputError(
@@ -483,10 +489,10 @@ def _as_vectors(embeddings: np.ndarray, count: int) -> np.ndarray:
     return _unit_rows(vectors, "embeddings")
 
 
-def _embedding_row(key: str, vectors: np.ndarray) -> NewRow:
+def _embedding_row(key: str, vectors: np.ndarray) -> NewRow:  # vectors (Q, D) float16
     """The row of a vector made elsewhere: its hash is that of the vectors (so it never passes for a copy of
     a file), its size and mtime those of the file when the key names one here."""
-    digest = "embedding:" + hashlib.sha256(vectors.astype("<f2").tobytes()).hexdigest()
+    digest = "embedding:" + hashlib.sha256(vectors.tobytes()).hexdigest()
     if os.path.isfile(key):
         info = os.stat(key)
         return NewRow(os.path.abspath(key), digest, info.st_size, info.st_mtime, 0, 0)
