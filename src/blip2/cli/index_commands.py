@@ -52,9 +52,9 @@ def add_command(paths, index_path, caption_model, model, device, dtype, quantize
 
     pipe = _load(_model_name(index_path, model), device, dtype, quantize, batch_size)
     captioner = _load(caption_model, device, dtype, quantize, batch_size) if caption_model else None
-    index = Index(index_path, model=pipe)
-    with _progress_bar() as progress:
+    with Index(index_path, model=pipe) as index, _ProgressBar() as progress:
         report = index.add(list(paths), caption_model=captioner, progress=progress)
+        total = len(index)
     for skipped in report.skipped:
         if as_json:
             click.echo(json_line({**path_fields(skipped.path), "skipped": skipped.reason}))
@@ -67,7 +67,7 @@ def add_command(paths, index_path, caption_model, model, device, dtype, quantize
         "moved": len(report.moved),
         "copied": len(report.copied),
         "skipped": len(report.skipped),
-        "count": len(index),
+        "count": total,
     }
     if as_json:
         click.echo(json_line({"index": index_path, **counts}))
@@ -193,8 +193,9 @@ def search_command(
     if rerank and text is None:
         raise click.UsageError("--rerank needs a TEXT query")
     where = Where(caption=where_caption, path=where_path) if where_caption or where_path else None
-    Index(index_path).meta()  # not an index: said before a model is loaded
-    pipe = _load(_model_name(index_path, model), device, dtype, quantize, batch_size)
+    with Index(index_path) as unloaded:  # not an index: said before a model is loaded
+        stored = unloaded.meta().model
+    pipe = _load(model or stored or DEFAULT_MATCH_MODEL, device, dtype, quantize, batch_size)
     hits = Index(index_path, model=pipe).search(
         text=text, image=image, k=k, rerank=rerank, rerank_k=rerank_k, where=where
     )
@@ -218,9 +219,8 @@ def _model_name(index_path: str, given: str | None) -> str:
     if os.path.isdir(index_path):
         from ..index import Index
 
-        stored = Index(index_path).meta().model
-        if stored:
-            return stored
+        with Index(index_path) as index:
+            return index.meta().model or DEFAULT_MATCH_MODEL
     return DEFAULT_MATCH_MODEL
 
 
@@ -230,7 +230,7 @@ def _load(model: str, device, dtype, quantize, batch_size: int):
     return load(model, device, dtype, quantize, batch_size)
 
 
-class _progress_bar:
+class _ProgressBar:
     """A tqdm bar on stderr (on a terminal only, as the other commands), fed by `Index.add`'s progress."""
 
     def __enter__(self):
