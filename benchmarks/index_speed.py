@@ -60,8 +60,10 @@ def topic_centres(topics: int, seed: int) -> np.ndarray:
 
 
 def noise(rng: np.random.Generator, shape: tuple[int, ...], scale: float) -> np.ndarray:
-    """Random directions of length `scale` (so the noise level does not depend on D)."""
-    return scale * unit(rng.standard_normal(shape, dtype=np.float32))
+    """Gaussian noise of expected length `scale` per D-vector (so the noise level does not depend on D)."""
+    x = rng.standard_normal(shape, dtype=np.float32)
+    x *= scale / np.sqrt(D, dtype=np.float32)
+    return x
 
 
 def generate(path: Path, images: int, topics: int, seed: int) -> None:
@@ -77,8 +79,9 @@ def generate(path: Path, images: int, topics: int, seed: int) -> None:
             c = min(CHUNK, images - start)
             aspects = unit(centres[rng.integers(0, topics, (c, ASPECTS))] + noise(rng, (c, ASPECTS, D), 0.8))
             which = rng.integers(0, ASPECTS, (c, Q))  # the aspect each query vector describes
-            vectors = unit(np.take_along_axis(aspects, which[..., None], 1) + noise(rng, (c, Q, D), 0.8))
-            f.write(vectors.astype("<f2").tobytes())
+            vectors = noise(rng, (c, Q, D), 0.8)
+            vectors += np.take_along_axis(aspects, which[..., None], 1)
+            f.write(unit(vectors).astype("<f2").tobytes())
 
 
 def text_queries(count: int, topics: int, seed: int) -> np.ndarray:
