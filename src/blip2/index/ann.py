@@ -164,9 +164,11 @@ class AnnIndex:
         os.replace(tmp, directory / ANN_META)
 
     @classmethod
-    def load(cls, directory: Path, num_query: int, dim: int) -> AnnIndex | None:
+    def load(cls, directory: Path, num_query: int, dim: int, n_slots: int | None = None) -> AnnIndex | None:
         """The ANN saved in `directory`, or None when it is absent, unreadable, larger than its parameters
-        allow, its checksum or dimensions do not match, or faiss reads something else than was saved."""
+        allow, its checksum or dimensions do not match, or faiss reads something else than was saved. With
+        `n_slots` (the slots in the vectors file), also None when it covers more slots than there are (an
+        ANN of another vectors file, e.g. from before a compaction), which bounds the file size too."""
         directory = Path(directory)
         meta_file, file = directory / ANN_META, directory / ANN_FILE
         if not meta_file.is_file() or not file.is_file():
@@ -174,6 +176,8 @@ class AnnIndex:
         try:
             meta = read_json(meta_file)
             params, covered, ntotal = _parse_meta(meta, num_query, dim)
+            if n_slots is not None and (covered > n_slots or ntotal > n_slots * num_query):
+                return None
             if file.stat().st_size > max_file_bytes(params, ntotal, dim) or _sha256(file) != meta["sha256"]:
                 return None
             faiss = _faiss()
