@@ -27,6 +27,7 @@ import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -52,7 +53,7 @@ CONFIGS = {
 
 # -- data ------------------------------------------------------------------------------------------------------
 def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.sqrt(np.einsum("...i,...i->...", x, x))[..., None]
 
 
 def topic_centres(topics: int, seed: int) -> np.ndarray:
@@ -60,28 +61,45 @@ def topic_centres(topics: int, seed: int) -> np.ndarray:
 
 
 def noise(rng: np.random.Generator, shape: tuple[int, ...], scale: float) -> np.ndarray:
-    """Gaussian noise of expected length `scale` per D-vector (so the noise level does not depend on D)."""
-    x = rng.standard_normal(shape, dtype=np.float32)
-    x *= scale / np.sqrt(D, dtype=np.float32)
+    """Uniform noise of expected length `scale` per D-vector (so the level does not depend on D). Uniform
+    rather than Gaussian: twice as fast to draw, and 16 GB of it are drawn at a million images."""
+    x = rng.random(shape, dtype=np.float32)
+    x -= 0.5
+    x *= scale * np.sqrt(12 / D, dtype=np.float32)  # U(-1/2, 1/2) has variance 1/12
     return x
 
 
-def generate(path: Path, images: int, topics: int, seed: int) -> None:
-    """Write `images` x Q x D float16 unit vectors to `path`, a chunk at a time (never all in RAM).
+def generate(path: Path, images: int, topics: int, seed: int, workers: int = 2) -> None:
+    """Write `images` x Q x D float16 unit vectors to `path`, chunk by chunk (never all in RAM), `workers`
+    processes writing alternate chunks in place. Each chunk depends on (seed, its start) only.
 
     An image shows ASPECTS things (topics); each of its Q vectors describes one of them, so a text about one
     topic matches a few of an image's vectors well and the rest poorly: the max picks them out, the mean
     dilutes them (which is why mean pooling loses recall on real BLIP-2 embeddings)."""
+    partial = path.with_suffix(".partial")  # renamed when complete: a killed run leaves no full-size file
+    with open(partial, "wb") as f:
+        f.truncate(images * Q * D * 2)
+    with ProcessPoolExecutor(workers) as pool:
+        jobs = [(partial, images, topics, seed, i, workers) for i in range(workers)]
+        list(pool.map(_generate_chunks, jobs))
+    os.replace(partial, path)
+
+
+def _generate_chunks(job: tuple[Path, int, int, int, int, int]) -> None:
+    path, images, topics, seed, first, every = job
     centres = topic_centres(topics, seed)
-    with open(path, "wb") as f:
-        for start in range(0, images, CHUNK):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for start in range(first * CHUNK, images, every * CHUNK):
             rng = np.random.default_rng([seed, start])
             c = min(CHUNK, images - start)
             aspects = unit(centres[rng.integers(0, topics, (c, ASPECTS))] + noise(rng, (c, ASPECTS, D), 0.8))
             which = rng.integers(0, ASPECTS, (c, Q))  # the aspect each query vector describes
             vectors = noise(rng, (c, Q, D), 0.8)
             vectors += np.take_along_axis(aspects, which[..., None], 1)
-            f.write(unit(vectors).astype("<f2").tobytes())
+            os.pwrite(fd, unit(vectors).astype("<f2").tobytes(), start * Q * D * 2)
+    finally:
+        os.close(fd)
 
 
 def text_queries(count: int, topics: int, seed: int) -> np.ndarray:
