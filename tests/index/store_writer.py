@@ -3,7 +3,8 @@
     python store_writer.py INDEX FIRST COUNT BATCH [--pause-at K] [--timeout S]
 
 adds the rows `p{FIRST}` .. `p{FIRST+COUNT-1}` in batches of BATCH, skipping paths already stored (as a
-resumed `index add` does), each with the vectors `expected_vectors(path)`. With --pause-at K it stops before
+resumed `index add` does), each with the vectors `expected_vectors(path)`, printing a line per committed
+batch. With --pause-at K it stops before
 committing its K-th batch (0-based) — after that batch's vectors are written and fsynced — writes
 INDEX.paused and sleeps until killed. Exit status 3: the index was busy.
 """
@@ -73,7 +74,8 @@ def main() -> int:
         todo = [p for p in paths if store.get(p) is None]
         for start in range(0, len(todo), args.batch):
             batch = todo[start : start + args.batch]
-            store.add([new_row(p) for p in batch], np.stack([expected_vectors(p) for p in batch]))
+            slots = store.add([new_row(p) for p in batch], np.stack([expected_vectors(p) for p in batch]))
+            print(slots[-1], flush=True)  # one line per committed batch: the parent kills after some of them
     return 0
 
 

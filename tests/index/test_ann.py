@@ -174,6 +174,18 @@ def test_load_refuses_other_dimensions(tmp_path, ann):
     assert AnnIndex.load(tmp_path, Q, D * 2) is None
 
 
+def test_load_refuses_an_ann_of_more_slots_than_the_vectors_file(tmp_path, ann):
+    ann.save(tmp_path)
+    assert AnnIndex.load(tmp_path, Q, D, n_slots=400) is not None
+    assert AnnIndex.load(tmp_path, Q, D, n_slots=399) is None
+
+
+def test_search_of_no_live_images_is_empty(vectors, ann):
+    for index in (None, ann):
+        slots, scores = search(vectors, np.zeros(0, np.int64), vectors[1, 0].astype(np.float32), 5, index)
+        assert slots.shape == scores.shape == (0,)
+
+
 def test_load_of_an_empty_directory_is_none(tmp_path):
     assert AnnIndex.load(tmp_path, Q, D) is None
 

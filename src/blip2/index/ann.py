@@ -37,29 +37,34 @@ INSTALL_HINT = "pip install 'blip2[index]'"
 
 @dataclass(frozen=True)
 class AnnParams:
-    """How the ANN is built and searched.
+    """How the ANN is built and searched (the defaults: benchmarks/index_speed.py, RESULTS.md).
 
     nlist: inverted lists (None: chosen from the number of vectors by `nlist_for`); m: PQ sub-quantizers of 4
     bits (m / 2 bytes per vector); nprobe: lists scanned per query vector; train_size: vectors sampled to
-    train the coarse centroids and the PQ codebooks; hnsw: neighbours per node of an HNSW coarse quantizer
-    (0: exact, brute-force assignment, which dominates the build at ~8k lists); seed: of the sample."""
+    train the coarse centroids and the PQ codebooks; hnsw: neighbours per node of an HNSW coarse quantizer (0:
+    exact assignment by one matrix product, which is what the build spends its time on: ~nlist x D
+    multiply-adds per vector); seed: of the training sample.
+
+    Fewer, larger lists (2048 at a million images rather than the feasibility run's 8192) make the build ~4x
+    cheaper; probing the same fraction of the vectors (nprobe 16 of 2048 ~ 64 of 8192) keeps the recall and
+    the scan cost."""
 
     nlist: int | None = None
     m: int = 64
-    nprobe: int = 64
+    nprobe: int = 16
     train_size: int = 131_072
-    hnsw: int = 32
+    hnsw: int = 0
     seed: int = 0
 
     def nlist_for(self, n_vectors: int) -> int:
-        """The number of lists for `n_vectors`: about 4 sqrt(n), a power of two in [16, 8192], and at least
-        ~40 training vectors per list (faiss's k-means warns below 39)."""
+        """The number of lists for `n_vectors`: the power of two nearest sqrt(n) / 2 within [16, 2048], and
+        at most one per ~40 training vectors (faiss's k-means warns below 39)."""
         if self.nlist is not None:
             return self.nlist
-        target = 4 * math.sqrt(max(n_vectors, 1))
+        target = math.sqrt(max(n_vectors, 1)) / 2
         nlist = 2 ** round(math.log2(max(target, 16)))
         cap = max(16, min(self.train_size, n_vectors) // 40)
-        return int(min(nlist, 8192, 2 ** int(math.log2(cap))))
+        return int(min(nlist, 2048, 2 ** int(math.log2(cap))))
 
     def factory(self, nlist: int | None) -> str:
         quantizer = f"_HNSW{self.hnsw}" if self.hnsw else ""
@@ -159,9 +164,11 @@ class AnnIndex:
         os.replace(tmp, directory / ANN_META)
 
     @classmethod
-    def load(cls, directory: Path, num_query: int, dim: int) -> AnnIndex | None:
+    def load(cls, directory: Path, num_query: int, dim: int, n_slots: int | None = None) -> AnnIndex | None:
         """The ANN saved in `directory`, or None when it is absent, unreadable, larger than its parameters
-        allow, its checksum or dimensions do not match, or faiss reads something else than was saved."""
+        allow, its checksum or dimensions do not match, or faiss reads something else than was saved. With
+        `n_slots` (the slots in the vectors file), also None when it covers more slots than there are (an
+        ANN of another vectors file, e.g. from before a compaction), which bounds the file size too."""
         directory = Path(directory)
         meta_file, file = directory / ANN_META, directory / ANN_FILE
         if not meta_file.is_file() or not file.is_file():
@@ -169,6 +176,8 @@ class AnnIndex:
         try:
             meta = read_json(meta_file)
             params, covered, ntotal = _parse_meta(meta, num_query, dim)
+            if n_slots is not None and (covered > n_slots or ntotal > n_slots * num_query):
+                return None
             if file.stat().st_size > max_file_bytes(params, ntotal, dim) or _sha256(file) != meta["sha256"]:
                 return None
             faiss = _faiss()
@@ -189,14 +198,16 @@ def search(
     n_candidates: int = 1000,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The `k` best live images for `query` (D,) or (m, D) as (slots int64, scores float32), exact MaxSim
-    order (score descending, ties by slot). Without `ann`: brute force over `live_slots`. With it: the images
+    order (score descending, ties by slot). Without `ann`: brute force over `live_slots` (sorted). With it: the images
     of its best `n_candidates` vector hits per query row, plus the live slots it does not cover yet, kept only
     if live (a stale ANN may name removed slots), re-scored exactly from `vectors` (N, Q, D)."""
     live = np.asarray(live_slots, dtype=np.int64)
     if ann is not None:
-        tail = live[live >= ann.covered]
+        # live is sorted: binary searches, O(candidates log n) rather than a pass over a million slots.
+        tail = live[np.searchsorted(live, ann.covered) :]
         found = ann.candidates(query, n_candidates)
-        live = np.union1d(found[np.isin(found, live)], tail)
+        at = np.minimum(np.searchsorted(live, found), max(len(live) - 1, 0))
+        live = np.union1d(found[live[at] == found] if len(live) else found[:0], tail)
     return top_k(maxsim(vectors, query, live), k, live)
 
 

@@ -57,10 +57,10 @@ _OPEN_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBL
 _CHUNK_SLOTS = 4096  # compaction copies this many slots at a time (64 MiB at Q=32, D=256)
 _SQL_VARIABLES = 900  # per `IN (...)` list: under every SQLite's variable limit
 # The writer's SQLite durability, with WAL. Both FULL and NORMAL survive a `kill -9` (a commit is in the OS's
-# cache either way); FULL also fsyncs the WAL at each commit, so rows `add` has returned survive a power cut
-# too. Measured (benchmarks/index_store_speed.py, 32x256, 2-core VM under load): FULL costs ~8 ms per commit,
-# 5.8k against 12.3k rows/s at batches of 256 and 12.3k against 14.1k at 4,096; the model embeds two orders
-# of magnitude slower than either, so FULL.
+# cache either way); FULL also fsyncs the WAL at each commit, so the rows `add` has returned survive a power
+# cut too. Measured (benchmarks/index_store_speed.py, 32x256, 16k rows, best of 5, 2-core VM at load ~10):
+# FULL costs one fsync per commit, ~11 ms here: 9.7k against 16.8k rows/s at batches of 256, 12.6k against
+# 13.9k at 4,096. Both are far above what the model embeds (and the 1,500/s build target), so FULL.
 SYNCHRONOUS = "FULL"
 
 _SCHEMA = (
