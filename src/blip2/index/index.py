@@ -243,7 +243,7 @@ class Index:
             return
         meta = store.meta()
         assert meta.num_query is not None and meta.dim is not None
-        ann = AnnIndex.load(store.path, meta.num_query, meta.dim)
+        ann = AnnIndex.load(store.path, meta.num_query, meta.dim, n_slots=meta.slots)
         if ann is None:
             ann = AnnIndex.build(store.vectors(), live)
         else:
@@ -402,7 +402,7 @@ class Index:
             return None
         identity = _files_identity(store.path, ANN_FILES)
         if self._ann is None or self._ann[0] != identity:
-            self._ann = (identity, AnnIndex.load(store.path, meta.num_query, meta.dim))
+            self._ann = (identity, AnnIndex.load(store.path, meta.num_query, meta.dim, n_slots=meta.slots))
         return self._ann[1]
 
     # -- about ----------------------------------------------------------------------------------------------
