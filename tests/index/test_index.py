@@ -4,6 +4,7 @@ models, bad files, the ANN path, and a crash in a real process."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from blip2.errors import IndexBusyError, IndexFileError, IndexMismatchError
 from blip2.images import load_image
 from blip2.index import Index, Where, fingerprint
 from blip2.index import index as index_module
+from blip2.index.adding import file_hash
 from blip2.index.store import open_store
 
 TEXT = "a cat on a red couch"
@@ -66,9 +68,11 @@ def chamfer(stored, query):
 # -- ranking --------------------------------------------------------------------------------------------------
 def test_text_search_equals_brute_force_similarity(tmp_path, itm, folder):
     index = Index(tmp_path / "photos.idx", model=itm)
-    report = index.add(folder)
+    progress = []
+    report = index.add(folder, batch_size=2, progress=lambda done, total: progress.append((done, total)))
     paths = images_in(folder)
     assert sorted(report.added) == paths and not report.skipped and len(index) == len(paths)
+    assert progress[-1] == (5, 5) and [done for done, _ in progress] == sorted(done for done, _ in progress)
     hits = index.search(text=TEXT, k=len(paths))
     expected, scores = brute_force(itm, paths, TEXT)
     assert [h.image for h in hits] == expected
@@ -196,6 +200,14 @@ def test_remove_and_prune(tmp_path, itm, folder):
     index.compact()
     assert index.meta().slots == len(paths) - 3
     assert [(h.image, h.score) for h in index.search(text=TEXT, k=10)] == [(h.image, h.score) for h in before]
+
+
+def test_file_hash(tmp_path, folder):
+    photo = folder / "coffee.jpg"
+    assert file_hash(str(photo)) == hashlib.sha256(photo.read_bytes()).hexdigest()
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(OSError, match="not a regular file"):
+        file_hash(str(tmp_path / "pipe"))  # opened without blocking, refused
 
 
 # -- errors -----------------------------------------------------------------------------------------------------

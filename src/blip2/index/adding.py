@@ -13,8 +13,10 @@ Decisions, in order, for a file at path P with size S and mtime M:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -68,9 +70,12 @@ class Pending:
 
 
 def file_hash(path: str) -> str:
-    """sha256 of the file's content, read a chunk at a time (hex)."""
+    """sha256 of the file's content, read a chunk at a time (hex). Only a regular file is read (a FIFO
+    swapped in since it was found would block the read: an OSError)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
