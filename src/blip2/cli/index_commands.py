@@ -28,7 +28,8 @@ def index_group():
 
     \b
     Exit codes: 0 done; 1 some files were skipped (not an image, unreadable:
-    each is reported), the index is busy or unusable; 2 usage error.
+    each is reported), or the index is busy or damaged; 2 usage error, or the
+    index was made with another checkpoint (or embedding size).
     """
 
 
@@ -184,8 +185,9 @@ def search_command(
     re-ranked. --model defaults to the checkpoint the index was made with.
 
     \b
-    Exit codes: 0 done; 1 a re-ranked image could not be read (reported), the index
-    is unusable or was made with another checkpoint; 2 usage error."""
+    Exit codes: 0 done; 1 a re-ranked image could not be read (reported), or the
+    index is missing or damaged; 2 usage error, or the index was made with another
+    checkpoint (or embedding size) than --model."""
     from ..index import Index, Where
 
     if (text is None) == (image is None):
