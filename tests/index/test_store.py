@@ -495,11 +495,11 @@ def test_a_snapshot_whose_vector_file_vanished_is_taken_again(store, tmp_path, m
         store.compact()
         real, calls = Store._open_vectors, []
 
-        def vanishing(self):
+        def vanishing(self, **options):
             calls.append(self._meta["vectors"])
             if len(calls) == 1:
                 raise FileNotFoundError(self._meta["vectors"])
-            return real(self)
+            return real(self, **options)
 
         monkeypatch.setattr(Store, "_open_vectors", vanishing)
         reader.refresh()
