@@ -205,7 +205,8 @@ class Store:
 
     def refresh(self) -> None:
         """A reader: move to the latest committed state (a new snapshot; cheap when nothing changed). A writer
-        always sees it. If the new state is unsound, the error is raised and the store closed."""
+        always sees it. If the new state is unsound, the error is raised and the store closed. A long-lived
+        reader should refresh now and then: SQLite cannot recycle its WAL past a snapshot still open."""
         if self.writable:
             return
         try:
