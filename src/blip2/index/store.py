@@ -73,7 +73,7 @@ _SCHEMA = (
     # them per snapshot: reading 1M slots out of `images` takes ~0.5 s, this a few ms).
     "CREATE TABLE dead(slot INTEGER PRIMARY KEY) STRICT",
 )
-_ROW_COLUMNS = "path, hash, size, mtime, width, height, slot, caption, added"
+_ROW_COLUMNS = "path, hash, size, mtime, width, height, caption, slot, added"  # a Row's fields in order
 
 
 @dataclass(frozen=True)
@@ -89,18 +89,11 @@ class NewRow:
     caption: str | None = None
 
 
-@dataclass(frozen=True)
-class Row:
-    """A stored image: a `NewRow`'s fields plus the slot of its vectors and when it was added."""
+@dataclass(frozen=True, kw_only=True)
+class Row(NewRow):
+    """A stored image: a `NewRow`'s fields plus the slot of its vectors and when it was added (Unix time)."""
 
-    path: str
-    hash: str
-    size: int
-    mtime: float
-    width: int
-    height: int
     slot: int
-    caption: str | None
     added: float
 
 
@@ -579,7 +572,7 @@ class Store:
         """The rows at their slots and the new slot count, in one transaction (the commit point of `add`)."""
         now = time.time()
         values = [
-            (r.path, r.hash, r.size, r.mtime, r.width, r.height, s, r.caption, now)
+            (r.path, r.hash, r.size, r.mtime, r.width, r.height, r.caption, s, now)
             for r, s in zip(rows, slots)
         ]
         with self._transaction() as db:
@@ -862,7 +855,7 @@ def _check_new_rows(rows: Sequence[NewRow]) -> None:
 
 
 # The Python types of a row's columns as SQLite returns them (STRICT tables; the caption may be NULL).
-_ROW_TYPES = {(str, str, int, float, int, int, int, caption, float) for caption in (str, type(None))}
+_ROW_TYPES = {(str, str, int, float, int, int, caption, int, float) for caption in (str, type(None))}
 
 
 def _rows(found: list[tuple[Any, ...]], file: Path) -> list[Row]:
@@ -873,7 +866,8 @@ def _rows(found: list[tuple[Any, ...]], file: Path) -> list[Row]:
             raise IndexFileError(str(file), f"a malformed row ({str(values)[:200]})")
         if "\x00" in values[0]:
             raise IndexFileError(str(file), f"a path with a NUL character ({values[0][:200]!r})")
-        rows.append(Row(*values))
+        *new, slot, added = values
+        rows.append(Row(*new, slot=slot, added=added))
     return rows
 
 
