@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blip2.index.ann import AnnIndex, AnnParams, search
+from blip2.index.ann import RESCORE, AnnIndex, AnnParams, search
 from blip2.index.exact import maxsim, top_k
 
 Q, D, K = 32, 256, 10
@@ -158,15 +158,17 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def latencies(vectors, live, queries, ann, n_candidates, passes: int = 3) -> tuple[list[float], list]:
+def latencies(
+    vectors, live, queries, ann, n_candidates, rescore=RESCORE, passes: int = 3
+) -> tuple[list[float], list]:
     """Milliseconds of each query of the best of `passes` passes (by p50), after one warm-up pass; results."""
-    found = [search(vectors, live, q, K, ann, n_candidates)[0] for q in queries]  # warm-up
+    found = [search(vectors, live, q, K, ann, n_candidates, rescore)[0] for q in queries]  # warm-up
     best: list[float] | None = None
     for _ in range(passes):
         times = []
         for q in queries:
             t = time.perf_counter()
-            search(vectors, live, q, K, ann, n_candidates)
+            search(vectors, live, q, K, ann, n_candidates, rescore)
             times.append((time.perf_counter() - t) * 1e3)
         if best is None or np.median(times) < np.median(best):
             best = times
@@ -248,6 +250,9 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=1000, help="vector hits per query (n_candidates)")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--nprobe", type=int, nargs="*", default=[], help="also search the default at these")
+    parser.add_argument(
+        "--rescore", type=int, nargs="*", default=[], help="... and these (0: all candidates)"
+    )
     parser.add_argument("--dir", type=Path, default=Path("/tmp/blip2-index-speed"))
     parser.add_argument("--keep", action="store_true", help="keep the vectors file for a later run")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -289,20 +294,19 @@ def main() -> None:
     if "default" in args.configs:
         ann = AnnIndex.load(workdir / "ann-default", Q, D)
         assert ann is not None
-        for nprobe in args.nprobe:
-            ann.index.nprobe = nprobe
-            times, found = latencies(vectors, np.arange(len(vectors)), queries, ann, args.candidates)
-            print(
-                json.dumps(
-                    dict(
-                        config="default",
-                        nprobe=nprobe,
-                        recall_at_10=round(recall(found, tops), 4),
-                        p50_ms=round(float(np.median(times)), 2),
-                    )
-                ),
-                flush=True,
+        variants = [(nprobe, RESCORE) for nprobe in args.nprobe] + [(None, r) for r in args.rescore]
+        for nprobe, rescore in variants:
+            ann.index.nprobe = nprobe or ann.params.nprobe
+            times, found = latencies(
+                vectors, np.arange(len(vectors)), queries, ann, args.candidates, rescore or None
             )
+            variant = dict(config="default", nprobe=ann.index.nprobe, rescore=rescore or None)
+            variant.update(
+                recall_at_10=round(recall(found, tops), 4), p50_ms=round(float(np.median(times)), 2)
+            )
+            variant.update(p95_ms=round(float(np.percentile(times, 95)), 2))
+            print(json.dumps(variant), flush=True)
+            rows.append(variant)
         del ann
         for drop in (False, True):
             summary[f"cold{'_dropped' if drop else ''}"] = cold(workdir, "default", queries[0].tolist(), drop)

@@ -13,6 +13,7 @@ import torch
 
 from blip2.errors import Blip2Error, InputError
 from blip2.index.ann import ANN_FILE, ANN_META, AnnIndex, AnnParams, search
+from blip2.index.exact import maxsim, top_k
 
 Q, D = 4, 32
 
@@ -69,7 +70,7 @@ def test_search_with_exhaustive_ann_and_tail_is_brute_force(vectors, ann):
     assert ann.covered == 400 and ann.index.ntotal == 400 * Q
     live = np.setdiff1d(np.arange(600), np.arange(0, 600, 3))
     for query in queries(vectors):
-        slots, _ = search(vectors, live, query, 10, ann, n_candidates=400 * Q)
+        slots, _ = search(vectors, live, query, 10, ann, n_candidates=400 * Q, rescore=None)
         assert slots.tolist() == brute_force(vectors, live, query, 10)
 
 
@@ -79,6 +80,23 @@ def test_candidates_find_the_image_of_a_stored_vector(vectors, ann):
     assert np.all(np.diff(found) > 0)
     image_query = ann.candidates(vectors[123].astype(np.float32), n_vectors=5)
     assert 123 in image_query.tolist()
+
+
+@pytest.mark.parametrize("row", [None, 2])  # a text query (D,), an image query (Q, D)
+def test_scored_candidates_approximate_the_exact_score(vectors, ann, row):
+    query = vectors[77].astype(np.float32) if row is None else vectors[77, row].astype(np.float32)
+    slots, approx = ann.scored_candidates(query, 200)
+    assert slots.tolist() == ann.candidates(query, 200).tolist() and approx.dtype == np.float32
+    exact = maxsim(vectors, query, slots)
+    assert np.abs(approx - exact).max() < 0.15  # 4-bit codes: close, not exact
+    assert np.corrcoef(approx, exact)[0, 1] > 0.8
+
+
+def test_rescore_keeps_the_best_approximate_candidates(vectors, ann):
+    query = queries(vectors)[0]
+    slots, approx = ann.scored_candidates(query, 400 * Q)
+    found, _ = search(vectors, np.arange(400), query, 10, ann, n_candidates=400 * Q, rescore=5)
+    assert sorted(found.tolist()) == sorted(top_k(approx, 5, slots)[0].tolist())
 
 
 def test_default_params_find_near_duplicates(vectors):

@@ -495,11 +495,11 @@ def test_a_snapshot_whose_vector_file_vanished_is_taken_again(store, tmp_path, m
         store.compact()
         real, calls = Store._open_vectors, []
 
-        def vanishing(self):
+        def vanishing(self, **options):
             calls.append(self._meta["vectors"])
             if len(calls) == 1:
                 raise FileNotFoundError(self._meta["vectors"])
-            return real(self)
+            return real(self, **options)
 
         monkeypatch.setattr(Store, "_open_vectors", vanishing)
         reader.refresh()
@@ -517,3 +517,20 @@ def test_a_refresh_onto_an_unsound_state_closes_the_reader(store, tmp_path):
             reader.refresh()
         with pytest.raises(InputError, match="closed"):
             reader.rows()
+
+
+def test_rows_for_slots_keep_the_order_given_and_leave_out_dead_slots(store):
+    store.add([_row(f"p{i}") for i in range(1000)], _vectors(1000))  # more slots than one IN list takes
+    store.remove(["p5"])
+    wanted = [999, 5, 0, 950, 3]
+    assert [r.path for r in store.rows_for_slots(np.array(wanted))] == ["p999", "p0", "p950", "p3"]
+    assert len(store.rows_for_slots(range(1000))) == 999
+
+
+def test_copy_vectors_needs_a_committed_slot_and_disk_bytes_counts_the_files(store, tmp_path):
+    store.add([_row("a")], _vectors(1))
+    for slot in (-1, 1):
+        with pytest.raises(InputError, match=f"no slot {slot}"):
+            store.copy_vectors(_row("b"), slot)
+    files = [p for p in (tmp_path / "a.idx").iterdir() if p.name != "LOCK"]
+    assert store.disk_bytes() == sum(p.stat().st_size for p in files) > Q * D * 2

@@ -29,6 +29,9 @@ from .exact import maxsim, top_k
 
 # Below this many images the index is exact brute force, without an ANN.
 BRUTE_FORCE_BELOW = 10_000
+# ANN candidates re-scored exactly per query, the best by their approximate score: converting their fp16
+# vectors is most of a query's time, and the true top 10 are among the first few dozen (RESULTS.md).
+RESCORE = 200
 
 ANN_FILE, ANN_META = "ann.faiss", "ann.json"
 FORMAT = "blip2-ann/1"
@@ -129,15 +132,31 @@ class AnnIndex:
 
     def candidates(self, query: np.ndarray, n_vectors: int = 1000) -> np.ndarray:
         """Sorted unique slots (int64) of the best `n_vectors` vector hits of each query row, (m, D) or (D,)."""
+        return self.scored_candidates(query, n_vectors)[0]
+
+    def scored_candidates(self, query: np.ndarray, n_vectors: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+        """`candidates` (u,) and each one's approximate score (u,) float32 from the 4-bit codes: per query row
+        its best hit, or the row's worst hit where it has none (an optimistic guess), averaged over rows; for
+        a text query simply its best hit. Good enough to choose which candidates to re-score, not to rank."""
         _faiss()
         q = np.ascontiguousarray(np.atleast_2d(query), dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise InputError(f"query must be (D,) or (m, D) with D = {self.dim}, got shape {np.shape(query)}")
         k = min(n_vectors, self.index.ntotal)
         if k <= 0:
-            return np.zeros(0, dtype=np.int64)
-        _, ids = self.index.search(q, k)  # (m, k), -1 where a list ran short
-        return np.unique(ids[ids >= 0] // self.num_query)
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        sims, ids = self.index.search(q, k)  # (m, k) approximate inner products, best first; id -1: no hit
+        rows, cols = np.nonzero(ids >= 0)
+        slots, image = np.unique(ids[rows, cols] // self.num_query, return_inverse=True)
+        if not len(slots):
+            return slots, np.zeros(0, dtype=np.float32)
+        hit = sims[rows, cols]
+        floor = np.full(len(q), np.inf, dtype=np.float32)  # (m,) each row's worst hit
+        np.minimum.at(floor, rows, hit)
+        floor[np.isinf(floor)] = hit.min()  # a row without any hit: the worst of all
+        best = np.repeat(floor[:, None], len(slots), axis=1)  # (m, u)
+        np.maximum.at(best, (rows, image), hit)
+        return slots, best.mean(axis=0).astype(np.float32)
 
     # -- files ---------------------------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
@@ -196,18 +215,24 @@ def search(
     k: int,
     ann: AnnIndex | None = None,
     n_candidates: int = 1000,
+    rescore: int | None = RESCORE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The `k` best live images for `query` (D,) or (m, D) as (slots int64, scores float32), exact MaxSim
     order (score descending, ties by slot). Without `ann`: brute force over `live_slots` (sorted). With it: the images
-    of its best `n_candidates` vector hits per query row, plus the live slots it does not cover yet, kept only
-    if live (a stale ANN may name removed slots), re-scored exactly from `vectors` (N, Q, D)."""
+    of its best `n_candidates` vector hits per query row that are live (a stale ANN may name removed slots),
+    at most `rescore` of them, the best by approximate score (None: all), plus the live slots it does not cover
+    yet, all re-scored exactly from `vectors` (N, Q, D)."""
     live = np.asarray(live_slots, dtype=np.int64)
     if ann is not None:
         # live is sorted: binary searches, O(candidates log n) rather than a pass over a million slots.
         tail = live[np.searchsorted(live, ann.covered) :]
-        found = ann.candidates(query, n_candidates)
+        found, approx = ann.scored_candidates(query, n_candidates)
         at = np.minimum(np.searchsorted(live, found), max(len(live) - 1, 0))
-        live = np.union1d(found[live[at] == found] if len(live) else found[:0], tail)
+        keep = live[at] == found if len(live) else np.zeros(len(found), dtype=bool)
+        found, approx = found[keep], approx[keep]
+        if rescore is not None and len(found) > rescore:
+            found = np.sort(top_k(approx, rescore, found)[0])
+        live = np.union1d(found, tail)
     return top_k(maxsim(vectors, query, live), k, live)
 
 

@@ -73,7 +73,7 @@ _SCHEMA = (
     # them per snapshot: reading 1M slots out of `images` takes ~0.5 s, this a few ms).
     "CREATE TABLE dead(slot INTEGER PRIMARY KEY) STRICT",
 )
-_ROW_COLUMNS = "path, hash, size, mtime, width, height, slot, caption, added"
+_ROW_COLUMNS = "path, hash, size, mtime, width, height, caption, slot, added"  # a Row's fields in order
 
 
 @dataclass(frozen=True)
@@ -89,18 +89,11 @@ class NewRow:
     caption: str | None = None
 
 
-@dataclass(frozen=True)
-class Row:
-    """A stored image: a `NewRow`'s fields plus the slot of its vectors and when it was added."""
+@dataclass(frozen=True, kw_only=True)
+class Row(NewRow):
+    """A stored image: a `NewRow`'s fields plus the slot of its vectors and when it was added (Unix time)."""
 
-    path: str
-    hash: str
-    size: int
-    mtime: float
-    width: int
-    height: int
     slot: int
-    caption: str | None
     added: float
 
 
@@ -171,6 +164,8 @@ class Store:
                     _create_or_check_schema(self._db, self._db_file)
                     self._meta = _read_meta(self._db, self._db_file)
                     self._check_slots()
+                    if self._meta["slots"]:
+                        os.close(self._open_vectors())
                     self._remove_orphans()
                 else:
                     self._begin_snapshot()
@@ -203,7 +198,8 @@ class Store:
 
     def refresh(self) -> None:
         """A reader: move to the latest committed state (a new snapshot; cheap when nothing changed). A writer
-        always sees it. If the new state is unsound, the error is raised and the store closed."""
+        always sees it. If the new state is unsound, the error is raised and the store closed. A long-lived
+        reader should refresh now and then: SQLite cannot recycle its WAL past a snapshot still open."""
         if self.writable:
             return
         try:
@@ -444,7 +440,7 @@ class Store:
     def _begin_snapshot(self) -> None:
         """Start a read transaction and take this snapshot's meta and vector file (kept, with the caches, when
         nothing was committed since the last snapshot: every write transaction stamps `updated`)."""
-        for _ in range(3):  # a compaction may remove the snapshot's vector file between the two steps
+        for attempt in range(3):  # a compaction may remove the snapshot's vector file between the two steps
             if self._db.in_transaction:
                 self._db.execute("COMMIT")
             self._db.execute("BEGIN")
@@ -458,11 +454,10 @@ class Store:
             self._meta = meta
             self._check_slots()
             try:
-                self._vectors_fd = self._open_vectors()
+                self._vectors_fd = self._open_vectors(missing_ok=attempt < 2) if meta["slots"] else None
                 return
             except FileNotFoundError:
                 self._meta = {}  # not taken: the next round must not find it unchanged
-        raise self._corrupt("the vector file keeps disappearing", self._vectors_file)
 
     def _live_slots(self) -> np.ndarray:
         """All committed slots but the dead ones; checked against the number of rows (a crafted file may
@@ -489,8 +484,8 @@ class Store:
         return slots
 
     def _check_slots(self) -> None:
-        """The rows' slots lie within the committed slots, and those within the vector file."""
-        m, file = self._meta, self._vectors_file
+        """The rows' and dead slots lie within the committed slots (the vector file is checked when opened)."""
+        m = self._meta
         if m["num_query"] is None and m["slots"]:
             raise self._corrupt("slots stored but no embedding size recorded")
         for table in ("images", "dead"):  # MIN and MAX each from the slot index: no scan of the table
@@ -500,35 +495,32 @@ class Store:
                 isinstance(low, int) and isinstance(high, int) and 0 <= low <= high < m["slots"]
             ):
                 raise self._corrupt(f"{table} slots {low}..{high} outside the {m['slots']} committed slots")
-        if m["slots"] == 0:
-            return
-        try:
-            info = os.lstat(file)
-        except FileNotFoundError:
-            raise self._corrupt(f"missing, but the index has {m['slots']} slots", file) from None
-        if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode):
-            raise self._corrupt("not a regular file (a symlink or special file)", file)
-        if info.st_size < m["slots"] * self._slot_bytes:
-            raise self._corrupt(
-                f"{info.st_size} bytes, shorter than its {m['slots']} committed slots of {self._slot_bytes} bytes",
-                file,
-            )
 
-    def _open_vectors(self) -> int | None:
-        """A descriptor on this snapshot's vector file (None when it has no slots yet)."""
-        if self._meta["slots"] == 0:
-            return None
-        file = self._vectors_file
+    def _open_vectors(self, writable: bool = False, missing_ok: bool = False) -> int:
+        """A descriptor on the vector file, checked: a regular file (not a symlink) that holds the committed
+        slots. `writable` creates it if missing; else a missing one is an error, or with `missing_ok` the
+        FileNotFoundError itself."""
+        file, slots = self._vectors_file, self._meta["slots"]
+        flags = os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY
         try:
-            fd = os.open(file, os.O_RDONLY | _OPEN_FLAGS)
+            fd = os.open(file, flags | _OPEN_FLAGS, 0o644)
         except FileNotFoundError:
-            raise
+            if missing_ok:
+                raise
+            raise self._corrupt(f"missing, but the index has {slots} slots", file) from None
         except OSError as e:
             raise self._corrupt(f"cannot be opened ({e.strerror or e}; a symlink is refused)", file) from None
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size < self._meta["slots"] * self._slot_bytes:
+        problem = None
+        if not stat.S_ISREG(info.st_mode):
+            problem = "not a regular file"
+        elif info.st_size < slots * self._slot_bytes:
+            problem = (
+                f"{info.st_size} bytes, shorter than its {slots} committed slots of {self._slot_bytes} bytes"
+            )
+        if problem:
             os.close(fd)
-            raise self._corrupt("not a regular file of the committed slots' size", file)
+            raise self._corrupt(problem, file)
         return fd
 
     def _map_vectors(self) -> np.ndarray:
@@ -536,14 +528,8 @@ class Store:
         slots, q, d = self._meta["slots"], self._meta["num_query"] or 0, self._meta["dim"] or 0
         if slots == 0:
             return np.empty((0, q, d), dtype="<f2")
-        fd = self._vectors_fd if not self.writable else None
-        own = fd is None
-        if own:
-            try:
-                fd = self._open_vectors()
-            except FileNotFoundError:
-                raise self._corrupt(f"missing, but the index has {slots} slots", self._vectors_file) from None
-        assert fd is not None
+        own = self._vectors_fd is None
+        fd = self._open_vectors() if self._vectors_fd is None else self._vectors_fd
         try:
             buffer = mmap.mmap(fd, slots * self._slot_bytes, access=mmap.ACCESS_READ)
         finally:
@@ -569,20 +555,11 @@ class Store:
 
     def _append_vectors(self, start: int, data: np.ndarray) -> None:
         """Drop any crash tail past slot `start`, append `data` there and make it durable."""
-        file = self._vectors_file
-        created = not os.path.lexists(file)
+        created = not os.path.lexists(self._vectors_file)
+        fd = self._open_vectors(writable=True)
         try:
-            fd = os.open(file, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o644)
-        except OSError as e:
-            raise self._corrupt(
-                f"cannot be written ({e.strerror or e}; a symlink is refused)", file
-            ) from None
-        try:
-            info = os.fstat(fd)
             end = start * self._slot_bytes
-            if not stat.S_ISREG(info.st_mode) or info.st_size < end:
-                raise self._corrupt("not a regular file of the committed slots' size", file)
-            if info.st_size != end:
+            if os.fstat(fd).st_size != end:
                 os.ftruncate(fd, end)  # the uncommitted tail of a batch that crashed
             _write_all(fd, data.data.cast("B"), end)
             os.fsync(fd)
@@ -595,7 +572,7 @@ class Store:
         """The rows at their slots and the new slot count, in one transaction (the commit point of `add`)."""
         now = time.time()
         values = [
-            (r.path, r.hash, r.size, r.mtime, r.width, r.height, s, r.caption, now)
+            (r.path, r.hash, r.size, r.mtime, r.width, r.height, r.caption, s, now)
             for r, s in zip(rows, slots)
         ]
         with self._transaction() as db:
@@ -878,7 +855,7 @@ def _check_new_rows(rows: Sequence[NewRow]) -> None:
 
 
 # The Python types of a row's columns as SQLite returns them (STRICT tables; the caption may be NULL).
-_ROW_TYPES = {(str, str, int, float, int, int, int, caption, float) for caption in (str, type(None))}
+_ROW_TYPES = {(str, str, int, float, int, int, caption, int, float) for caption in (str, type(None))}
 
 
 def _rows(found: list[tuple[Any, ...]], file: Path) -> list[Row]:
@@ -889,7 +866,8 @@ def _rows(found: list[tuple[Any, ...]], file: Path) -> list[Row]:
             raise IndexFileError(str(file), f"a malformed row ({str(values)[:200]})")
         if "\x00" in values[0]:
             raise IndexFileError(str(file), f"a path with a NUL character ({values[0][:200]!r})")
-        rows.append(Row(*values))
+        *new, slot, added = values
+        rows.append(Row(*new, slot=slot, added=added))
     return rows
 
 
