@@ -176,7 +176,9 @@ def latencies(
     return best, found
 
 
-def measure(name, params, vectors, queries, tops, workdir, n_candidates) -> dict:
+def measure(name, params, vectors, queries, workdir, n_candidates) -> tuple[dict, list]:
+    """Build, save and query one configuration: its row (recall is added once the exact pass is done) and
+    the top 10 of each query."""
     live = np.arange(len(vectors), dtype=np.int64)
     rss = rss_mib()
     t, cpu = time.perf_counter(), time.process_time()
@@ -197,11 +199,27 @@ def measure(name, params, vectors, queries, tops, workdir, n_candidates) -> dict
         rss_growth_mib=round(rss_mib() - rss),
         p50_ms=round(float(np.percentile(times, 50)), 2),
         p95_ms=round(float(np.percentile(times, 95)), 2),
-        recall_at_10=round(recall(found, tops), 4),
         ann_bytes_per_image=round(file_bytes / len(vectors)),
+        load=os.getloadavg()[0],
     )
     print(json.dumps(row), flush=True)
-    return row
+    return row, found
+
+
+def variants(workdir, vectors, queries, n_candidates, nprobes, rescores) -> list[tuple[dict, list]]:
+    """The default ANN searched with other nprobe or rescore values."""
+    ann = AnnIndex.load(workdir / "ann-default", Q, D)
+    assert ann is not None
+    runs = []
+    for nprobe, rescore in [(n, RESCORE) for n in nprobes] + [(None, r) for r in rescores]:
+        ann.index.nprobe = nprobe or ann.params.nprobe
+        live = np.arange(len(vectors))
+        times, found = latencies(vectors, live, queries, ann, n_candidates, rescore or None)
+        row = dict(config="default", nprobe=ann.index.nprobe, rescore=rescore or None)
+        row.update(p50_ms=round(float(np.median(times)), 2), p95_ms=round(float(np.percentile(times, 95)), 2))
+        print(json.dumps(row), flush=True)
+        runs.append((row, found))
+    return runs
 
 
 def cold(workdir: Path, name: str, query: list[float], drop: bool) -> dict:
@@ -272,45 +290,26 @@ def main() -> None:
         return
     vectors = vectors_at(path)
     queries = text_queries(args.queries, topics, args.seed)
+    summary: dict = dict(images=args.images, queries=args.queries, disk_bytes_per_image=Q * D * 2)
+    # Speed first, recall last: on a busy machine the exact pass over a million images takes the longest.
+    runs = [measure(name, CONFIGS[name], vectors, queries, workdir, args.candidates) for name in args.configs]
+    if "default" in args.configs:
+        runs += variants(workdir, vectors, queries, args.candidates, args.nprobe, args.rescore)
+        for drop in (False, True):
+            summary[f"cold{'_dropped' if drop else ''}"] = cold(workdir, "default", queries[0].tolist(), drop)
+        print(json.dumps(summary), flush=True)
     t = time.perf_counter()
     scores, pooled = exact_pass(vectors, queries)
     tops, gap = truth(scores)
     del scores
-    pool = mean_pool_recall(vectors, pooled, queries, tops)
+    summary.update(median_gap_10_11=round(gap, 5))
+    summary.update(mean_pool_recall_at_10=round(mean_pool_recall(vectors, pooled, queries, tops), 4))
     del pooled
-    summary = dict(
-        images=args.images,
-        queries=args.queries,
-        median_gap_10_11=round(gap, 5),
-        mean_pool_recall_at_10=round(pool, 4),
-        disk_bytes_per_image=Q * D * 2,
-    )
     print(json.dumps(summary), f"# exact pass {time.perf_counter() - t:.0f} s", flush=True)
-
-    rows = [
-        measure(name, CONFIGS[name], vectors, queries, tops, workdir, args.candidates)
-        for name in args.configs
-    ]
-    if "default" in args.configs:
-        ann = AnnIndex.load(workdir / "ann-default", Q, D)
-        assert ann is not None
-        variants = [(nprobe, RESCORE) for nprobe in args.nprobe] + [(None, r) for r in args.rescore]
-        for nprobe, rescore in variants:
-            ann.index.nprobe = nprobe or ann.params.nprobe
-            times, found = latencies(
-                vectors, np.arange(len(vectors)), queries, ann, args.candidates, rescore or None
-            )
-            variant = dict(config="default", nprobe=ann.index.nprobe, rescore=rescore or None)
-            variant.update(
-                recall_at_10=round(recall(found, tops), 4), p50_ms=round(float(np.median(times)), 2)
-            )
-            variant.update(p95_ms=round(float(np.percentile(times, 95)), 2))
-            print(json.dumps(variant), flush=True)
-            rows.append(variant)
-        del ann
-        for drop in (False, True):
-            summary[f"cold{'_dropped' if drop else ''}"] = cold(workdir, "default", queries[0].tolist(), drop)
-        print(json.dumps(summary), flush=True)
+    rows = []
+    for row, found in runs:
+        rows.append(dict(row, recall_at_10=round(recall(found, tops), 4)))
+        print(json.dumps(rows[-1]), flush=True)
     summary.update(rows=rows, load_after=os.getloadavg())
     if args.out:
         args.out.write_text(json.dumps(summary, indent=1))
