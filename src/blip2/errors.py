@@ -20,3 +20,20 @@ class CheckpointError(Blip2Error):
 
 class InputError(Blip2Error, ValueError):
     """An argument to the API is wrong (empty, mismatched lengths, unsupported option)."""
+
+
+class IndexFileError(Blip2Error):
+    """A search index on disk is missing, unreadable or not what it claims to be. The message names the file."""
+
+    def __init__(self, file: str, reason: str):
+        self.file = file
+        self.reason = reason
+        super().__init__(f"{file}: {reason}")
+
+
+class IndexMismatchError(InputError):
+    """An index holds vectors of another checkpoint or embedding size than the ones given to it."""
+
+
+class IndexBusyError(Blip2Error):
+    """Another process is writing to the index and did not finish within the lock timeout."""

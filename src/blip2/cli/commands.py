@@ -290,3 +290,13 @@ def convert_lavis_command(checkpoint, base, out, force, as_json):
     if report.dropped:
         click.echo(report.dropped_note(), err=True)
     sys.exit(0)
+
+
+def _register_index_commands() -> None:
+    from .index_commands import index_group, search_command
+
+    cli.add_command(index_group)
+    cli.add_command(search_command)
+
+
+_register_index_commands()

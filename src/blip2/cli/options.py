@@ -77,7 +77,7 @@ def generation_options(func):
     return func
 
 
-def model_options(func, envvar: str = "BLIP2_MODEL", default: str = DEFAULT_MODEL):
+def model_options(func, envvar: str = "BLIP2_MODEL", default: str | None = DEFAULT_MODEL):
     options = [
         click.option(
             "--model",
