@@ -229,3 +229,24 @@ def test_settings_are_checked(value):
 
     with pytest.raises(InputError, match="max_batch"):
         Settings(max_batch=value)
+
+
+def test_fastapi_validation_errors_have_our_shape(checkpoints):
+    """Routes that let FastAPI validate their parameters (the next ones may) answer in our shape too."""
+    from fastapi.testclient import TestClient
+
+    import blip2
+    from blip2.server.app import create_app
+    from blip2.server.service import Models
+    from blip2.server.settings import Settings
+
+    app = create_app(Settings(), Models(blip2.load(checkpoints["opt"], device="cpu")))
+
+    @app.get("/probe")
+    async def probe(count: int) -> dict:
+        return {"count": count}
+
+    with TestClient(app) as client:
+        assert client.get("/probe?count=3").json() == {"count": 3}
+        message = _error(client.get("/probe?count=three"), 422, "invalid_request")
+        assert message.startswith("query.count: ")

@@ -18,8 +18,52 @@ DEFAULTS = {field.name: field.default for field in dataclasses.fields(Settings)}
 SHUTDOWN_GRACE_S = 5.0
 
 
-def _limit(name: str, flag: str, kind, help: str):
-    return click.option(flag, name, type=kind, default=DEFAULTS[name], show_default=True, help=help)
+# (setting, flag, type, help) of the options that fill `Settings` (defaults: the settings' own)
+SETTING_OPTIONS = [
+    (
+        "host",
+        "--host",
+        TEXT,
+        "Address to bind; 127.0.0.1 serves this machine only (use a proxy to expose it).",
+    ),
+    ("port", "--port", click.IntRange(0, 65535), "Port to bind."),
+    ("max_batch", "--max-batch", click.IntRange(min=1), "Most requests merged into one model call."),
+    (
+        "max_wait_ms",
+        "--max-wait-ms",
+        click.FloatRange(min=0),
+        "Most time a request waits for others to batch with.",
+    ),
+    (
+        "max_queue",
+        "--max-queue",
+        click.IntRange(min=1),
+        "Requests waiting per model; beyond, 503 + Retry-After.",
+    ),
+    ("max_upload_bytes", "--max-upload-bytes", click.IntRange(min=1), "Largest request body (413)."),
+    ("max_pixels", "--max-pixels", click.IntRange(min=1), "Largest image, width x height (413)."),
+    ("max_prompt_chars", "--max-prompt-chars", click.IntRange(min=1), "Longest text field (422)."),
+    (
+        "max_new_tokens",
+        "--max-new-tokens",
+        click.IntRange(min=1),
+        "Most new tokens a request may ask for (422).",
+    ),
+    ("max_inputs", "--max-inputs", click.IntRange(min=1), "Most images / texts in one request (413)."),
+    (
+        "request_timeout_s",
+        "--request-timeout",
+        click.FloatRange(min=0, min_open=True),
+        "Seconds per request (504).",
+    ),
+    ("image_cache", "--image-cache", click.IntRange(min=0), "Encoded images kept by content (0: none)."),
+]
+
+
+def _setting_options(func):
+    for name, flag, kind, help in reversed(SETTING_OPTIONS):
+        func = click.option(flag, name, type=kind, default=DEFAULTS[name], show_default=True, help=help)(func)
+    return func
 
 
 @click.command("serve")
@@ -51,46 +95,13 @@ def _limit(name: str, flag: str, kind, help: str):
     default=None,
     help="Weight-only quantization of the language model.",
 )
-@_limit(
-    "host", "--host", TEXT, "Address to bind; 127.0.0.1 serves this machine only (use a proxy to expose it)."
-)
-@_limit("port", "--port", click.IntRange(0, 65535), "Port to bind.")
 @click.option(
     "--api-key-env",
     metavar="NAME",
     default=None,
     help="Require the API key held in environment variable NAME on /v1/* (Authorization: Bearer <key>).",
 )
-@_limit("max_batch", "--max-batch", click.IntRange(min=1), "Most requests merged into one model call.")
-@_limit(
-    "max_wait_ms",
-    "--max-wait-ms",
-    click.FloatRange(min=0),
-    "Most time a request waits for others to batch with.",
-)
-@_limit(
-    "max_queue",
-    "--max-queue",
-    click.IntRange(min=1),
-    "Requests waiting per model; beyond, 503 + Retry-After.",
-)
-@_limit("max_upload_bytes", "--max-upload-bytes", click.IntRange(min=1), "Largest request body (413).")
-@_limit("max_pixels", "--max-pixels", click.IntRange(min=1), "Largest image, width x height (413).")
-@_limit("max_prompt_chars", "--max-prompt-chars", click.IntRange(min=1), "Longest text field (422).")
-@_limit(
-    "max_new_tokens",
-    "--max-new-tokens",
-    click.IntRange(min=1),
-    "Most new tokens a request may ask for (422).",
-)
-@_limit("max_inputs", "--max-inputs", click.IntRange(min=1), "Most images / texts in one request (413).")
-@_limit(
-    "request_timeout_s",
-    "--request-timeout",
-    click.FloatRange(min=0, min_open=True),
-    "Seconds per request (504).",
-)
-@_limit("image_cache", "--image-cache", click.IntRange(min=0), "Encoded images kept by content (0: none).")
+@_setting_options
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )

@@ -118,20 +118,17 @@ def authorize(request: Request, settings: Settings) -> None:
 
 def _image_sources(body: Any, uploads: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
     """(field name, bytes) of each image of the request: its JSON strings or its file parts, not both."""
-    texts = list(getattr(body, "images", None) or [])
-    if getattr(body, "image", None) is not None:
-        texts.append(body.image)
+    if hasattr(body, "images"):
+        texts = [(f"images[{i}]", text) for i, text in enumerate(body.images)]
+    else:  # classify: one image
+        texts = [] if body.image is None else [("image", body.image)]
     if texts and uploads:
         raise invalid("images: give them as JSON strings or as file parts, not both")
     if uploads:
         return [
             (f"{name}[{i}]" if name == "images" else name, data) for i, (name, data) in enumerate(uploads)
         ]
-    field = "images" if hasattr(body, "images") else "image"
-    return [
-        (f"{field}[{i}]" if field == "images" else field, request_images.from_text(text, f"{field}[{i}]"))
-        for i, text in enumerate(texts)
-    ]
+    return [(field, request_images.from_text(text, field)) for field, text in texts]
 
 
 def _decode_all(sources: list[tuple[str, bytes]], config, max_pixels: int) -> list:

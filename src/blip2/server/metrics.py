@@ -20,7 +20,7 @@ def _labels(pairs: dict[str, str]) -> Labels:
 
 
 def _format_labels(labels: Labels, extra: Labels = ()) -> str:
-    pairs = labels + extra
+    pairs = tuple(sorted(labels + extra))
     if not pairs:
         return ""
     return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
@@ -68,13 +68,13 @@ class Histogram:
     def __init__(self, name: str, help: str, buckets: Sequence[float]):
         self.name, self.help = name, help
         self.bounds = tuple(buckets)
-        self._series: dict[Labels, list[float]] = {}  # per label set: bucket counts..., sum, count
+        self._series: dict[Labels, list[float]] = {}  # per label set: counts per bucket and +Inf, sum, count
         self._lock = threading.Lock()
 
     def observe(self, value: float, **labels: str) -> None:
         key = _labels(labels)
         with self._lock:
-            series = self._series.setdefault(key, [0.0] * (len(self.bounds) + 2))
+            series = self._series.setdefault(key, [0.0] * (len(self.bounds) + 3))
             series[bisect.bisect_left(self.bounds, value)] += 1  # the first bucket whose bound >= value
             series[-2] += value
             series[-1] += 1
