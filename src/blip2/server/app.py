@@ -9,6 +9,7 @@ text), /openapi.json and /docs (an offline page, see docs.py). Each task request
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -84,17 +85,25 @@ def create_app(settings: Settings, models: Models | Loader) -> FastAPI:
 def _task_endpoint(service: Service, task: str, schema: type[BaseModel], build: Build):
     settings = service.settings
 
-    async def endpoint(request: Request) -> Response:
-        started = time.monotonic()
-        authorize(request, settings)
-        model = service.model_for(task)  # 503 while loading, before the body is read
+    async def handle(request: Request, model: Any) -> Response:
         data, uploads = await parse_body(request, settings)
         body = validate(schema, data)
         check_request(body, len(uploads), settings)
         sources = _image_sources(body, uploads)
         images = await run_in_threadpool(_decode_all, sources, model.image_config, settings.max_pixels)
-        call = build(body, images, settings)
-        return JSONResponse(await service.run(task, call, started))
+        return JSONResponse(await service.run(task, build(body, images, settings)))
+
+    async def endpoint(request: Request) -> Response:
+        authorize(request, settings)
+        model = service.model_for(task)  # 503 while loading, before the body is read
+        # The timeout covers reading the body, decoding and the queue; a call still queued when it runs
+        # out is cancelled (the worker skips it), one already running finishes unheard.
+        try:
+            return await asyncio.wait_for(handle(request, model), settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ServiceError(
+                504, "timeout", f"no answer within the request timeout of {settings.request_timeout_s:g} s"
+            ) from None
 
     endpoint.__name__ = task
     return endpoint

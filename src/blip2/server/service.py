@@ -111,21 +111,13 @@ class Service:
             raise ServiceError(503, "not_ready", "the models are still loading", {"Retry-After": "5"})
         return self.models.for_role(TASKS[task_name].role)
 
-    async def run(self, task_name: str, call: Any, started: float) -> Any:
+    async def run(self, task_name: str, call: Any) -> Any:
         """Queue `call` on its model's worker and await its result (a JSON-ready dict). 503 with
-        Retry-After when the queue is full; 504 when the request's time (from `started`, a monotonic time)
-        runs out; the call's own exception otherwise."""
+        Retry-After when the queue is full; the call's own exception otherwise. Cancelling the wait (the
+        request's timeout) cancels the call if the worker has not taken it yet."""
         model = self.model_for(task_name)
         try:
             future = self._batchers[id(model)].submit(task_name, TASKS[task_name].key(call), call)
         except QueueFull as e:
             raise ServiceError(503, "overloaded", f"the service is busy: {e}", {"Retry-After": "1"}) from None
-        remaining = self.settings.request_timeout_s - (time.monotonic() - started)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), max(remaining, 0.0))
-        except asyncio.TimeoutError:  # wait_for cancelled the future: a call not yet started is skipped
-            raise ServiceError(
-                504,
-                "timeout",
-                f"no answer within the request timeout of {self.settings.request_timeout_s:g} s",
-            ) from None
+        return await asyncio.wrap_future(future)
