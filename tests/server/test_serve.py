@@ -86,3 +86,15 @@ def test_api_key_env_must_be_set(capsys):
     except SystemExit as e:
         assert e.code == 2
     assert "BLIP2_TEST_UNSET_KEY is not set" in capsys.readouterr().err
+
+
+def test_import_blip2_and_its_cli_do_not_import_the_server_stack():
+    code = (
+        "import sys, blip2, blip2.cli; "
+        "loaded = [m for m in ('fastapi', 'uvicorn', 'starlette', 'pydantic', 'torch') if m in sys.modules]; "
+        "print(loaded)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "[]", out.stderr

@@ -14,6 +14,7 @@ from .options import DEFAULT_MODEL, TEXT, _check_device, _check_dtype
 
 # The service's own defaults (settings.py imports neither fastapi nor torch).
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(Settings)}
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 # After SIGTERM, in-flight requests get this long beyond the request timeout to finish.
 SHUTDOWN_GRACE_S = 5.0
 
@@ -137,6 +138,11 @@ def serve(model, match_model, device, dtype, quantize, api_key_env, log_level, *
         return Models(main, matcher)
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
+    if config.api_key is None and config.host not in LOOPBACK:
+        logging.getLogger("blip2.server").warning(
+            "serving on %s without an API key: anyone who can reach it may use it (see --api-key-env)",
+            config.host,
+        )
     app = create_app(config, load)
     server = uvicorn.Server(
         uvicorn.Config(
