@@ -220,3 +220,30 @@ def _assert_same(got, expected):
         assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)
     else:
         assert got == expected
+
+
+def test_bad_requests_in_a_concurrent_batch_fail_alone(checkpoints, direct, photos):
+    import httpx
+
+    from blip2.server.app import create_app
+    from blip2.server.service import Models
+    from blip2.server.settings import Settings
+
+    app = create_app(
+        Settings(max_batch=8, max_wait_ms=1000), Models(blip2.load(checkpoints["opt"], device="cpu"))
+    )
+    options = {"num_beams": 1, "max_new_tokens": 6, "prompt": "a"}
+    bodies = [{"images": [b64(p)], **options} for p in photos[:4]]
+    bodies.insert(
+        1, {**bodies[0], "prompt": " ".join(["word"] * 300)}
+    )  # too many tokens: fails in the merged call
+    bodies.insert(3, {**bodies[0], "images": ["bm90IGFuIGltYWdl"]})  # not an image: fails on arrival
+    with live_server(app) as url, ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(
+            pool.map(lambda body: httpx.post(f"{url}/v1/caption", json=body, timeout=60), bodies)
+        )
+    assert [r.status_code for r in responses] == [200, 422, 200, 422, 200, 200]
+    assert responses[1].json()["error"]["message"].startswith("input 0: the prompt is")
+    assert responses[3].json()["error"]["type"] == "invalid_image"
+    good = [r.json()["captions"][0] for i, r in enumerate(responses) if i not in (1, 3)]
+    assert good == direct[0].caption([p.read_bytes() for p in photos[:4]], "a", num_beams=1, max_new_tokens=6)
