@@ -217,9 +217,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (400, "The loaded checkpoint cannot do this task"),
         (401, "Missing or wrong API key"),
         (413, "Body, image pixels or list too large"),
+        (415, "Neither JSON nor multipart/form-data"),
         (422, "A field is wrong (the message names it)"),
         (503, "Loading, or the queue is full (Retry-After)"),
         (504, "Request timeout"),
+        (500, "Unexpected server error (no details: see the server log)"),
     )
 }
 
