@@ -79,6 +79,8 @@ def main() -> None:
             str(args.max_wait_ms),
             "--max-queue",
             "4096",
+            "--request-timeout",
+            str(args.request_timeout),
             "--image-cache",
             "0",
         ],
