@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads of the server (OMP_NUM_THREADS)."
     )
+    parser.add_argument("--request-timeout", type=float, default=600, help="The server's, in seconds.")
     parser.add_argument("--checkpoint", type=Path, default=None, help="Reuse this folder for the checkpoint.")
     args = parser.parse_args()
 
