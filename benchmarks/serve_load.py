@@ -4,8 +4,8 @@
     python benchmarks/serve_load.py --clients 16 --seconds 20 --threads 1   # a shared 2-core machine
 
 Starts `blip2 serve` on a mid-size random checkpoint (benchmarks/caption_speed.py's `mid-opt`, written to a
-temporary folder), reports the time from start to /readyz, then for each phase (1 client, then --clients
-clients, each sending its next request as soon as the previous one is answered, for --seconds): requests per
+temporary folder), reports the time from start to /readyz, then for each phase (1 client, then
+--loaded-phases times --clients clients, each sending its next request as soon as the previous one is answered, for --seconds): requests per
 second, errors, p50 / p95 latency, the mean batch size (from /metrics) and the server's resident memory at
 the start and end of the phase. Each request captions one of --images distinct random images (greedy, 20
 new tokens by default), so that the image cache does not hide the vision tower's work.
@@ -50,6 +50,9 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads of the server (OMP_NUM_THREADS)."
     )
+    parser.add_argument(
+        "--loaded-phases", type=int, default=2, help="Loaded phases (memory flat across them?)."
+    )
     parser.add_argument("--request-timeout", type=float, default=600, help="The server's, in seconds.")
     parser.add_argument("--checkpoint", type=Path, default=None, help="Reuse this folder for the checkpoint.")
     args = parser.parse_args()
@@ -90,7 +93,7 @@ def main() -> None:
     try:
         _wait_ready(url, server)
         print(f"ready {time.monotonic() - started:.1f} s after start; load average {os.getloadavg()[0]:.2f}")
-        for clients in (1, args.clients):
+        for clients in (1, *[args.clients] * args.loaded_phases):
             print(_phase(url, server.pid, bodies, clients, args.seconds))
     finally:
         server.send_signal(signal.SIGTERM)
