@@ -4,11 +4,12 @@
     python benchmarks/serve_load.py --clients 16 --seconds 20 --threads 1   # a shared 2-core machine
 
 Starts `blip2 serve` on a mid-size random checkpoint (benchmarks/caption_speed.py's `mid-opt`, written to a
-temporary folder), reports the time from start to /readyz, then for each phase (1 client, then
---loaded-phases times --clients clients, each sending its next request as soon as the previous one is answered, for --seconds): requests per
-second, errors, p50 / p95 latency, the mean batch size (from /metrics) and the server's resident memory at
-the start and end of the phase. Each request captions one of --images distinct random images (greedy, 20
-new tokens by default), so that the image cache does not hide the vision tower's work.
+temporary folder) and reports the time from start to /readyz. Then, for each phase (1 client, then
+--loaded-phases phases of --clients clients, each client sending its next request as soon as the previous
+one is answered, for --seconds): requests per second, errors, p50 / p95 latency, the mean batch size (from
+/metrics) and the server's resident memory at the start and end of the phase. Each request captions one of
+--images distinct random images (greedy, 20 new tokens by default; the image cache is off), so that no
+cache hides the vision tower's work.
 """
 
 from __future__ import annotations
