@@ -13,6 +13,7 @@ from ..embeddings_io import path_fields
 from ..errors import Blip2Error
 from .options import TEXT, generation_options, match_options, model_options
 from .output import cell, emit, json_line, message
+from .serve_command import serve
 
 if TYPE_CHECKING:  # the library is imported when a command runs, so that --help stays fast
     from ..generation import GenerationOptions
@@ -38,6 +39,9 @@ def cli():
       3    internal error: a bug in blip2 (BLIP2_DEBUG=1 shows the traceback)
       130  interrupted (Ctrl-C)
     """
+
+
+cli.add_command(serve)
 
 
 @cli.command()
