@@ -95,7 +95,7 @@ def agreement(ref, quant, pixels: torch.Tensor, new_tokens: int) -> dict[str, fl
     ids_ref = ref.generate_ids(ref.encode(pixels), prompts, options)
     ids_quant = quant.generate_ids(quant.encode(pixels), prompts, options)
     steppers = [m.stepper(m.encode(pixels), prompts)[0] for m in (ref, quant)]
-    logits = [(steppers[0].prefill(), steppers[1].prefill())]
+    logits = [(steppers[0].prefill(new_tokens), steppers[1].prefill(new_tokens))]
     for step in range(ids_ref.shape[1] - 1):
         tokens = ids_ref[:, step]
         logits.append((steppers[0].step(tokens), steppers[1].step(tokens)))
