@@ -5,11 +5,11 @@ output head (`lm_head`, often tied to the token embeddings, and the layer whose 
 the logits). The query tokens and the language projection always stay in float.
 
 - "int8": the language model, per-output-channel int8 (`Int8Linear`), on every device. On the CPU in
-  float32 it runs the dynamic int8 kernel (`cpu_engine`, prepacked at load; the activations are quantized
+  float32 it runs the dynamic int8 kernel (fbgemm's, prepacked at load; the activations are quantized
   per call), which is what `torch.ao.quantization.quantize_dynamic` gives; on CUDA and in half precision
   it is weight-only (the weight is dequantized in the matmul), as bitsandbytes' `load_in_8bit` keeps the
   weights in int8 (LLM.int8() also multiplies in int8, with float outliers split off).
-- "int8-all": the same for the vision tower and the Q-Former too (transformers keeps the Q-Former and the
+- "int8-all": the same for the vision tower and the Q-Former too (on the CPU with oneDNN's kernel) (transformers keeps the Q-Former and the
   query tokens out of bitsandbytes' conversion; here it is the caller's choice): on the CPU the vision
   tower is a large share of a caption call, which quantizing the language model alone cannot speed up.
 - "int4": the language model, group-wise int4 (`Int4Linear`, groups of 128 input features), on CUDA only.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -36,33 +37,26 @@ from ..models.quant import Int4Linear, Int8Linear
 
 @dataclass(frozen=True)
 class Mode:
-    """One value of `quantize=`: how a float Linear is replaced, and under which parts of the model."""
+    """One value of `quantize=`: for each part of the model it quantizes, how a float Linear there is
+    replaced."""
 
-    make: Callable[[nn.Linear], nn.Module]
-    parts: tuple[str, ...]
+    parts: dict[str, Callable[[nn.Linear], nn.Module]]
     gpu_only: bool = False
 
 
-# The CPU engines for the int8 Linears' dynamic kernel (see blip2.models.quant), the first this torch has
-# wins: measured in benchmarks/RESULTS.md ("int8 on the CPU").
-CPU_ENGINE_PREFERENCE = ("onednn", "fbgemm")
+def int8_linear(*engines: str) -> Callable[[nn.Linear], nn.Module]:
+    """Int8Linear.from_linear prepacking for the first of `engines` this torch has on the CPU (weight-only
+    in a torch with none). fbgemm is the faster kernel for the few rows of a decode step, oneDNN for the
+    thousands of rows of the vision tower (benchmarks/RESULTS.md, "int8 on the CPU")."""
+    engine = next((e for e in engines if e in torch.backends.quantized.supported_engines), None)
+    return partial(Int8Linear.from_linear, engine=engine)
 
 
-def cpu_engine() -> str | None:
-    """The engine int8 Linears are prepacked for on the CPU; None (weight-only) in a torch with neither."""
-    supported = torch.backends.quantized.supported_engines
-    return next((engine for engine in CPU_ENGINE_PREFERENCE if engine in supported), None)
-
-
-def int8_linear(linear: nn.Linear) -> nn.Module:
-    return Int8Linear.from_linear(linear, engine=cpu_engine())
-
-
-LANGUAGE_MODEL = ("language_model",)
+FEW_ROWS, MANY_ROWS = int8_linear("fbgemm", "onednn"), int8_linear("onednn", "fbgemm")
 MODES = {
-    "int8": Mode(int8_linear, LANGUAGE_MODEL),
-    "int4": Mode(Int4Linear.from_linear, LANGUAGE_MODEL, gpu_only=True),
-    "int8-all": Mode(int8_linear, ("language_model", "vision_model", "qformer")),
+    "int8": Mode({"language_model": FEW_ROWS}),
+    "int4": Mode({"language_model": Int4Linear.from_linear}, gpu_only=True),
+    "int8-all": Mode({"language_model": FEW_ROWS, "vision_model": MANY_ROWS, "qformer": MANY_ROWS}),
 }
 KEPT_FLOAT = ("lm_head",)  # the output head: its error lands directly in the logits
 
@@ -99,17 +93,18 @@ def quantize_transform(mode: str) -> Callable[[nn.Module, Blip2Config], nn.Modul
 
 
 def quantize_linears(model: nn.Module, mode: Mode) -> int:
-    """Replace each float `nn.Linear` under `mode.parts`, except KEPT_FLOAT, by `mode.make(linear)`; returns
-    how many were replaced. A model without a part (retrieval checkpoints have no language model) skips it."""
+    """Replace each float `nn.Linear` under each of `mode.parts`, except KEPT_FLOAT, by that part's
+    `make(linear)`; returns how many were replaced. A model without a part (retrieval checkpoints have no
+    language model) skips it."""
     replaced = 0
-    for part in mode.parts:
+    for part, make in mode.parts.items():
         root = getattr(model, part, None)
         if root is None:
             continue
         for name, linear in list(root.named_modules()):
             if isinstance(linear, nn.Linear) and name.rsplit(".", 1)[-1] not in KEPT_FLOAT:
                 parent_name, _, child = name.rpartition(".")
-                setattr(root.get_submodule(parent_name), child, mode.make(linear))
+                setattr(root.get_submodule(parent_name), child, make(linear))
                 replaced += 1
     return replaced
 
