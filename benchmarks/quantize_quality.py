@@ -11,6 +11,9 @@ For each checkpoint (the test suite's tiny fixtures, and caption_speed.py's size
   of steps where both pick the same next token (one early disagreement does not count again later);
 - logit cosine: the cosine between float and quantized next-token logits along the float model's greedy
   path (the quantized model is fed the float model's tokens), mean and minimum over rows and steps;
+- margin: the float model's top-1 minus top-2 logit along its greedy path, as a share of the logits'
+  standard deviation, 10th percentile and median: where it is near 0 (random weights), any perturbation
+  flips the pick, so the token match measures the fixture as much as the quantization;
 - speed (--speed-size only): seconds for a batch of --speed-batch greedy captions, best of --repeats.
 With --memory-sizes (default: the released opt-2.7b and flan-t5-xl), the weight bytes of those sizes in
 --dtype and quantized, counted on the meta device: a config alone, no weights, so any machine can.
@@ -100,12 +103,17 @@ def agreement(ref, quant, pixels: torch.Tensor, new_tokens: int) -> dict[str, fl
         tokens = ids_ref[:, step]
         logits.append((steppers[0].step(tokens), steppers[1].step(tokens)))
     cos = torch.stack([F.cosine_similarity(a, b, dim=-1) for a, b in logits])
+    ref_logits = torch.stack([a for a, _ in logits]).float()  # (steps, N, V)
+    top2 = ref_logits.topk(2, dim=-1).values
+    margin = ((top2[..., 0] - top2[..., 1]) / ref_logits.std(-1)).flatten()
     top1 = torch.stack([a.argmax(-1) == b.argmax(-1) for a, b in logits])
     return {
         "match": (ids_ref == ids_quant).float().mean().item(),
         "top1": top1.float().mean().item(),
         "cos_mean": cos.mean().item(),
         "cos_min": cos.min().item(),
+        "margin_p10": margin.quantile(0.1).item(),
+        "margin_median": margin.median().item(),
     }
 
 
@@ -141,9 +149,9 @@ def main() -> None:
     print(f"# {args.device}, {args.dtype}: {_machine(args.device)}, torch {torch.__version__}")
     print(
         "| checkpoint | mode | weight MB float | weight MB quant | token match | next-token agreement "
-        "| logit cos mean | min | s/batch float | s/batch quant |"
+        "| logit cos mean | min | margin p10 | margin median | s/batch float | s/batch quant |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.sizes:
         for row in compare(name, write_checkpoint(name, root / name), args):
             print(row, flush=True)
@@ -177,7 +185,8 @@ def compare(name: str, directory: Path, args: argparse.Namespace) -> Iterator[st
         yield (
             f"| {name} | {mode} | {weight_bytes(ref.model) / 2**20:.2f} "
             f"| {weight_bytes(quant.model) / 2**20:.2f} | {stats['match']:.3f} | {stats['top1']:.3f} "
-            f"| {stats['cos_mean']:.5f} | {stats['cos_min']:.5f} | {speed} |"
+            f"| {stats['cos_mean']:.5f} | {stats['cos_min']:.5f} | {stats['margin_p10']:.3f} "
+            f"| {stats['margin_median']:.3f} | {speed} |"
         )
 
 
