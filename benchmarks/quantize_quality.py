@@ -1,6 +1,7 @@
-"""What weight-only quantization costs and saves: the same checkpoint loaded in float and with `quantize=`.
+"""What quantization costs and saves: the same checkpoint loaded in float and with `quantize=`.
 
     python benchmarks/quantize_quality.py                       # int8 on CPU: tiny fixtures + mid-size models
+    python benchmarks/quantize_quality.py --modes int8 int8-all     # also the vision tower and Q-Former
     python benchmarks/quantize_quality.py --device cuda --dtype float16 --modes int8 int4 --sizes opt-2.7b
 
 For each checkpoint (the test suite's tiny fixtures, and caption_speed.py's sizes with random weights):

@@ -236,6 +236,9 @@ def test_load_int8_all_quantizes_the_vision_tower_and_qformer_too(checkpoints, k
         float_linears = {n for n, m in part.named_modules() if isinstance(m, nn.Linear)}
         assert float_linears <= {"lm_head"} and any(isinstance(m, Int8Linear) for m in part.modules())
     assert isinstance(model.language_projection, nn.Linear)  # the projection stays float
+    if set(ENGINES) == {"fbgemm", "onednn"}:  # decode steps (few rows) on fbgemm, image rows on oneDNN
+        for part, engine in [(model.language_model, "fbgemm"), (model.vision_model, "onednn")]:
+            assert {m.engine for m in part.modules() if isinstance(m, Int8Linear)} == {engine}
     pixels = torch.rand(2, 3, quant.config.vision.image_size, quant.config.vision.image_size)
     assert torch.isfinite(prefill_logits(quant, pixels, ["a photo of", ""])).all()
 

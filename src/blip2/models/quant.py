@@ -125,7 +125,7 @@ def needs_reduced_range() -> bool:
     Without VNNI (AVX2, AVX-512F alone) fbgemm adds pairs of u8 * s8 products in int16 (vpmaddubsw),
     which saturates for large activations and weights together; 7-bit activations keep those sums in
     range, at twice the activations' rounding error. With VNNI (vpdpbusd sums in int32) nothing saturates,
-    so the full 8 bits are used, as on ARM."""
+    so the full 8 bits are used. (Elsewhere, without the check, the safe 7 bits.)"""
     is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
     return not (is_vnni is not None and is_vnni())
 
