@@ -15,7 +15,9 @@ For each checkpoint (the test suite's tiny fixtures, and caption_speed.py's size
 - margin: the float model's top-1 minus top-2 logit along its greedy path, as a share of the logits'
   standard deviation, 10th percentile and median: where it is near 0 (random weights), any perturbation
   flips the pick, so the token match measures the fixture as much as the quantization;
-- speed (--speed-size only): seconds for a batch of --speed-batch greedy captions, best of --repeats.
+- speed (--speed-size only): seconds for a batch of --speed-batch greedy captions, best of --repeats;
+  with --cpu-seconds, CPU seconds (time.process_time) in one thread instead of wall-clock seconds: on a
+  shared machine other processes disturb those far less.
 With --memory-sizes (default: the released opt-2.7b and flan-t5-xl), the weight bytes of those sizes in
 --dtype and quantized, counted on the meta device: a config alone, no weights, so any machine can.
 Needs the `test` extra (transformers writes the checkpoints).
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,7 +121,18 @@ def agreement(ref, quant, pixels: torch.Tensor, new_tokens: int) -> dict[str, fl
     }
 
 
-def caption_seconds(model, pixels: torch.Tensor, new_tokens: int, repeats: int) -> float:
+def cpu_time_call(fn, repeats: int) -> float:
+    """Like caption_speed.time_call (best of `repeats` after a warm-up), in CPU seconds of this process."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def caption_seconds(model, pixels: torch.Tensor, new_tokens: int, repeats: int, cpu: bool = False) -> float:
     """Best-of-`repeats` seconds to encode and greedily caption `pixels` with exactly `new_tokens` tokens."""
     prompts = [""] * len(pixels)
     options = make_options(dict(num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens))
@@ -127,7 +141,7 @@ def caption_seconds(model, pixels: torch.Tensor, new_tokens: int, repeats: int) 
         with torch.inference_mode():
             return model.generate_ids(model.encode(pixels), prompts, options)
 
-    return time_call(run, repeats)
+    return (cpu_time_call if cpu else time_call)(run, repeats)
 
 
 def main() -> None:
@@ -142,9 +156,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--speed-size", default="mid-opt", help="the size whose speed is timed ('' for none)")
     parser.add_argument("--speed-batch", type=int, default=8)
+    parser.add_argument("--cpu-seconds", action="store_true", help="time CPU seconds in one thread")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-sizes", nargs="*", default=["opt-2.7b", "flan-t5-xl"])
     args = parser.parse_args()
+    if args.cpu_seconds:
+        torch.set_num_threads(1)
 
     root = Path(tempfile.mkdtemp())
     print(f"# {args.device}, {args.dtype}: {_machine(args.device)}, torch {torch.__version__}")
@@ -175,12 +192,13 @@ def compare(name: str, directory: Path, args: argparse.Namespace) -> Iterator[st
     pixels = random_pixels(ref, args.images, args.device)
     timed = name == args.speed_size
     batch = pixels[: args.speed_batch]
-    float_s = caption_seconds(ref, batch, args.new_tokens, args.repeats) if timed else 0.0
+    float_s = caption_seconds(ref, batch, args.new_tokens, args.repeats, args.cpu_seconds) if timed else 0.0
     for mode in args.modes:
         quant = blip2.load(directory, device=args.device, dtype=args.dtype, quantize=mode)
         stats = agreement(ref, quant, pixels, args.new_tokens)
         if timed:
-            speed = f"{float_s:.3f} | {caption_seconds(quant, batch, args.new_tokens, args.repeats):.3f}"
+            quant_s = caption_seconds(quant, batch, args.new_tokens, args.repeats, args.cpu_seconds)
+            speed = f"{float_s:.3f} | {quant_s:.3f}"
         else:
             speed = "- | -"
         yield (
