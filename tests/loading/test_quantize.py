@@ -1,6 +1,7 @@
-"""Weight-only quantization: the quantized Linears against float within the bound their scales give, and
-`load(..., quantize=)` end to end: the quantized model computes exactly what a float model holding the
-dequantized weights computes."""
+"""Quantization: the quantized Linears against float within the bound their scales give (weight-only, and
+on the CPU the dynamic int8 kernel, whose activation rounding adds to it), and `load(..., quantize=)` end
+to end: with the weight-only path (what CUDA runs) the quantized model computes exactly what a float model
+holding the dequantized weights computes; on the CPU it runs the dynamic kernel."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import blip2
 from blip2.cli import main
 from blip2.errors import InputError
 from blip2.loading.quantize import parse_quantize, weight_bytes
-from blip2.models.quant import Int4Linear, Int8Linear, pack_int4, unpack_int4
+from blip2.models import quant as quant_module
+from blip2.models.quant import Int4Linear, Int8Linear, needs_reduced_range, pack_int4, unpack_int4
+
+ENGINES = [e for e in quant_module.CPU_ENGINES if e in torch.backends.quantized.supported_engines]
 
 
 def float_linear(in_features: int, out_features: int, bias: bool = True, seed: int = 0) -> nn.Linear:
@@ -38,11 +42,60 @@ def test_int8_weights_within_half_a_step_of_float():
 def test_int8_linear_output_within_the_bound_the_scales_give():
     linear, x = float_linear(96, 40), torch.randn(3, 5, 96)
     quant = Int8Linear.from_linear(linear)
+    assert quant.packed is None  # no engine: weight-only
     # |w - q s| <= s / 2 per weight, so |y - y_q| <= s_j / 2 * sum_k |x_k| for output j
     bound = quant.scale / 2 * x.abs().sum(-1, keepdim=True)
     error = (quant(x) - linear(x)).abs()
     assert (error <= bound + 1e-4).all()
     assert error.max() > 0  # it is quantized, not a float copy
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_dynamic_int8_output_within_the_bound_the_weight_and_activation_steps_give(engine, reduce_range):
+    linear, x = float_linear(96, 40), torch.randn(3, 5, 96) * 4
+    quant = Int8Linear.from_linear(linear, engine=engine)
+    quant.reduce_range = reduce_range
+    assert quant.packed is not None
+    # The activations are rounded to a uint8 (7 bits with reduce_range) affine grid over the range of the
+    # whole input, 0 included: step s_x, each value within s_x / 2. With w^ = q s the dequantized weight:
+    # |y - y_q| <= s_j / 2 * sum_k |x_k| + s_x / 2 * sum_k |w^_jk|
+    levels = 127 if reduce_range else 255
+    s_x = (x.max().clamp(min=0) - x.min().clamp(max=0)) / levels
+    dequantized = quant.weight.float() * quant.scale[:, None]  # (out, in)
+    bound = quant.scale / 2 * x.abs().sum(-1, keepdim=True) + s_x / 2 * dequantized.abs().sum(-1)
+    expected = linear(x)
+    error = (quant(x) - expected).abs()
+    assert (error <= bound * 1.001 + 1e-4).all()
+    # the activations' rounding is there: the kernel is not the weight-only product
+    weight_only = Int8Linear.from_linear(linear)(x)
+    assert not torch.allclose(quant(x), weight_only, rtol=1e-5, atol=1e-5)
+    relative = (error.norm() / expected.norm()).item()
+    assert 0 < relative < 0.05
+
+
+def test_dynamic_int8_falls_back_to_weight_only_where_the_kernel_cannot_run():
+    linear = float_linear(64, 8)
+    quant = Int8Linear.from_linear(linear, engine=ENGINES[0])
+    x = torch.randn(4, 64)
+    weight_only = Int8Linear.from_linear(linear)
+    # bfloat16 inputs: the weight-only path, in bfloat16
+    torch.testing.assert_close(quant(x.bfloat16()), weight_only(x.bfloat16()), rtol=0, atol=0)
+    # a layer that is not float32 on the CPU is never prepacked
+    assert Int8Linear.from_linear(linear.bfloat16(), engine=ENGINES[0]).packed is None
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_reduced_range_only_without_vnni(monkeypatch, vnni):
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni)
+    assert needs_reduced_range() is (not vnni)
+
+
+def test_prepacking_keeps_the_process_wide_engine():
+    before = torch.backends.quantized.engine
+    for engine in ENGINES:
+        Int8Linear.from_linear(nn.Linear(16, 4), engine=engine)
+        assert torch.backends.quantized.engine == before
 
 
 def test_int4_linear_output_within_the_bound_the_group_scales_give():
@@ -82,12 +135,16 @@ def test_int8_in_float16_does_not_overflow_where_the_float_layer_does_not():
     torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=0)
 
 
-@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
-def test_zero_rows_stay_zero_and_half_inputs_keep_their_dtype(cls):
+@pytest.mark.parametrize(
+    "make",
+    [Int8Linear.from_linear, Int4Linear.from_linear]
+    + [lambda linear, e=e: Int8Linear.from_linear(linear, engine=e) for e in ENGINES],
+)
+def test_zero_rows_stay_zero_and_half_inputs_keep_their_dtype(make):
     linear = nn.Linear(128, 6)
     with torch.no_grad():
         linear.weight[2] = 0
-    quant = cls.from_linear(linear)
+    quant = make(linear)
     x = torch.randn(4, 128)
     assert torch.equal(quant(x)[:, 2], linear.bias[2].expand(4))
     assert quant(x.bfloat16()).dtype == torch.bfloat16
@@ -154,11 +211,36 @@ def test_load_int8_end_to_end(checkpoints, instruct_checkpoints, photos, kind):
     pixels = torch.rand(2, 3, quant.config.vision.image_size, quant.config.vision.image_size)
     prompts = ["a photo of", ""]
     twin = dequantized_twin(quant, path)
+    int8_layers = [m for m in lm.modules() if isinstance(m, Int8Linear)]
+    assert all(m.packed is not None for m in int8_layers)  # float32 on the CPU: the dynamic kernel
+    dynamic = prefill_logits(quant, pixels, prompts)
+    for layer in int8_layers:
+        layer.packed = None  # the weight-only path, what CUDA runs: exactly the dequantized weights' model
     torch.testing.assert_close(
         prefill_logits(quant, pixels, prompts), prefill_logits(twin, pixels, prompts), rtol=1e-4, atol=1e-4
     )
+    # The dynamic kernel ran (its activation rounding is bounded per layer above; how far it moves the
+    # logits end to end is measured by benchmarks/quantize_quality.py, not asserted here).
+    assert torch.isfinite(dynamic).all() and not torch.allclose(
+        dynamic, prefill_logits(twin, pixels, prompts)
+    )
     captions = quant.caption([str(p) for p in photos[:2]], num_beams=2, max_new_tokens=5)
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_load_int8_all_quantizes_the_vision_tower_and_qformer_too(checkpoints, kind):
+    quant = blip2.load(checkpoints[kind], device="cpu", quantize="int8-all")
+    model = quant.model
+    for part in (model.vision_model, model.qformer, model.language_model):
+        float_linears = {n for n, m in part.named_modules() if isinstance(m, nn.Linear)}
+        assert float_linears <= {"lm_head"} and any(isinstance(m, Int8Linear) for m in part.modules())
+    assert isinstance(model.language_projection, nn.Linear)  # the projection stays float
+    if set(ENGINES) == {"fbgemm", "onednn"}:  # decode steps (few rows) on fbgemm, image rows on oneDNN
+        for part, engine in [(model.language_model, "fbgemm"), (model.vision_model, "onednn")]:
+            assert {m.engine for m in part.modules() if isinstance(m, Int8Linear)} == {engine}
+    pixels = torch.rand(2, 3, quant.config.vision.image_size, quant.config.vision.image_size)
+    assert torch.isfinite(prefill_logits(quant, pixels, ["a photo of", ""])).all()
 
 
 def test_quantized_t5_in_bfloat16_feeds_wo_in_the_compute_dtype(checkpoints):
