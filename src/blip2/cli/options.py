@@ -101,9 +101,11 @@ def model_options(func, envvar: str = "BLIP2_MODEL", default: str | None = DEFAU
         ),
         click.option(
             "--quantize",
-            type=click.Choice(["int8", "int4"], case_sensitive=False),
+            type=click.Choice(["int8", "int8-all", "int4"], case_sensitive=False),
             default=None,
-            help="Weight-only quantization of the language model: int8 (CPU, GPU) or int4 (CUDA only).",
+            help="int8: the language model in int8 (CPU: dynamic int8 kernels, faster; GPU: weight-only); "
+            "int8-all: the vision tower and Q-Former too (faster still, agrees less with float); "
+            "int4: the language model, weight-only, CUDA only.",
         ),
         click.option(
             "--batch-size",

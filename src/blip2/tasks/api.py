@@ -163,9 +163,11 @@ def load(
     float16 (default on GPU) or bfloat16. The Q-Former stays in float32, as in the reference; a Flan-T5
     language model asked for in float16 is kept in bfloat16, because T5 overflows in float16.
 
-    quantize: None (float weights), "int8" (weight-only, per output channel; CPU and GPU) or "int4"
-    (weight-only, groups of 128; CUDA only) for the language model; the vision tower, the Q-Former and the
-    language model's output head stay in float (see blip2.loading.quantize).
+    quantize: None (float weights); "int8": the language model's Linears in int8 with one scale per output
+    channel (on the CPU in float32 run by PyTorch's dynamic int8 kernel, which also rounds the activations:
+    faster, not smaller; elsewhere weight-only, dequantized in the matmul); "int8-all": the vision tower and
+    the Q-Former too; "int4": the language model, weight-only in groups of 128, CUDA only. The output head,
+    the projection and the query tokens stay in float (see blip2.loading.quantize).
     """
     return Blip2(load_checkpoint(name_or_path, device, dtype, quantize=quantize))
 
