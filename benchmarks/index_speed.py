@@ -293,7 +293,7 @@ def main() -> None:
     summary: dict = dict(images=args.images, queries=args.queries, disk_bytes_per_image=Q * D * 2)
     # Speed first, recall last: on a busy machine the exact pass over a million images takes the longest.
     runs = [measure(name, CONFIGS[name], vectors, queries, workdir, args.candidates) for name in args.configs]
-    if "default" in args.configs:
+    if (workdir / "ann-default").exists():  # built now or by an earlier run (--configs with no name)
         runs += variants(workdir, vectors, queries, args.candidates, args.nprobe, args.rescore)
         for drop in (False, True):
             summary[f"cold{'_dropped' if drop else ''}"] = cold(workdir, "default", queries[0].tolist(), drop)
