@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 
 import numpy as np
@@ -185,6 +186,19 @@ def test_load_refuses_what_it_cannot_trust(tmp_path, ann, damage):
     ann.save(tmp_path)
     damage(tmp_path)
     assert AnnIndex.load(tmp_path, Q, D) is None
+
+
+def test_load_refuses_links_and_fifos(tmp_path, ann):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "index").mkdir()
+    ann.save(tmp_path / "real")
+    for name in (ANN_FILE, ANN_META):
+        (tmp_path / "index" / name).symlink_to(tmp_path / "real" / name)
+    assert AnnIndex.load(tmp_path / "real", Q, D) is not None
+    assert AnnIndex.load(tmp_path / "index", Q, D) is None
+    (tmp_path / "index" / ANN_FILE).unlink()
+    os.mkfifo(tmp_path / "index" / ANN_FILE)
+    assert AnnIndex.load(tmp_path / "index", Q, D) is None
 
 
 def test_load_refuses_other_dimensions(tmp_path, ann):

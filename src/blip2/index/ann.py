@@ -196,8 +196,8 @@ class AnnIndex:
         ANN of another vectors file, e.g. from before a compaction), which bounds the file size too."""
         directory = Path(directory)
         meta_file, file = directory / ANN_META, directory / ANN_FILE
-        if not meta_file.is_file() or not file.is_file():
-            return None
+        if any(f.is_symlink() or not f.is_file() for f in (meta_file, file)):
+            return None  # a link could point outside the index; a FIFO would block
         try:
             meta = read_json(meta_file)
             params, covered, ntotal = _parse_meta(meta, num_query, dim)
