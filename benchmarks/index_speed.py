@@ -1,15 +1,16 @@
 """The search index's ANN stage at scale: build speed, RAM, query latency (warm and cold), recall@10 against
 exact MaxSim, and mean pooling for comparison, on synthetic clustered vectors in the on-disk layout.
 
-    python benchmarks/index_speed.py --images 100000                     # defaults + the alternatives
-    python benchmarks/index_speed.py --images 1000000 --configs default  # only the default parameters
+    python benchmarks/index_speed.py --images 100000 --configs default --nprobe 64 128 256
+    python benchmarks/index_speed.py --images 1000000 --configs default --rescore 0 100
 
 Vectors: `--images` x 32 x 256 unit vectors, float16, written once (in chunks) as `vectors.f16` under `--dir`
-exactly as the index stores them, and memory-mapped from there. Each image shows 12 of `--topics` topics
-(its own noisy copy of each topic's centre), and each of its 32 vectors is one of those 4 plus noise. Text
-queries are a topic's centre plus noise. The script
-reports the median gap between the 10th and 11th exact score (near-ties are what makes quantised scores alone
-lose recall). Exact ground truth: MaxSim over every image, float32, one pass over the file for all queries.
+exactly as the index stores them, and memory-mapped from there (`--keep` keeps the file for a later run, whose
+`--configs` with no name reuses the saved default ANN). Each image shows 12 of `--topics` topics (its own
+noisy copy of each topic's centre), and each of its 32 vectors is one of those 12 plus noise. Text queries are
+a topic's centre plus noise. The script reports the median gap between the 10th and 11th exact score
+(near-ties are what makes quantised scores alone lose recall). Exact ground truth: MaxSim over every image,
+float32, one pass over the file for all queries, done last (it is the slowest part at a million images).
 
 Latency is one query at a time through `ann.search` (ANN candidates, then exact fp16 rescoring of their
 images from the memmap, then top 10), after one warm-up pass, `--threads` threads (faiss follows torch).
@@ -293,7 +294,7 @@ def main() -> None:
     summary: dict = dict(images=args.images, queries=args.queries, disk_bytes_per_image=Q * D * 2)
     # Speed first, recall last: on a busy machine the exact pass over a million images takes the longest.
     runs = [measure(name, CONFIGS[name], vectors, queries, workdir, args.candidates) for name in args.configs]
-    if "default" in args.configs:
+    if (workdir / "ann-default").exists():  # built now or by an earlier run (--configs with no name)
         runs += variants(workdir, vectors, queries, args.candidates, args.nprobe, args.rescore)
         for drop in (False, True):
             summary[f"cold{'_dropped' if drop else ''}"] = cold(workdir, "default", queries[0].tolist(), drop)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import sys
 
 import numpy as np
@@ -102,7 +104,10 @@ def test_rescore_keeps_the_best_approximate_candidates(vectors, ann):
 def test_default_params_find_near_duplicates(vectors):
     """With the default (non-exhaustive) parameters, a stored vector still finds its own image first."""
     ann = AnnIndex.build(vectors, np.arange(600))
-    assert ann.params.m == 32 and ann.params.nlist is not None  # m divides D, nlist chosen from the count
+    assert (
+        ann.params.m == math.gcd(64, D) and ann.params.nlist is not None
+    )  # m divides D, nlist chosen from the count
+    assert ann.params.nprobe == max(1, ann.params.nlist // 4) == ann.index.nprobe
     for slot in (0, 250, 599):
         slots, _ = search(vectors, np.arange(600), vectors[slot].astype(np.float32), 1, ann)
         assert slots.tolist() == [slot]
@@ -184,6 +189,19 @@ def test_load_refuses_what_it_cannot_trust(tmp_path, ann, damage):
     ann.save(tmp_path)
     damage(tmp_path)
     assert AnnIndex.load(tmp_path, Q, D) is None
+
+
+def test_load_refuses_links_and_fifos(tmp_path, ann):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "index").mkdir()
+    ann.save(tmp_path / "real")
+    for name in (ANN_FILE, ANN_META):
+        (tmp_path / "index" / name).symlink_to(tmp_path / "real" / name)
+    assert AnnIndex.load(tmp_path / "real", Q, D) is not None
+    assert AnnIndex.load(tmp_path / "index", Q, D) is None
+    (tmp_path / "index" / ANN_FILE).unlink()
+    os.mkfifo(tmp_path / "index" / ANN_FILE)
+    assert AnnIndex.load(tmp_path / "index", Q, D) is None
 
 
 def test_load_refuses_other_dimensions(tmp_path, ann):

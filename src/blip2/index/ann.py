@@ -30,7 +30,8 @@ from .exact import maxsim, top_k
 # Below this many images the index is exact brute force, without an ANN.
 BRUTE_FORCE_BELOW = 10_000
 # ANN candidates re-scored exactly per query, the best by their approximate score: converting their fp16
-# vectors is most of a query's time, and the true top 10 are among the first few dozen (RESULTS.md).
+# vectors is most of a query's time. At 100k the best 100 found the true top 10 as often as all ~300 did,
+# the best 50 did not (RESULTS.md); 200 leaves a margin.
 RESCORE = 200
 
 ANN_FILE, ANN_META = "ann.faiss", "ann.json"
@@ -43,18 +44,21 @@ class AnnParams:
     """How the ANN is built and searched (the defaults: benchmarks/index_speed.py, RESULTS.md).
 
     nlist: inverted lists (None: chosen from the number of vectors by `nlist_for`); m: PQ sub-quantizers of 4
-    bits (m / 2 bytes per vector); nprobe: lists scanned per query vector; train_size: vectors sampled to
+    bits (m / 2 bytes per vector); nprobe: lists scanned per query vector (None: a quarter of them, which
+    recall@10 >= 0.99 needed on the benchmark's synthetic vectors); train_size: vectors sampled to
     train the coarse centroids and the PQ codebooks; hnsw: neighbours per node of an HNSW coarse quantizer (0:
     exact assignment by one matrix product, which is what the build spends its time on: ~nlist x D
     multiply-adds per vector); seed: of the training sample.
 
     Fewer, larger lists (2048 at a million images rather than the feasibility run's 8192) make the build ~4x
-    cheaper; probing the same fraction of the vectors (nprobe 16 of 2048 ~ 64 of 8192) keeps the recall and
-    the scan cost."""
+    cheaper; recall depends on the fraction of lists probed, which depends on the data: the feasibility run's
+    vectors needed 64 of 8192, the benchmark's harder (isotropic) ones a quarter (RESULTS.md). m = 32 (16
+    bytes per vector) halves the scan, the RAM and the build cost, with the same recall at 100k but 1-1.5
+    points less at 1M (0.982 against 0.994 at nprobe 512): 64 is the default, for recall."""
 
     nlist: int | None = None
     m: int = 64
-    nprobe: int = 16
+    nprobe: int | None = None
     train_size: int = 131_072
     hnsw: int = 0
     seed: int = 0
@@ -97,7 +101,7 @@ class AnnIndex:
     def __init__(self, index: Any, params: AnnParams, num_query: int, dim: int, covered: int):
         self.index, self.params = index, params
         self.num_query, self.dim, self.covered = num_query, dim, covered
-        _faiss().extract_index_ivf(index).nprobe = params.nprobe
+        _faiss().extract_index_ivf(index).nprobe = params.nprobe or 1
 
     @classmethod
     def build(cls, vectors: np.ndarray, slots: np.ndarray, params: AnnParams | None = None) -> AnnIndex:
@@ -109,7 +113,9 @@ class AnnIndex:
         if not len(slots):
             raise InputError("cannot build an ANN over no images")
         # Saved as chosen: PQ needs m to divide D (the tiny test checkpoints have small D).
-        params = replace(params, nlist=params.nlist_for(len(slots) * num_query), m=math.gcd(params.m, dim))
+        nlist = params.nlist_for(len(slots) * num_query)
+        nprobe = params.nprobe or max(1, nlist // 4)
+        params = replace(params, nlist=nlist, m=math.gcd(params.m, dim), nprobe=nprobe)
         index = faiss.index_factory(dim, params.factory(params.nlist), faiss.METRIC_INNER_PRODUCT)
         index.train(_training_sample(vectors, slots, params))
         ann = cls(index, params, num_query, dim, covered=0)
@@ -190,8 +196,8 @@ class AnnIndex:
         ANN of another vectors file, e.g. from before a compaction), which bounds the file size too."""
         directory = Path(directory)
         meta_file, file = directory / ANN_META, directory / ANN_FILE
-        if not meta_file.is_file() or not file.is_file():
-            return None
+        if any(f.is_symlink() or not f.is_file() for f in (meta_file, file)):
+            return None  # a link could point outside the index; a FIFO would block
         try:
             meta = read_json(meta_file)
             params, covered, ntotal = _parse_meta(meta, num_query, dim)
@@ -250,9 +256,16 @@ def _parse_meta(meta: dict[str, Any], num_query: int, dim: int) -> tuple[AnnPara
         raise ValueError("another format or other dimensions")
     params = AnnParams(**meta["params"])
     covered, ntotal = meta["covered"], meta["ntotal"]
-    numbers = [covered, ntotal, params.m, params.nprobe, params.train_size, params.hnsw, params.seed]
-    if params.nlist is not None:
-        numbers.append(params.nlist)
+    numbers = [
+        covered,
+        ntotal,
+        params.m,
+        params.nprobe,
+        params.train_size,
+        params.hnsw,
+        params.seed,
+        params.nlist,
+    ]
     if not all(type(x) is int and 0 <= x < 1 << 48 for x in numbers) or not isinstance(meta["sha256"], str):
         raise ValueError("bad numbers")
     return params, covered, ntotal
@@ -266,7 +279,7 @@ def _is_expected(faiss: Any, index: Any, params: AnnParams, ntotal: int, dim: in
         and index.ntotal == ntotal
         and index.metric_type == faiss.METRIC_INNER_PRODUCT
         and index.pq.M == params.m
-        and (params.nlist is None or index.nlist == params.nlist)
+        and index.nlist == params.nlist
     )
 
 
