@@ -86,6 +86,7 @@ def _browser():
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # An explicit driver path: Selenium Manager never runs (it would try the network).
     return webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
 
@@ -98,6 +99,7 @@ def test_in_chromium_upload_caption_ask_and_score_labels(checkpoints, retrieval_
 
     driver = _browser()
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     models = Models(
@@ -119,8 +121,7 @@ def test_in_chromium_upload_caption_ask_and_score_labels(checkpoints, retrieval_
             assert caption.get_attribute("data-state") == "done", driver.find_element(By.ID, "error").text
             assert caption.text == direct[0].caption([data])[0]
 
-            driver.find_element(By.ID, "question").send_keys("what is in the cup?")
-            driver.find_element(By.CSS_SELECTOR, "#ask-form button").click()
+            driver.find_element(By.ID, "question").send_keys("what is in the cup?" + Keys.ENTER)
             answer = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#chat .answer[data-state=done]"))
             assert answer.text == direct[0].ask([data], ["what is in the cup?"])[0]
 
@@ -132,6 +133,7 @@ def test_in_chromium_upload_caption_ask_and_score_labels(checkpoints, retrieval_
             assert [r.get_attribute("data-label") for r in rows] == [w["label"] for w in want]
             assert rows[0].text == f"{want[0]['label']}: {100 * want[0]['probability']:.1f}%"
             assert not driver.find_element(By.ID, "error").is_displayed()
+            assert _csp_violations(driver) == []
     finally:
         driver.quit()
 
@@ -176,5 +178,94 @@ def test_in_chromium_errors_are_plain_words_and_the_key_field_shows(checkpoints,
             driver.find_element(By.CSS_SELECTOR, "#labels-form button").click()
             wait.until(lambda d: d.find_element(By.ID, "labels-note").is_displayed())
             assert "--match-model" in driver.find_element(By.ID, "labels-note").text
+    finally:
+        driver.quit()
+
+
+def _csp_violations(driver) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
+
+
+# Dispatches a drop on #drop or a paste on the document carrying `arguments[0]` (base64 JPEG) as a file.
+DISPATCH = """
+const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+const transfer = new DataTransfer();
+transfer.items.add(new File([bytes], "photo.jpg", {type: "image/jpeg"}));
+if (arguments[1] === "drop") {
+  document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+} else {
+  document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: transfer, bubbles: true}));
+}
+"""
+
+TINY_PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+
+
+def test_in_chromium_drop_paste_and_search_hits_with_thumbnails(checkpoints, direct, photos):
+    """Drop and paste give the API's caption; a stand-in /v1/search (the page's contract: 422 for an empty
+    query, else `{"hits": [{"rank", "image", "score", "thumbnail"}]}`) shows the panel and its hits."""
+    import base64
+
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+
+    import blip2
+    from blip2.server.app import create_app
+    from blip2.server.service import Models
+    from blip2.server.settings import Settings
+
+    driver = _browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    app = create_app(Settings(), Models(blip2.load(checkpoints["opt"], device="cpu", dtype="float32"), None))
+    asked = []
+
+    async def search(request: Request) -> Response:
+        body = await request.json()
+        if not body.get("text"):
+            return JSONResponse({"error": {"type": "invalid_request", "message": "text: required"}}, 422)
+        asked.append(body)
+        hits = [
+            {"rank": 1, "image": "a/one.jpg", "score": 0.5, "thumbnail": TINY_PNG},
+            {"rank": 2, "image": "b/two.jpg", "score": 0.25, "thumbnail": "/thumb.png"},
+            {"rank": 3, "image": "c/three.jpg", "score": 0.125, "thumbnail": "https://example.com/x.png"},
+        ]
+        return JSONResponse({"hits": hits})
+
+    async def thumb(request: Request) -> Response:
+        return Response(base64.b64decode(TINY_PNG.split(",")[1]), media_type="image/png")
+
+    app.router.add_route("/v1/search", search, methods=["POST"])
+    app.router.add_route("/thumb.png", thumb)
+    try:
+        with live_server(app) as url:
+            wait = WebDriverWait(driver, 60)
+            driver.get(url + "/")
+            wait.until(lambda d: d.find_element(By.ID, "search-panel").is_displayed())
+            caption = driver.find_element(By.ID, "caption")
+            for photo, how in ((photos[2], "drop"), (photos[0], "paste")):
+                driver.execute_script(DISPATCH, base64.b64encode(photo.read_bytes()).decode(), how)
+                wait.until(lambda d: caption.get_attribute("data-state") == "done")
+                assert caption.text == direct[0].caption([photo.read_bytes()])[0], how
+                driver.execute_script("arguments[0].dataset.state = ''", caption)
+
+            driver.find_element(By.ID, "query").send_keys("a rocket" + Keys.ENTER)
+            items = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#hits li"))
+            assert asked == [{"text": "a rocket", "k": 12}]
+            assert [i.find_element(By.CLASS_NAME, "path").text for i in items] == [
+                "1. a/one.jpg",
+                "2. b/two.jpg",
+                "3. c/three.jpg",
+            ]
+            images = [i.find_elements(By.TAG_NAME, "img") for i in items]
+            assert [len(found) for found in images] == [1, 1, 0]  # no image from another origin
+            wait.until(
+                lambda d: all(
+                    d.execute_script("return arguments[0].naturalWidth", i[0]) == 1 for i in images[:2]
+                )
+            )
+            assert _csp_violations(driver) == []
     finally:
         driver.quit()

@@ -13,10 +13,13 @@ class ApiError extends Error {
   }
 }
 
+function authHeaders() {
+  return state.apiKey ? { Authorization: "Bearer " + state.apiKey } : {};
+}
+
 // POST `body` (a FormData or a plain object sent as JSON) to `path`; the answer's JSON, or an ApiError.
 async function api(path, body) {
-  const headers = {};
-  if (state.apiKey) headers.Authorization = "Bearer " + state.apiKey;
+  const headers = authHeaders();
   let payload = body;
   if (!(body instanceof FormData)) {
     headers["Content-Type"] = "application/json";
@@ -213,9 +216,33 @@ function note(text) {
 }
 
 // -- search ---------------------------------------------------------------------------------------------------
-// A thumbnail is shown only from this origin or inline data (the page's CSP allows nothing else anyway).
-function safeThumbnail(src) {
-  return typeof src === "string" && (src.startsWith("data:image/") || (src.startsWith("/") && !src.startsWith("//")));
+// The src of a hit's thumbnail: inline data as is; a path on this origin as is, or, when an API key is in
+// use (an <img> cannot send it), fetched with the key into a blob: URL. Nothing from another origin.
+async function thumbnailSrc(src) {
+  if (typeof src !== "string") return null;
+  if (src.startsWith("data:image/")) return src;
+  if (!src.startsWith("/") || src.startsWith("//")) return null;
+  if (!state.apiKey) return src;
+  const response = await fetch(src, { headers: authHeaders() });
+  return response.ok ? URL.createObjectURL(await response.blob()) : null;
+}
+
+function hitItem(hit, src) {
+  const item = document.createElement("li");
+  if (src) {
+    const img = document.createElement("img");
+    img.src = src;
+    img.alt = "Result " + hit.rank + ": " + hit.image;
+    item.append(img);
+  }
+  const path = document.createElement("div");
+  path.className = "path";
+  path.textContent = hit.rank + ". " + hit.image;
+  const score = document.createElement("div");
+  score.className = "muted";
+  score.textContent = "score " + hit.score.toFixed(3);
+  item.append(path, score);
+  return item;
 }
 
 async function search(event) {
@@ -226,21 +253,13 @@ async function search(event) {
   list.replaceChildren();
   await busy(event.submitter, async () => {
     const result = await api("/v1/search", { text, k: 12 });
-    if (!result.hits.length) list.append(Object.assign(document.createElement("li"), { textContent: "No match." }));
-    for (const hit of result.hits) {
-      const item = document.createElement("li");
-      if (safeThumbnail(hit.thumbnail)) {
-        const img = document.createElement("img");
-        img.src = hit.thumbnail;
-        img.alt = "Result " + hit.rank + ": " + hit.image;
-        img.loading = "lazy";
-        item.append(img);
-      }
-      const path = Object.assign(document.createElement("div"), { className: "path", textContent: hit.rank + ". " + hit.image });
-      const score = Object.assign(document.createElement("div"), { className: "muted", textContent: "score " + hit.score.toFixed(3) });
-      item.append(path, score);
-      list.append(item);
+    if (!result.hits.length) {
+      const none = document.createElement("li");
+      none.textContent = "Nothing found.";
+      list.append(none);
     }
+    const sources = await Promise.all(result.hits.map((hit) => thumbnailSrc(hit.thumbnail)));
+    result.hits.forEach((hit, i) => list.append(hitItem(hit, sources[i])));
   });
 }
 
@@ -278,8 +297,12 @@ async function start() {
   $("ask-form").addEventListener("submit", ask);
   $("labels-form").addEventListener("submit", scoreLabels);
   $("search-form").addEventListener("submit", search);
-  $("api-key").addEventListener("change", (e) => {
+  $("api-key").addEventListener("input", (e) => {
     state.apiKey = e.target.value.trim();
+  });
+  $("api-key").addEventListener("change", detectSearch);
+  $("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
     detectSearch();
   });
   try {
