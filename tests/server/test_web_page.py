@@ -8,8 +8,9 @@ import re
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
-from service_helpers import live_server
+from service_helpers import live_server, metric
 
 import blip2.server
 
@@ -124,6 +125,10 @@ def test_in_chromium_upload_caption_ask_and_score_labels(checkpoints, retrieval_
             driver.find_element(By.ID, "question").send_keys("what is in the cup?" + Keys.ENTER)
             answer = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#chat .answer[data-state=done]"))
             assert answer.text == direct[0].ask([data], ["what is in the cup?"])[0]
+            # the page sends the same bytes again: the question reused the caption's vision-tower output
+            metrics = httpx.get(f"{url}/metrics").text
+            assert metric(metrics, "blip2_image_cache_total", model="model", result="miss") == 1
+            assert metric(metrics, "blip2_image_cache_total", model="model", result="hit") == 1
 
             labels = ["a cat", "a rocket", "a cup of coffee"]
             driver.find_element(By.ID, "labels").send_keys(", ".join(labels))
