@@ -223,8 +223,12 @@ async function thumbnailSrc(src) {
   if (src.startsWith("data:image/")) return src;
   if (!src.startsWith("/") || src.startsWith("//")) return null;
   if (!state.apiKey) return src;
-  const response = await fetch(src, { headers: authHeaders() });
-  return response.ok ? URL.createObjectURL(await response.blob()) : null;
+  try {
+    const response = await fetch(src, { headers: authHeaders() });
+    return response.ok ? URL.createObjectURL(await response.blob()) : null;
+  } catch (e) {
+    return null; // the hit is still listed, without its thumbnail
+  }
 }
 
 function hitItem(hit, src) {
@@ -270,7 +274,7 @@ async function detectSearch() {
     await api("/v1/search", {});
     $("search-panel").hidden = false;
   } catch (e) {
-    $("search-panel").hidden = !(e instanceof ApiError && (e.status === 422 || e.status === 413));
+    $("search-panel").hidden = !(e instanceof ApiError && e.status === 422);
   }
 }
 
