@@ -37,6 +37,7 @@ from .metrics import Metrics
 from .service import Loader, Models, Service
 from .settings import Settings
 from .tasks import AskCall, CaptionCall, ClassifyCall, EmbedCall, PairCall, check_pairs
+from .web import mount_web
 
 log = logging.getLogger("blip2.server")
 
@@ -68,6 +69,7 @@ def create_app(settings: Settings, models: Models | Loader) -> FastAPI:
     _install_errors(app, service.metrics)
     app.add_middleware(Observe, metrics=service.metrics)
     _add_probes(app, service)
+    mount_web(app, settings)
     for path, task, schema, response, build, summary in TASK_ROUTES:
         app.add_api_route(
             path,
