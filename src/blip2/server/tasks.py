@@ -63,6 +63,12 @@ class ClassifyCall:
 
 
 @dataclasses.dataclass(frozen=True)
+class SearchCall:
+    index: Any  # search.SearchIndex
+    query: dict[str, Any]  # Index.search's keyword arguments
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
     """How a task's calls merge: `key(call)` (equal keys may merge, None never does) and `run(model,
     calls)` -> one result per call. `role` names the model it needs ("generate" or "match")."""
@@ -146,6 +152,10 @@ def _classify(model: Model, calls: list[ClassifyCall]) -> list[dict]:
     return [{"labels": model.classify(call.image, call.labels, **call.params)} for call in calls]
 
 
+def _search(model: Model, calls: list[SearchCall]) -> list[dict]:
+    return [{"hits": call.index.search(model, call.query)} for call in calls]
+
+
 def _frozen(options: dict[str, Any]) -> tuple:
     return tuple(sorted(options.items()))
 
@@ -164,6 +174,7 @@ TASKS: dict[str, Task] = {
         Task("similarity", "match", lambda call: ("similarity",), _similarity),
         Task("embed", "match", lambda call: ("embed",), _embed),
         Task("classify", "match", lambda call: None, _classify),
+        Task("search", "match", lambda call: None, _search),
     )
 }
 
