@@ -34,6 +34,7 @@ from .docs import DOCS_HTML
 from .errors import ServiceError, error_body, from_blip2_error, internal, invalid
 from .limits import Uploads, check_request, describe, generation_options, parse_body, validate
 from .metrics import Metrics
+from .openai_api import add_routes as add_chat_routes
 from .search import SearchIndex
 from .search import add_routes as add_search_routes
 from .service import Loader, Models, Service
@@ -83,6 +84,7 @@ def create_app(settings: Settings, models: Models | Loader) -> FastAPI:
         )
     index = SearchIndex(settings.index) if settings.index is not None else None
     add_search_routes(app, index)
+    add_chat_routes(app)
     _add_info(app, service, index)
     return app
 
