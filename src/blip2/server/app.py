@@ -39,6 +39,7 @@ from .search import SearchIndex
 from .search import add_routes as add_search_routes
 from .service import Loader, Models, Service
 from .settings import Settings
+from .streaming import stream_task
 from .tasks import AskCall, CaptionCall, ClassifyCall, EmbedCall, PairCall, check_pairs
 
 log = logging.getLogger("blip2.server")
@@ -96,7 +97,10 @@ def _task_endpoint(service: Service, task: str, schema: type[BaseModel], build: 
     async def handle(request: Request, model: Any) -> Response:
         body, uploads = await parse_request(request, schema, settings)
         images = await decode_images(image_sources(body, uploads), model, settings)
-        return JSONResponse(await service.run(task, build(body, images, settings)))
+        call = build(body, images, settings)
+        if getattr(body, "stream", None):
+            return await stream_task(service, task, call, model)
+        return JSONResponse(await service.run(task, call))
 
     async def endpoint(request: Request) -> Response:
         authorize(request, settings)

@@ -23,6 +23,7 @@ not (stop, tools, logprobs, response_format, ...) are a 422 when set; other unkn
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any, Literal
@@ -37,7 +38,8 @@ from .errors import invalid
 from .images import from_text
 from .limits import parse_body, validate
 from .settings import Settings
-from .tasks import CaptionCall
+from .streaming import TokenStream, respond, sse
+from .tasks import CaptionCall, StreamCall
 
 # OpenAI options with no BLIP-2 meaning: refused when set (a silent no-op would change what the caller gets).
 UNSUPPORTED = (
@@ -226,6 +228,33 @@ def choices_of(result: dict[str, Any]) -> list[str]:
     return texts if isinstance(texts, list) else [texts]
 
 
+async def stream_chat(service: Any, body: ChatRequest, call: CaptionCall, model: Any) -> Response:
+    """The chat as OpenAI's chat.completion.chunk events: each choice's role, its content deltas, its
+    finish_reason, the usage when stream_options.include_usage, then `data: [DONE]`."""
+    stream = TokenStream(model.text, asyncio.get_running_loop())
+    base = envelope("chat.completion.chunk", model)
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+    def chunk(index: int, delta: dict, finish_reason: str | None = None) -> str:
+        choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
+        return sse({**base, "choices": [choice]})
+
+    def fmt(kind: str, payload: Any) -> list[str]:
+        if kind == "start":
+            return [chunk(i, {"role": "assistant", "content": ""}) for i in range(body.n or 1)]
+        if kind == "delta":
+            return [chunk(payload[0], {"content": payload[1]})]
+        if kind == "error":
+            return [sse(payload), sse("[DONE]")]
+        full = completion(choices_of(payload), call, model)
+        frames = [chunk(c["index"], {}, c["finish_reason"]) for c in full["choices"]]
+        if include_usage:
+            frames.append(sse({**base, "choices": [], "usage": full["usage"]}))
+        return [*frames, sse("[DONE]")]
+
+    return await respond(service, StreamCall("caption", call, stream.on_step), stream, choices_of, fmt)
+
+
 def add_routes(app: FastAPI) -> None:
     """POST /v1/chat/completions."""
     from .app import authorize, decode_images, with_timeout
@@ -242,7 +271,7 @@ def add_routes(app: FastAPI) -> None:
         images = await decode_images([("image_url", last_image(body))], model, settings)
         call = chat_call(body, model, images[0], settings)
         if body.stream:
-            raise invalid("stream: not supported yet")
+            return await stream_chat(service, body, call, model)
         result = await service.run("caption", call)
         return JSONResponse(completion(choices_of(result), call, model))
 

@@ -69,6 +69,15 @@ class SearchCall:
 
 
 @dataclasses.dataclass(frozen=True)
+class StreamCall:
+    """A caption or ask call (one image, one prompt) whose decoding steps go to `on_step` (streaming.py)."""
+
+    task: str  # "caption" or "ask"
+    call: CaptionCall | AskCall
+    on_step: Callable[[Any], None]
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
     """How a task's calls merge: `key(call)` (equal keys may merge, None never does) and `run(model,
     calls)` -> one result per call. `role` names the model it needs ("generate" or "match")."""
@@ -156,6 +165,16 @@ def _search(model: Model, calls: list[SearchCall]) -> list[dict]:
     return [{"hits": call.index.search(model, call.query)} for call in calls]
 
 
+def _stream(model: Model, calls: list[StreamCall]) -> list[dict]:
+    """Never merged (its key is None): the model's step callback is this one call's while it runs."""
+    (call,) = calls
+    model.on_step = call.on_step
+    try:
+        return TASKS[call.task].run(model, [call.call])
+    finally:
+        model.on_step = None
+
+
 def _frozen(options: dict[str, Any]) -> tuple:
     return tuple(sorted(options.items()))
 
@@ -175,6 +194,7 @@ TASKS: dict[str, Task] = {
         Task("embed", "match", lambda call: ("embed",), _embed),
         Task("classify", "match", lambda call: None, _classify),
         Task("search", "match", lambda call: None, _search),
+        Task("stream", "generate", lambda call: None, _stream),
     )
 }
 
