@@ -97,12 +97,17 @@ async def respond(service: Any, call: StreamCall, stream: TokenStream, texts: Te
     """Run `call` and answer with its events. The first event (or the call's error) is awaited before the
     response starts, so that a request that fails at once gets its plain 4xx JSON."""
     started = asyncio.ensure_future(service.run("stream", call))
+    # A call ended by a client that left is nobody's error: retrieve it so that asyncio does not log it.
+    started.add_done_callback(lambda done: done.cancelled() or done.exception())
     deltas = stream.run(started).__aiter__()
     try:
         first: tuple[int, str] | None = await deltas.__anext__()
     except StopAsyncIteration:
         first = None
         started.result()  # raises the call's error, answered as a JSON error
+    except asyncio.CancelledError:  # the request timed out: a call still queued is dropped
+        started.cancel()
+        raise
     return StreamingResponse(
         _events(first, deltas, started, stream, texts, fmt),
         media_type="text/event-stream",
