@@ -4,8 +4,12 @@ client talking to a live server."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
-from service_helpers import b64, live_server
+from service_helpers import b64, live_server, metric
+
+import blip2
 
 ASK = dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)  # Blip2.ask's defaults
 
@@ -134,3 +138,30 @@ def test_the_openai_client_talks_to_a_live_server(serve, direct, photos):
             wrong.chat.completions.create(model="x", messages=[user(image_part(photos[3]), "what?")])
         with pytest.raises(openai.UnprocessableEntityError):
             api.chat.completions.create(model="x", messages=[user("no image")])
+
+
+def test_concurrent_chats_share_model_calls(checkpoints, direct, photos):
+    import httpx
+
+    from blip2.server.app import create_app
+    from blip2.server.service import Models
+    from blip2.server.settings import Settings
+
+    app = create_app(
+        Settings(max_batch=8, max_wait_ms=1000), Models(blip2.load(checkpoints["opt"], device="cpu"))
+    )
+    questions = ["what is it?", "where is it?", "how many?", "what colour?"]
+    bodies = [
+        {"messages": [user(image_part(photos[i]), questions[i])], "temperature": 0, "max_tokens": 5}
+        for i in range(4)
+    ]
+    with live_server(app) as url, ThreadPoolExecutor(4) as pool:
+        responses = list(
+            pool.map(lambda body: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60), bodies)
+        )
+        text = httpx.get(f"{url}/metrics").text
+    assert metric(text, "blip2_batch_size_sum", task="caption") == 4
+    assert metric(text, "blip2_model_calls_total", task="caption") < 4  # merged
+    for i, response in enumerate(responses):
+        want = direct[0].ask(photos[i].read_bytes(), questions[i], num_beams=1, max_new_tokens=5)
+        assert response.json()["choices"][0]["message"]["content"] == want

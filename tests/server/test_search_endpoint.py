@@ -141,3 +141,14 @@ def test_serve_with_a_folder_that_is_not_an_index_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1, err
     assert err.startswith("blip2: error:") and "not-an-index" in err and "Traceback" not in err
+
+
+def test_the_index_routes_need_the_api_key(serve, indexed):
+    client = serve(index=str(indexed / "idx"), api_key="k")
+    for got in (
+        client.get("/v1/info"),
+        client.get("/v1/thumbnail", params={"path": "x"}),
+        client.post("/v1/search", json={"text": "a cat"}),
+    ):
+        assert got.status_code == 401 and got.json()["error"]["type"] == "unauthorized"
+    assert client.get("/v1/info", headers={"Authorization": "Bearer k"}).status_code == 200
