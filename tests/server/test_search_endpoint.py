@@ -127,6 +127,10 @@ def test_info_names_the_models_index_and_tasks(serve, indexed):
     }
     assert info["index"]["count"] == 4
     assert set(info["tasks"]) >= {"caption", "ask", "chat", "match", "search", "embed"}
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/search", "/v1/thumbnail", "/v1/info", "/v1/chat/completions"} <= set(spec["paths"])
+    body = spec["paths"]["/v1/search"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"text", "image", "k", "rerank", "where_path"} <= set(body["properties"])
 
 
 def test_serve_with_a_folder_that_is_not_an_index_is_one_line(tmp_path, capsys):

@@ -81,7 +81,7 @@ def create_app(settings: Settings, models: Models | Loader) -> FastAPI:
             summary=summary,
             response_model=None,
             responses={200: {"model": response}, **ERROR_RESPONSES},
-            openapi_extra={"requestBody": _request_body(schema)},
+            openapi_extra={"requestBody": request_body(schema)},
         )
     index = SearchIndex(settings.index) if settings.index is not None else None
     add_search_routes(app, index)
@@ -253,7 +253,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _request_body(schema: type[BaseModel]) -> dict:
+def request_body(schema: type[BaseModel]) -> dict:
     """The OpenAPI request body of a task route: the schema as JSON, and as a multipart form whose image
     fields are file parts."""
     json_schema = schema.model_json_schema(ref_template="#/components/schemas/{model}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from pydantic import Field
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -42,6 +42,18 @@ class SearchRequest(Body):
     rerank_k: int | None = None
     where_caption: str | None = Field(None, description="Only images whose caption contains this text.")
     where_path: str | None = Field(None, description="Only images whose path matches this glob.")
+
+
+class SearchHit(BaseModel):
+    rank: int
+    image: str = Field(description="The image's path, as stored in the index.")
+    score: float = Field(description="ITC score.")
+    match: float | None = Field(None, description="ITM probability, when re-ranked.")
+    error: str | None = Field(None, description="Why the image could not be re-read for re-ranking.")
+
+
+class SearchResponse(BaseModel):
+    hits: list[SearchHit] = Field(description="Best first.")
 
 
 class SearchIndex:
@@ -114,12 +126,31 @@ def no_index() -> ServiceError:
 
 def add_routes(app: FastAPI, index: SearchIndex | None) -> None:
     """POST /v1/search and GET /v1/thumbnail (404 without an index)."""
-    from .app import authorize, decode_images, image_sources, parse_request, with_timeout
+    from .app import (
+        ERROR_RESPONSES,
+        authorize,
+        decode_images,
+        image_sources,
+        parse_request,
+        request_body,
+        with_timeout,
+    )
 
     service = app.state.service
     settings: Settings = service.settings
 
-    @app.post("/v1/search", summary="Search the index by text or image", response_model=None)
+    @app.post(
+        "/v1/search",
+        summary="Search the index by text or image",
+        response_model=None,
+        responses={
+            200: {"model": SearchResponse},
+            404: {"description": "No index"},
+            409: {"description": "Index of another checkpoint"},
+            **ERROR_RESPONSES,
+        },
+        openapi_extra={"requestBody": request_body(SearchRequest)},
+    )
     async def search(request: Request) -> Response:
         authorize(request, settings)
         if index is None:
