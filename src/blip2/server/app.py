@@ -2,10 +2,10 @@
 
 Routes: POST /v1/caption, /v1/ask, /v1/match, /v1/similarity, /v1/embed, /v1/classify (the `Blip2` API's
 tasks, its option names and defaults; `stream: true` on caption and ask, see streaming.py); POST /v1/search,
-GET /v1/thumbnail (search.py); POST /v1/chat/completions (openai_api.py); GET /v1/info; GET /healthz (alive), /readyz (models loaded), /metrics (Prometheus
-text), /openapi.json and /docs (an offline page, see docs.py). Each task request is read and checked
-(limits.py), its images decoded in a thread (images.py), and its call queued on the model's worker
-(service.py); every error is the JSON of errors.py.
+GET /v1/thumbnail (search.py); POST /v1/chat/completions (openai_api.py); GET /v1/info; GET /healthz
+(alive), /readyz (models loaded), /metrics (Prometheus text), /openapi.json and /docs (an offline page, see
+docs.py). Each task request is read and checked (limits.py), its images decoded in a thread (images.py),
+and its call queued on the model's worker (service.py); every error is the JSON of errors.py.
 """
 
 from __future__ import annotations
