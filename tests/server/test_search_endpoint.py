@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import urllib.parse
 
 import pytest
 from PIL import Image
@@ -33,6 +34,8 @@ def expected(direct, indexed, **query) -> list[dict]:
 
 
 def assert_same_hits(got: list[dict], want: list[dict]) -> None:
+    for hit in got:
+        assert hit.pop("thumbnail") == "/v1/thumbnail?path=" + urllib.parse.quote(hit["image"], safe="")
     assert [(h["rank"], h["image"], sorted(h)) for h in got] == [
         (h["rank"], h["image"], sorted(h)) for h in want
     ]
@@ -98,8 +101,9 @@ def test_an_index_of_another_checkpoint_is_a_409(serve, tmp_path, retrieval_chec
 
 def test_thumbnails_only_of_indexed_files(serve, indexed):
     client = serve(index=str(indexed / "idx"))
-    path = client.post("/v1/search", json={"text": "a rocket", "k": 1}).json()["hits"][0]["image"]
-    got = client.get("/v1/thumbnail", params={"path": path})
+    (hit,) = client.post("/v1/search", json={"text": "a rocket", "k": 1}).json()["hits"]
+    path = hit["image"]
+    got = client.get(hit["thumbnail"])
     assert got.status_code == 200 and got.headers["content-type"] == "image/jpeg"
     thumb = Image.open(io.BytesIO(got.content))
     original = Image.open(path)

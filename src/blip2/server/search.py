@@ -13,6 +13,7 @@ import io
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
@@ -50,6 +51,7 @@ class SearchHit(BaseModel):
     score: float = Field(description="ITC score.")
     match: float | None = Field(None, description="ITM probability, when re-ranked.")
     error: str | None = Field(None, description="Why the image could not be re-read for re-ranking.")
+    thumbnail: str = Field(description="Its thumbnail's URL on this server: /v1/thumbnail?path=...")
 
 
 class SearchResponse(BaseModel):
@@ -68,7 +70,8 @@ class SearchIndex:
     def search(self, model: Any, query: dict[str, Any]) -> list[dict]:
         with self._lock:
             self.index.model = model
-            return [hit.to_dict() for hit in self.index.search(**query)]
+            hits = self.index.search(**query)
+        return [{**hit.to_dict(), "thumbnail": thumbnail_url(hit.image)} for hit in hits]
 
     def row_path(self, path: str) -> str | None:
         """`path` when it is stored as a row of the index, else None."""
@@ -89,6 +92,11 @@ def query_of(body: SearchRequest, image: Any) -> dict[str, Any]:
         where = Where(caption=body.where_caption, path=body.where_path)
     given = body.given("text", "k", "rerank", "rerank_k")
     return {**given, **({} if image is None else {"image": image}), "where": where}
+
+
+def thumbnail_url(path: str) -> str:
+    """The hit's thumbnail on this server (a path on the same origin, for the web page's <img>)."""
+    return "/v1/thumbnail?path=" + quote(path, safe="")
 
 
 def check_texts(body: SearchRequest, settings: Settings) -> None:
