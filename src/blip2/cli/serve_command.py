@@ -89,6 +89,13 @@ def _setting_options(func):
     callback=_check_device,
     help="cpu, cuda, cuda:1 ... (default: cuda if available).",
 )
+@click.option(
+    "--index",
+    "index",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="A search index (blip2 index add) made with the match model: POST /v1/search, GET /v1/thumbnail.",
+)
 @click.option("--dtype", default=None, callback=_check_dtype, help="float32, float16 or bfloat16.")
 @click.option(
     "--quantize",
@@ -106,9 +113,10 @@ def _setting_options(func):
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
-def serve(model, match_model, device, dtype, quantize, api_key_env, log_level, **settings):
+def serve(model, match_model, device, index, dtype, quantize, api_key_env, log_level, **settings):
     """Serve the models over HTTP: POST /v1/caption, /v1/ask, /v1/match, /v1/similarity, /v1/embed,
-    /v1/classify (JSON with base64 images, or multipart uploads); GET /healthz, /readyz, /metrics, /docs.
+    /v1/classify, /v1/search (JSON with base64 images, or multipart uploads); GET /v1/info, /healthz,
+    /readyz, /metrics, /docs.
 
     The port opens at once and /readyz answers 503 until the models are loaded. Concurrent requests are
     batched into shared model calls. SIGTERM (or Ctrl-C) stops taking connections, lets the requests in
@@ -128,7 +136,7 @@ def serve(model, match_model, device, dtype, quantize, api_key_env, log_level, *
             f"blip2 serve needs the server extra: pip install 'blip2[server]' ({e})"
         ) from None
 
-    config = Settings(**settings, api_key=_api_key(api_key_env))
+    config = Settings(**settings, api_key=_api_key(api_key_env), index=index)
 
     def load() -> Models:
         from ..tasks.api import load as load_checkpoint

@@ -15,6 +15,7 @@ finished hypotheses once its stop rule has held.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,10 @@ from blip2.generation.steppers import Stepper
 
 _EXCLUDED = -1.0e9  # the score transformers gives to beams that must not be chosen
 
+# Called with each step's tokens (N * num_return_sequences,) in greedy and sampling decoding (finished rows
+# get padding); beam search does not call it, as a later step can replace a beam's earlier tokens.
+OnStep = Callable[[Tensor], None]
+
 
 def generate(
     stepper: Stepper,
@@ -37,6 +42,7 @@ def generate(
     pad_token_id: int,
     attention_mask: Tensor | None = None,
     check_every: int = 1,
+    on_step: OnStep | None = None,
 ) -> Tensor:
     """Decode new tokens for the N rows of `stepper`; returns (N * num_return_sequences, L), new tokens only.
 
@@ -47,6 +53,7 @@ def generate(
     `pad_token_id` (greedy, sampling), or for beam search with `pad_token_id`, or EOS where that id is 0.
     `options` were checked when they were built. `check_every` (>= 1): how many steps between reads of
     the stop flag (see the module's docstring); it changes the number of model calls, never the tokens.
+    `on_step` (greedy and sampling only) sees each step's tokens as they are chosen, for streaming.
     """
     assert isinstance(options, GenerationOptions), f"options must be GenerationOptions, not {type(options)}"
     if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
@@ -71,8 +78,11 @@ def generate(
     padding = None if attention_mask is None else (attention_mask != 0).int().argmax(dim=1).to(logits.device)
     if options.do_sample and options.seed is None:
         check_every = 1  # steps past the end would draw from the global RNG, which the caller may reuse
-    loop = _beam_search if options.is_beam_search else _greedy_or_sample
-    return loop(stepper, logits, history, options, eos, pad_token_id, padding, check_every)
+    if options.is_beam_search:
+        return _beam_search(stepper, logits, history, options, eos, pad_token_id, padding, check_every)
+    return _greedy_or_sample(
+        stepper, logits, history, options, eos, pad_token_id, padding, check_every, on_step
+    )
 
 
 def _stop_due(step: int, check_every: int, flag: Tensor) -> bool:
@@ -103,6 +113,7 @@ def _greedy_or_sample(
     pad: int,
     padding: Tensor | None,
     check_every: int,
+    on_step: OnStep | None = None,
 ) -> Tensor:
     prompt_length, max_new = history.shape[1], options.max_new_tokens
     logits, (history, padding) = _expand(stepper, logits, [history, padding], options.num_return_sequences)
@@ -125,6 +136,8 @@ def _greedy_or_sample(
         tokens[:, end] = chosen
         length += running.any()
         running &= ~torch.isin(chosen, eos)
+        if on_step is not None:
+            on_step(chosen)
         if step == max_new - 1 or _stop_due(step, check_every, ~running.any()):
             break
         logits = stepper.step(chosen)

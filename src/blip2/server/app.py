@@ -1,10 +1,11 @@
 """The FastAPI application: `create_app(settings, models)`.
 
 Routes: POST /v1/caption, /v1/ask, /v1/match, /v1/similarity, /v1/embed, /v1/classify (the `Blip2` API's
-tasks, its option names and defaults); GET /healthz (alive), /readyz (models loaded), /metrics (Prometheus
-text), /openapi.json and /docs (an offline page, see docs.py). Each task request is read and checked
-(limits.py), its images decoded in a thread (images.py), and its call queued on the model's worker
-(service.py); every error is the JSON of errors.py.
+tasks, its option names and defaults; `stream: true` on caption and ask, see streaming.py); POST /v1/search,
+GET /v1/thumbnail (search.py); POST /v1/chat/completions (openai_api.py); GET /v1/info; GET /healthz
+(alive), /readyz (models loaded), /metrics (Prometheus text), /openapi.json and /docs (an offline page, see
+docs.py). Each task request is read and checked (limits.py), its images decoded in a thread (images.py),
+and its call queued on the model's worker (service.py); every error is the JSON of errors.py.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -32,15 +33,20 @@ from . import images as request_images
 from . import schemas
 from .docs import DOCS_HTML
 from .errors import ServiceError, error_body, from_blip2_error, internal, invalid
-from .limits import check_request, describe, generation_options, parse_body, validate
+from .limits import Uploads, check_request, describe, generation_options, parse_body, validate
 from .metrics import Metrics
+from .openai_api import add_routes as add_chat_routes
+from .search import SearchIndex
+from .search import add_routes as add_search_routes
 from .service import Loader, Models, Service
 from .settings import Settings
+from .streaming import stream_task
 from .tasks import AskCall, CaptionCall, ClassifyCall, EmbedCall, PairCall, check_pairs
 from .web import mount_web
 
 log = logging.getLogger("blip2.server")
 
+Schema = TypeVar("Schema", bound=BaseModel)
 Build = Callable[[Any, list, Settings], Any]  # (validated body, decoded images, settings) -> a task call
 
 
@@ -78,8 +84,12 @@ def create_app(settings: Settings, models: Models | Loader) -> FastAPI:
             summary=summary,
             response_model=None,
             responses={200: {"model": response}, **ERROR_RESPONSES},
-            openapi_extra={"requestBody": _request_body(schema)},
+            openapi_extra={"requestBody": request_body(schema)},
         )
+    index = SearchIndex(settings.index) if settings.index is not None else None
+    add_search_routes(app, index)
+    add_chat_routes(app)
+    _add_info(app, service, index)
     return app
 
 
@@ -88,27 +98,45 @@ def _task_endpoint(service: Service, task: str, schema: type[BaseModel], build: 
     settings = service.settings
 
     async def handle(request: Request, model: Any) -> Response:
-        data, uploads = await parse_body(request, settings)
-        body = validate(schema, data)
-        check_request(body, len(uploads), settings)
-        sources = _image_sources(body, uploads)
-        images = await run_in_threadpool(_decode_all, sources, model.image_config, settings.max_pixels)
-        return JSONResponse(await service.run(task, build(body, images, settings)))
+        body, uploads = await parse_request(request, schema, settings)
+        images = await decode_images(image_sources(body, uploads), model, settings)
+        call = build(body, images, settings)
+        if getattr(body, "stream", None):
+            return await stream_task(service, task, call, model)
+        return JSONResponse(await service.run(task, call))
 
     async def endpoint(request: Request) -> Response:
         authorize(request, settings)
         model = service.model_for(task)  # 503 while loading, before the body is read
-        # The timeout covers reading the body, decoding and the queue; a call still queued when it runs
-        # out is cancelled (the worker skips it), one already running finishes unheard.
-        try:
-            return await asyncio.wait_for(handle(request, model), settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise ServiceError(
-                504, "timeout", f"no answer within the request timeout of {settings.request_timeout_s:g} s"
-            ) from None
+        return await with_timeout(handle(request, model), settings)
 
     endpoint.__name__ = task
     return endpoint
+
+
+async def parse_request(request: Request, schema: type[Schema], settings: Settings) -> tuple[Schema, Uploads]:
+    """The request's body read, validated by `schema` and checked against the limits; its file parts."""
+    data, uploads = await parse_body(request, settings)
+    body = validate(schema, data)
+    check_request(body, len(uploads), settings)
+    return body, uploads
+
+
+async def decode_images(sources: list[tuple[str, bytes]], model: Any, settings: Settings) -> list:
+    """The request's images decoded (in a thread) at `model`'s input size."""
+    return await run_in_threadpool(_decode_all, sources, model.image_config, settings.max_pixels)
+
+
+async def with_timeout(handling: Awaitable[Response], settings: Settings) -> Response:
+    """`handling` within the request timeout, else a 504. The timeout covers reading the body, decoding and
+    the queue; a call still queued when it runs out is cancelled (the worker skips it), one already running
+    finishes unheard."""
+    try:
+        return await asyncio.wait_for(handling, settings.request_timeout_s)
+    except asyncio.TimeoutError:
+        raise ServiceError(
+            504, "timeout", f"no answer within the request timeout of {settings.request_timeout_s:g} s"
+        ) from None
 
 
 def authorize(request: Request, settings: Settings) -> None:
@@ -127,11 +155,11 @@ def authorize(request: Request, settings: Settings) -> None:
         )
 
 
-def _image_sources(body: Any, uploads: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+def image_sources(body: Any, uploads: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
     """(field name, bytes) of each image of the request: its JSON strings or its file parts, not both."""
     if hasattr(body, "images"):
         texts = [(f"images[{i}]", text) for i, text in enumerate(body.images)]
-    else:  # classify: one image
+    else:  # classify, search: one image
         texts = [] if body.image is None else [("image", body.image)]
     if texts and uploads:
         raise invalid("images: give them as JSON strings or as file parts, not both")
@@ -228,7 +256,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _request_body(schema: type[BaseModel]) -> dict:
+def request_body(schema: type[BaseModel]) -> dict:
     """The OpenAPI request body of a task route: the schema as JSON, and as a multipart form whose image
     fields are file parts."""
     json_schema = schema.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -263,6 +291,27 @@ def _add_probes(app: FastAPI, service: Service) -> None:
     @app.get("/docs", include_in_schema=False)
     async def docs() -> Response:
         return HTMLResponse(DOCS_HTML)
+
+
+def _add_info(app: FastAPI, service: Service, index: SearchIndex | None) -> None:
+    @app.get("/v1/info", summary="The served models, the index and the tasks (for feature detection)")
+    async def info(request: Request) -> Response:
+        authorize(request, service.settings)
+        models = service.models
+        index_info = None if index is None else await run_in_threadpool(index.info)
+        if models is None:
+            return JSONResponse({"models": None, "index": index_info, "tasks": []})
+        names = {"model": models.model.name, "match_model": getattr(models.match_model, "name", None)}
+        return JSONResponse({"models": names, "index": index_info, "tasks": served_tasks(models, index)})
+
+
+def served_tasks(models: Models, index: SearchIndex | None) -> list[str]:
+    """The task routes the loaded checkpoints can answer: generation needs a language model, matching a
+    retrieval checkpoint (no language model: the ITC / ITM heads), search an index too."""
+    tasks = ["caption", "ask", "chat"] if models.model.config.text is not None else []
+    if models.for_role("match").config.text is None:
+        tasks += ["match", "similarity", "classify"] + (["search"] if index is not None else [])
+    return tasks + ["embed"]
 
 
 # -- errors and observation -----------------------------------------------------------------------------------

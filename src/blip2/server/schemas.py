@@ -58,6 +58,9 @@ class Generation(Body):
     early_stopping: bool | Literal["never"] | None = None
     num_return_sequences: int | None = Field(None, description="n > 1: a list of n texts per input.")
     seed: int | None = None
+    stream: bool | None = Field(
+        None, description="Server-sent events: the text as it is decoded (one image, one prompt)."
+    )
 
     def options(self) -> dict[str, Any]:
         return self.given(*GENERATION_OPTIONS)

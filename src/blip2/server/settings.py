@@ -27,11 +27,12 @@ class Settings:
     # Vision-tower outputs kept by image content (LRU); 0 turns the cache off. An entry is (257, 1408) values
     # for ViT-g: 0.7 MiB in float16, so the default holds about 180 MiB on the model's device.
     image_cache: int = 256
+    index: str | None = None  # a search index folder (`blip2 index add`): POST /v1/search, GET /v1/thumbnail
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name in ("host", "api_key"):
+            if field.name in ("host", "api_key", "index"):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise InputError(f"server setting {field.name} must be a number >= 0, got {value!r}")

@@ -63,6 +63,21 @@ class ClassifyCall:
 
 
 @dataclasses.dataclass(frozen=True)
+class SearchCall:
+    index: Any  # search.SearchIndex
+    query: dict[str, Any]  # Index.search's keyword arguments
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamCall:
+    """A caption or ask call (one image, one prompt) whose decoding steps go to `on_step` (streaming.py)."""
+
+    task: str  # "caption" or "ask"
+    call: CaptionCall | AskCall
+    on_step: Callable[[Any], None]
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
     """How a task's calls merge: `key(call)` (equal keys may merge, None never does) and `run(model,
     calls)` -> one result per call. `role` names the model it needs ("generate" or "match")."""
@@ -146,6 +161,20 @@ def _classify(model: Model, calls: list[ClassifyCall]) -> list[dict]:
     return [{"labels": model.classify(call.image, call.labels, **call.params)} for call in calls]
 
 
+def _search(model: Model, calls: list[SearchCall]) -> list[dict]:
+    return [{"hits": call.index.search(model, call.query)} for call in calls]
+
+
+def _stream(model: Model, calls: list[StreamCall]) -> list[dict]:
+    """Never merged (its key is None): the model's step callback is this one call's while it runs."""
+    (call,) = calls
+    model.on_step = call.on_step
+    try:
+        return TASKS[call.task].run(model, [call.call])
+    finally:
+        model.on_step = None
+
+
 def _frozen(options: dict[str, Any]) -> tuple:
     return tuple(sorted(options.items()))
 
@@ -164,6 +193,8 @@ TASKS: dict[str, Task] = {
         Task("similarity", "match", lambda call: ("similarity",), _similarity),
         Task("embed", "match", lambda call: ("embed",), _embed),
         Task("classify", "match", lambda call: None, _classify),
+        Task("search", "match", lambda call: None, _search),
+        Task("stream", "generate", lambda call: None, _stream),
     )
 }
 

@@ -20,6 +20,7 @@ from .. import images as image_io
 from ..config import TextConfig
 from ..errors import CheckpointError, InputError
 from ..generation import GenerationOptions, generate
+from ..generation.decoding import OnStep
 from ..generation.steppers import DecoderOnlyStepper, EncoderDecoderStepper, Stepper
 from ..loading.loader import Checkpoint
 from ..models.blip2 import Blip2Base, Blip2ForConditionalGeneration
@@ -56,6 +57,9 @@ class Engine:
         lm_family = None if config.text is None else family(config.text)  # None: retrieval, no language model
         self.template = "{}" if self.instruct else (lm_family.ask_template if lm_family else None)
         self.batch_size = DEFAULT_BATCH_SIZE
+        # Sees each decoding step's tokens (greedy and sampling; see `generation.decoding.OnStep`): set by
+        # the server around one streamed call on the thread that owns this model, None otherwise.
+        self.on_step: OnStep | None = None
 
     @property
     def batch_size(self) -> int:
@@ -157,6 +161,7 @@ class Engine:
             pad_token_id=_pad_id(text_cfg),
             attention_mask=history_mask,
             check_every=1 if prefix.device.type == "cpu" else ACCELERATOR_CHECK_EVERY,
+            on_step=self.on_step,
         )
 
     def stepper(self, prefix: Tensor, prompts: list[str]) -> tuple[Stepper, Tensor, Tensor | None]:
