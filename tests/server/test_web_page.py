@@ -243,6 +243,7 @@ def test_in_chromium_drop_paste_and_search_hits_with_thumbnails(checkpoints, dir
         return Response(base64.b64decode(TINY_PNG.split(",")[1]), media_type="image/png")
 
     app.router.add_route("/v1/search", search, methods=["POST"])
+    app.router.routes.insert(0, app.router.routes.pop())  # ahead of the real /v1/search (no index: 404)
     app.router.add_route("/thumb.png", thumb)
     try:
         with live_server(app) as url:
