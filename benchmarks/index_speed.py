@@ -25,6 +25,7 @@ thing to dropping caches without root; pages other processes hold may stay).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,18 @@ class Data:
     images_per_topic: int = 10  # topics = images / this, unless --topics says
 
 
-DATA = {"topics": Data(), "blip2": Data(aspects=4, slot_weight=1.0, noise=0.8)}
+DATA = {"topics": Data(), "blip2": Data(aspects=6, slot_weight=2.0, images_per_topic=25)}
+
+
+def with_fields(data: Data, assignments: list[str]) -> Data:
+    """`data` with FIELD=VALUE overrides, each VALUE of the field's type."""
+    fields = {}
+    for assignment in assignments:
+        key, _, value = assignment.partition("=")
+        if not hasattr(data, key):
+            raise SystemExit(f"--set: Data has no field {key!r}")
+        fields[key] = type(getattr(data, key))(value)
+    return replace(data, **fields)
 
 
 def slot_means(seed: int) -> np.ndarray:
@@ -245,11 +257,14 @@ def measure(name, params, vectors, queries, workdir, n_candidates) -> tuple[dict
 
 
 def variants(workdir, name, vectors, queries, n_candidates, nprobes, rescores) -> list[tuple[dict, list]]:
-    """The saved ANN of configuration `name` searched with other nprobe or rescore values."""
+    """The saved ANN of configuration `name` searched at every pair of the nprobe values (none: its own) and
+    the rescore values (none: RESCORE; 0: all candidates)."""
     ann = AnnIndex.load(workdir / f"ann-{name}", Q, D)
     assert ann is not None
     runs = []
-    for nprobe, rescore in [(n, RESCORE) for n in nprobes] + [(None, r) for r in rescores]:
+    if not nprobes and not rescores:
+        return runs
+    for nprobe, rescore in itertools.product(nprobes or [None], rescores or [RESCORE]):
         ann.index.nprobe = nprobe or ann.params.nprobe
         live = np.arange(len(vectors))
         times, found = latencies(vectors, live, queries, ann, n_candidates, rescore or None)
@@ -303,13 +318,21 @@ def main() -> None:
     parser.add_argument("--generate-only", action="store_true", help="write the vectors file and stop")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", choices=list(DATA), default="topics", help="the synthetic geometry (Data)")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override Data fields (calibration)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--candidates", type=int, default=1000, help="vector hits per query (n_candidates)")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--nprobe", type=int, nargs="*", default=[], help="also search each config at these")
     parser.add_argument(
-        "--rescore", type=int, nargs="*", default=[], help="... and these (0: all candidates)"
+        "--rescore",
+        type=int,
+        nargs="*",
+        default=[],
+        help="... at each of these rescore values (0: all candidates)",
     )
+    parser.add_argument("--reuse", nargs="*", default=[], choices=list(CONFIGS), help="saved ANNs to search")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/blip2-index-speed"))
     parser.add_argument("--keep", action="store_true", help="keep the vectors file for a later run")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -319,21 +342,25 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "vectors.f16"
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
-    topics = args.topics or max(10, args.images // DATA[args.data].images_per_topic)
+    data = with_fields(DATA[args.data], args.set)
+    topics = args.topics or max(10, args.images // data.images_per_topic)
 
-    if not path.exists() or path.stat().st_size != args.images * Q * D * 2:
+    # The vectors file is reused only when it was made by the same geometry, topics and seed.
+    made_by, made_by_file = dict(asdict(data), topics=topics, seed=args.seed), path.with_suffix(".json")
+    if not path.exists() or not made_by_file.exists() or json.loads(made_by_file.read_text()) != made_by:
         t = time.perf_counter()
-        generate(path, args.images, topics, args.seed, DATA[args.data])
+        generate(path, args.images, topics, args.seed, data)
+        made_by_file.write_text(json.dumps(made_by))
         print(f"# generated {path} ({path.stat().st_size / 1e9:.1f} GB) in {time.perf_counter() - t:.0f} s")
     if args.generate_only:
         return
     vectors = vectors_at(path)
-    queries = text_queries(args.queries, topics, args.seed, DATA[args.data])
+    queries = text_queries(args.queries, topics, args.seed, data)
     summary: dict = dict(images=args.images, queries=args.queries, disk_bytes_per_image=Q * D * 2)
-    summary.update(data=args.data, **asdict(DATA[args.data]))
+    summary.update(data=args.data, **made_by)
     # Speed first, recall last: on a busy machine the exact pass over a million images takes the longest.
     runs = [measure(name, CONFIGS[name], vectors, queries, workdir, args.candidates) for name in args.configs]
-    for name in args.configs or ["default"]:  # built now, or the default by an earlier run
+    for name in args.configs + args.reuse or ["default"]:  # built now, or by an earlier run
         if (workdir / f"ann-{name}").exists():
             runs += variants(workdir, name, vectors, queries, args.candidates, args.nprobe, args.rescore)
     if (workdir / "ann-default").exists():
