@@ -386,6 +386,7 @@ def main() -> None:
         args.out.write_text(json.dumps(summary, indent=1))
     if not args.keep:
         path.unlink()
+        made_by_file.unlink()
 
 
 if __name__ == "__main__":
