@@ -60,6 +60,21 @@ def test_add_reports_skipped_files_and_exits_1(capsys, tmp_path, folder, retriev
     }
 
 
+def test_a_relative_checkpoint_path_is_recorded_absolute(
+    capsys, tmp_path, folder, retrieval_checkpoints, monkeypatch
+):
+    checkpoint = retrieval_checkpoints["plain"]
+    monkeypatch.chdir(checkpoint.parent)
+    code, _, err = run(capsys, "index", "add", folder, "--index", tmp_path / "r.idx", "-m", checkpoint.name)
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path)  # search from elsewhere, without --model: the recorded checkpoint loads
+    code, out, err = run(capsys, "search", TEXT, "--index", "r.idx", "-k", "2", "--json")
+    assert code == 0, err
+    assert len(out.splitlines()) == 2
+    with Index(tmp_path / "r.idx") as index:
+        assert index.meta().model == str(checkpoint.resolve())
+
+
 def test_search_json_and_plain_equal_the_library(capsys, built, itm):
     code, out, err = run(capsys, "search", TEXT, "--index", built, "-k", 3, "--json")
     assert code == 0, err

@@ -215,9 +215,11 @@ def search_command(
 
 
 def _model_name(index_path: str, given: str | None) -> str:
-    """--model when given, else the checkpoint the index was made with, else the default retrieval one."""
+    """--model when given, else the checkpoint the index was made with, else the default retrieval one. A local
+    checkpoint directory is made absolute, so that the name the index records still finds it from another
+    working directory."""
     if given:
-        return given
+        return os.path.abspath(given) if os.path.isdir(given) else given
     if os.path.isdir(index_path):
         from ..index import Index
 
