@@ -1,0 +1,36 @@
+"""The commands as jobs: `--out FILE` runs the task over every input through `blip2.jobs`, resumable, and
+ends with a summary on stderr instead of a line per image on stdout."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+
+import click
+
+from .output import message
+
+
+def caption_job(
+    pipe, images, out: str, model: str, prompt: str | None, options, overwrite: bool, chunk_size: int | None
+):
+    """`blip2 caption IMAGES --out FILE`: one row per input with its caption or error; exit 1 when some
+    input failed in this run."""
+    from ..images import load_resized
+    from ..jobs import CHUNK_SIZE, Job, run_job
+
+    job = Job("caption", model, {"prompt": prompt, **asdict(options)}, {"caption": "string"})
+    summary = run_job(
+        images,
+        out,
+        job,
+        lambda path: load_resized(path, pipe.image_config),
+        lambda good: [{"caption": text} for text in pipe.caption(good, prompt, generation=options)],
+        batch_size=pipe.batch_size,
+        chunk_size=chunk_size or CHUNK_SIZE,
+        overwrite=overwrite,
+    )
+    for error in summary.errors:
+        click.echo(f"blip2: {message(error)}", err=True)
+    click.echo(f"blip2: {summary.line()}; rows in {message(out)}", err=True)
+    sys.exit(1 if summary.failed else 0)
