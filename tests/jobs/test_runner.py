@@ -166,3 +166,31 @@ def test_kill_9_then_resume_loses_nothing_and_doubles_nothing(
         assert row["error"] is None and row["caption"] == expected[row["source"]]
     for row in before:  # rows committed before the kill are kept as they were
         assert row in rows
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        ("captions.parquet/part-00001.parquet", b"PAR1 not really parquet"),
+        ("captions.parquet/_job.json", b"\x00\x01 not json"),
+        ("captions.parquet/_job.json", b'{"version": 99}'),
+    ],
+)
+def test_a_damaged_output_is_a_clear_error(capsys, checkpoints, library, damage):
+    out = library.parent / "captions.parquet"
+    args = ["caption", str(library / "sub"), "--out", str(out), "--model", str(checkpoints["opt"]), *GEN]
+    assert run(capsys, *args)[0] == 0
+    name, content = damage
+    (library.parent / name).write_bytes(content)
+    code, _, err = run(capsys, *args)
+    assert code == 1 and name.split("/")[1] in err and "Traceback" not in err
+
+
+def test_a_crafted_jsonl_row_is_a_clear_error(capsys, checkpoints, library):
+    out = library.parent / "captions.jsonl"
+    args = ["caption", str(library / "sub"), "--out", str(out), "--model", str(checkpoints["opt"]), *GEN]
+    assert run(capsys, *args)[0] == 0
+    with open(out, "a") as f:
+        f.write('{"source": "x", "sha256": ["unhashable"]}\n')
+    code, _, err = run(capsys, *args)
+    assert code == 1 and "captions.jsonl:4: not a row of a blip2 job" in err

@@ -24,6 +24,7 @@ from ..errors import Blip2Error
 
 MANIFEST_VERSION = 1
 _PART = "part-{:05d}.parquet"
+MAX_LINE = 1 << 24  # a JSONL row longer than this (16 MiB) is not one of ours
 
 
 class JobError(Blip2Error):
@@ -85,8 +86,8 @@ class Output:
     def remove(self) -> None:
         raise NotImplementedError
 
-    def rows(self) -> Iterator[dict[str, Any]]:
-        """The committed rows (source and sha256 at least), in the order written."""
+    def keys(self) -> Iterator[tuple[str, str | None]]:
+        """(source, sha256) of each committed row, in the order written: the inputs done."""
         raise NotImplementedError
 
     def append(self, rows: list[dict[str, Any]]) -> None:
@@ -116,15 +117,17 @@ class ParquetOutput(Output):
     def _parts(self) -> list[Path]:
         return sorted(self.path.glob("part-*.parquet"))
 
-    def rows(self) -> Iterator[dict[str, Any]]:
+    def keys(self) -> Iterator[tuple[str, str | None]]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         for part in self._parts():
             try:
                 table = pq.read_table(part, columns=["source", "sha256"])
-            except (OSError, ValueError, KeyError) as e:
+            except (OSError, ValueError, KeyError, pa.ArrowException) as e:
                 raise JobError(f"{part}: unreadable part of the job ({e})") from None
-            yield from table.to_pylist()
+            for number, row in enumerate(table.to_pylist()):
+                yield _key(row, f"{part}, row {number}")
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         import pyarrow as pa
@@ -187,16 +190,14 @@ class JsonlOutput(Output):
                 f.flush()
                 os.fsync(f.fileno())
 
-    def rows(self) -> Iterator[dict[str, Any]]:
+    def keys(self) -> Iterator[tuple[str, str | None]]:
         with open(self.path, "rb") as f:
-            for number, line in enumerate(f, 1):
+            for number, line in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1):
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line) if len(line) <= MAX_LINE else None
                 except ValueError:
                     row = None
-                if not isinstance(row, dict) or not isinstance(row.get("source"), str):
-                    raise JobError(f"{self.path}:{number}: not a row of a blip2 job")
-                yield row
+                yield _key(row, f"{self.path}:{number}")
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
@@ -208,6 +209,16 @@ class JsonlOutput(Output):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _key(row: object, where: str) -> tuple[str, str | None]:
+    """A committed row's (source, sha256), checked: the output may have been edited or crafted."""
+    if not isinstance(row, dict):
+        raise JobError(f"{where}: not a row of a blip2 job")
+    source, digest = row.get("source"), row.get("sha256")
+    if not isinstance(source, str) or not (digest is None or isinstance(digest, str)):
+        raise JobError(f"{where}: not a row of a blip2 job (source and sha256 must be text)")
+    return source, digest
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -70,16 +70,14 @@ def run_job(
     chunk_size: int = CHUNK_SIZE,
     overwrite: bool = False,
     workers: int = DECODE_WORKERS,
-    on_chunk: Callable[[int], None] | None = None,
 ) -> Summary:
     """Run `job` over the image files `inputs` expands to (folders, globs, @lists: `blip2.sources`), writing
     its rows to `out` (.parquet folder or .jsonl file). `prepare` decodes one file (an ImageError fails that
-    input alone), `run` takes a batch of prepared inputs and returns one dict of result columns each.
-    `on_chunk(n)` is called after each committed chunk of n inputs (a progress bar)."""
+    input alone), `run` takes a batch of prepared inputs and returns one dict of result columns each."""
     start = time.monotonic()
     output = open_output(out, job.identity(), job.columns, overwrite)
     found = find_images(inputs)
-    done = {(row["source"], row.get("sha256")) for row in output.rows()}
+    done = set(output.keys())
     options = json.dumps(job.options, sort_keys=True, ensure_ascii=False)
     base = {"model": job.model, "options": options, "error": None} | dict.fromkeys(job.columns)
     summary = Summary()
@@ -94,8 +92,6 @@ def run_job(
         rows = _chunk_rows(chunk, done, base, prepare, run, batch_size, workers, summary)
         if rows:
             output.append(rows)
-        if on_chunk:
-            on_chunk(len(chunk))
     failed_rows = [
         base | {"source": path, "index": index, "sha256": None, "error": reason}
         for index, path, reason in skipped
