@@ -97,6 +97,9 @@ def test_other_options_are_refused_unless_overwrite(capsys, checkpoints, library
     assert run(capsys, *args, *GEN)[0] == 0
     code, _, err = run(capsys, *args, "--beams", "1", "--max-new-tokens", "6")
     assert code == 1 and "written by another job" in err and "--overwrite" in err
+    # Checked before the model is loaded: a model that does not exist is not even looked for.
+    code, _, err = run(capsys, *args[:-1], str(library / "no-such-model"), *GEN)
+    assert code == 1 and "written by another job (model:" in err
     code, _, err = run(capsys, *args, "--beams", "1", "--max-new-tokens", "6", "--overwrite")
     assert code == 0 and "0 skipped" in err
     assert {json.loads(row["options"])["num_beams"] for row in read_rows(out)} == {1}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
 import click
@@ -72,11 +73,12 @@ def caption(
     With --out, a resumable job: IMAGES may be folders (recursive), globs or @lists, and running the same
     command again finishes what a killed run left."""
     options = _task_options("caption", generation)
-    pipe = _load(model, device, dtype, quantize, batch_size)
     if out is not None:
         from .job_commands import caption_job
 
-        caption_job(pipe, images, out, model, prompt, options, overwrite, chunk_size)
+        load = partial(_load, model, device, dtype, quantize, batch_size)
+        caption_job(load, images, out, model, prompt, options, overwrite, chunk_size)
+    pipe = _load(model, device, dtype, quantize, batch_size)
 
     failed = False
     for path, result in _each_image(

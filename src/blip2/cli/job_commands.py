@@ -4,6 +4,7 @@ ends with a summary on stderr instead of a line per image on stdout."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 
 import click
@@ -12,23 +13,31 @@ from .output import message
 
 
 def caption_job(
-    pipe, images, out: str, model: str, prompt: str | None, options, overwrite: bool, chunk_size: int | None
+    load: Callable,
+    images,
+    out: str,
+    model: str,
+    prompt: str | None,
+    options,
+    overwrite: bool,
+    chunk_size: int | None,
 ):
     """`blip2 caption IMAGES --out FILE`: one row per input with its caption or error; exit 1 when some
-    input failed in this run."""
+    input failed in this run. The output is checked (another job's? damaged?) before `load()` loads the model."""
     from ..images import load_resized
-    from ..jobs import CHUNK_SIZE, Job, run_job
+    from ..jobs import CHUNK_SIZE, Job, open_job, run_job
 
     job = Job("caption", model, {"prompt": prompt, **asdict(options)}, {"caption": "string"})
+    output = open_job(out, job, overwrite)
+    pipe = load()
     summary = run_job(
         images,
-        out,
+        output,
         job,
         lambda path: load_resized(path, pipe.image_config),
         lambda good: [{"caption": text} for text in pipe.caption(good, prompt, generation=options)],
         batch_size=pipe.batch_size,
         chunk_size=chunk_size or CHUNK_SIZE,
-        overwrite=overwrite,
     )
     for error in summary.errors:
         click.echo(f"blip2: {message(error)}", err=True)

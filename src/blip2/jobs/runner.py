@@ -20,9 +20,9 @@ from typing import Any
 from ..errors import Blip2Error
 from ..sources import find_images
 from ..tasks.batch import DECODE_WORKERS, each_input
-from .outputs import JobError, open_output
+from .outputs import JobError, Output, open_output
 
-__all__ = ["Job", "JobError", "Summary", "run_job"]
+__all__ = ["Job", "JobError", "Summary", "open_job", "run_job"]
 
 CHUNK_SIZE = 256  # rows per committed chunk: what a kill may cost, against one file per chunk
 
@@ -59,23 +59,27 @@ class Summary:
         )
 
 
+def open_job(out: str, job: Job, overwrite: bool = False) -> Output:
+    """The output of `job` at `out`, created or reopened to be continued (a JobError when it belongs to
+    another job, unless `overwrite`): done before the model is loaded, so that a mistake costs nothing."""
+    return open_output(out, job.identity(), job.columns, overwrite)
+
+
 def run_job(
     inputs: Iterable[str],
-    out: str,
+    output: Output,
     job: Job,
     prepare: Callable[[str], object],
     run: Callable[[list], Sequence[dict[str, Any]]],
     *,
     batch_size: int,
     chunk_size: int = CHUNK_SIZE,
-    overwrite: bool = False,
     workers: int = DECODE_WORKERS,
 ) -> Summary:
     """Run `job` over the image files `inputs` expands to (folders, globs, @lists: `blip2.sources`), writing
-    its rows to `out` (.parquet folder or .jsonl file). `prepare` decodes one file (an ImageError fails that
+    its rows to `output` (from `open_job`). `prepare` decodes one file (an ImageError fails that
     input alone), `run` takes a batch of prepared inputs and returns one dict of result columns each."""
     start = time.monotonic()
-    output = open_output(out, job.identity(), job.columns, overwrite)
     found = find_images(inputs)
     done = set(output.keys())
     options = json.dumps(job.options, sort_keys=True, ensure_ascii=False)
