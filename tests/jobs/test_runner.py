@@ -197,3 +197,16 @@ def test_a_crafted_jsonl_row_is_a_clear_error(capsys, checkpoints, library):
         f.write('{"source": "x", "sha256": ["unhashable"]}\n')
     code, _, err = run(capsys, *args)
     assert code == 1 and "captions.jsonl:4: not a row of a blip2 job" in err
+
+
+def test_a_part_left_half_written_by_a_kill_is_removed_unread(capsys, checkpoints, library):
+    out = library.parent / "captions.parquet"
+    args = ["caption", str(library / "sub"), "--out", str(out), "--model", str(checkpoints["opt"]), *GEN]
+    assert run(capsys, *args)[0] == 0
+    rows = read_rows(out)
+    stale = out / ".part-00001.parquet.tmp"
+    stale.write_bytes(b"PAR1 half a part")
+    code, _, err = run(capsys, *args)
+    assert code == 0 and "0 done, 3 skipped" in err
+    assert not stale.exists() and read_rows(out) == rows
+    assert sorted(p.name for p in out.iterdir()) == ["_job.json", "part-00000.parquet"]
