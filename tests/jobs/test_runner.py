@@ -210,3 +210,34 @@ def test_a_part_left_half_written_by_a_kill_is_removed_unread(capsys, checkpoint
     assert code == 0 and "0 done, 3 skipped" in err
     assert not stale.exists() and read_rows(out) == rows
     assert sorted(p.name for p in out.iterdir()) == ["_job.json", "part-00000.parquet"]
+
+
+def test_run_job_through_the_library_api(tmp_path, library):
+    """run_job with a stand-in task (the file's size as its 'caption'): chunks, progress, error rows."""
+    from blip2.errors import ImageError
+    from blip2.jobs import Job, open_job, run_job
+
+    def prepare(path):
+        if path.endswith("broken.jpg"):
+            raise ImageError(path, "broken on purpose")
+        return path
+
+    job = Job("size", "none", {"k": 1}, {"caption": "string"})
+    calls = []
+    summary = run_job(
+        [str(library)],
+        open_job(str(tmp_path / "sizes.jsonl"), job),
+        job,
+        prepare,
+        lambda paths: [{"caption": str(os.path.getsize(p))} for p in paths],
+        batch_size=2,
+        chunk_size=2,
+        progress=lambda handled, total: calls.append((handled, total)),
+    )
+    assert (summary.done, summary.failed, summary.skipped) == (5, 2, 0)
+    assert calls == [(2, 6), (4, 6), (6, 6)]  # 6 image files (broken.jpg among them), notes.txt after
+    rows = read_rows(tmp_path / "sizes.jsonl")
+    for row in rows:
+        if row["error"] is None:
+            assert row["caption"] == str(os.path.getsize(row["source"]))
+    assert {row["error"] for row in rows} - {None} == {"broken on purpose", "not an image (unknown content)"}

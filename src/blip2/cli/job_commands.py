@@ -38,8 +38,26 @@ def caption_job(
         lambda good: [{"caption": text} for text in pipe.caption(good, prompt, generation=options)],
         batch_size=pipe.batch_size,
         chunk_size=chunk_size or CHUNK_SIZE,
+        progress=_progress_bar(),
     )
     for error in summary.errors:
         click.echo(f"blip2: {message(error)}", err=True)
     click.echo(f"blip2: {summary.line()}; rows in {message(out)}", err=True)
     sys.exit(1 if summary.failed else 0)
+
+
+def _progress_bar() -> Callable[[int, int], None] | None:
+    """Images/s and ETA on stderr, on a terminal only (in a log it would break the one-line summaries)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(unit="img", file=sys.stderr, smoothing=0.1)
+
+    def show(handled: int, total: int) -> None:
+        bar.total = total
+        bar.update(handled - bar.n)
+        if handled == total:
+            bar.close()
+
+    return show

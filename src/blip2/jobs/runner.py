@@ -75,10 +75,12 @@ def run_job(
     batch_size: int,
     chunk_size: int = CHUNK_SIZE,
     workers: int = DECODE_WORKERS,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Summary:
     """Run `job` over the image files `inputs` expands to (folders, globs, @lists: `blip2.sources`), writing
     its rows to `output` (from `open_job`). `prepare` decodes one file (an ImageError fails that
-    input alone), `run` takes a batch of prepared inputs and returns one dict of result columns each."""
+    input alone), `run` takes a batch of prepared inputs and returns one dict of result columns each.
+    `progress(handled, total)` is called after each committed chunk (a progress bar)."""
     start = time.monotonic()
     found = find_images(inputs)
     done = set(output.keys())
@@ -96,6 +98,8 @@ def run_job(
         rows = _chunk_rows(chunk, done, base, prepare, run, batch_size, workers, summary)
         if rows:
             output.append(rows)
+        if progress:
+            progress(start_row + len(chunk), len(pending))
     failed_rows = [
         base | {"source": path, "index": index, "sha256": None, "error": reason}
         for index, path, reason in skipped
