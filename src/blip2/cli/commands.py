@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
 import click
 
 from ..embeddings_io import path_fields
 from ..errors import Blip2Error
-from .options import TEXT, generation_options, match_options, model_options
+from .options import TEXT, generation_options, job_options, match_options, model_options
 from .output import cell, emit, json_line, message
 from .serve_command import serve
 
@@ -49,12 +50,34 @@ cli.add_command(serve)
 @click.option(
     "--prompt", "-p", type=TEXT, default=None, help="Text the caption continues (e.g. 'a photo of')."
 )
+@job_options
 @model_options
 @generation_options
-def caption(images, prompt, model, device, dtype, quantize, batch_size, as_json, **generation):
+def caption(
+    images,
+    prompt,
+    out,
+    overwrite,
+    chunk_size,
+    model,
+    device,
+    dtype,
+    quantize,
+    batch_size,
+    as_json,
+    **generation,
+):
     """Caption IMAGES (files). Defaults: 5 beams, at most 30 new tokens; InstructBLIP checkpoints are asked
-    "A short image caption:" unless --prompt is given (as `model.caption` does)."""
+    "A short image caption:" unless --prompt is given (as `model.caption` does).
+
+    With --out, a resumable job: IMAGES may be folders (recursive), globs or @lists, and running the same
+    command again finishes what a killed run left."""
     options = _task_options("caption", generation)
+    if out is not None:
+        from .job_commands import caption_job
+
+        load = partial(_load, model, device, dtype, quantize, batch_size)
+        caption_job(load, images, out, model, prompt, options, overwrite, chunk_size)
     pipe = _load(model, device, dtype, quantize, batch_size)
 
     failed = False

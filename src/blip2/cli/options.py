@@ -123,3 +123,26 @@ def model_options(func, envvar: str = "BLIP2_MODEL", default: str | None = DEFAU
 
 def match_options(func):
     return model_options(func, envvar="BLIP2_MATCH_MODEL", default=DEFAULT_MATCH_MODEL)
+
+
+def job_options(func):
+    """--out and what goes with it: the command as a resumable job (see blip2.jobs)."""
+    options = [
+        click.option(
+            "--out",
+            "-o",
+            default=None,
+            help="Run as a resumable job writing one row per input to OUT: a .parquet folder of parts or a "
+            ".jsonl file. The same command again skips what is done.",
+        ),
+        click.option("--overwrite", is_flag=True, help="With --out: replace the output of another job."),
+        click.option(
+            "--chunk-size",
+            type=click.IntRange(min=1),
+            default=None,
+            help="With --out: rows per committed chunk, a kill loses at most one (default 256).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
