@@ -113,6 +113,16 @@ def test_not_a_job_output_is_refused(capsys, checkpoints, library):
     assert out.read_text() == '{"something": "else"}\n'
 
 
+def test_overwrite_never_empties_a_folder_holding_other_files(capsys, checkpoints, library):
+    out = library.parent / "captions.parquet"
+    args = ["caption", str(library / "sub"), "--out", str(out), "--model", str(checkpoints["opt"]), *GEN]
+    assert run(capsys, *args)[0] == 0
+    (out / "notes.txt").write_text("mine")  # a user's file that happens to sit in the output folder
+    code, _, err = run(capsys, *args[:-4], "--beams", "1", "--max-new-tokens", "6", "--overwrite")
+    assert code == 1 and "holds others (notes.txt)" in err and "Traceback" not in err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "_job.json").exists()
+
+
 def test_a_torn_jsonl_line_is_cut_and_its_row_written_again(capsys, checkpoints, library, reference):
     out = library.parent / "captions.jsonl"
     args = ["caption", str(library / "sub"), "--out", str(out), "--model", str(checkpoints["opt"]), *GEN]

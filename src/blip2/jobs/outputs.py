@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,11 +107,27 @@ class ParquetOutput(Output):
         write_atomic(self.manifest, json.dumps({"version": MANIFEST_VERSION, **identity}, indent=1).encode())
 
     def remove(self) -> None:
-        if self.path.is_dir() and not self.path.is_symlink():
-            shutil.rmtree(self.path)
-        else:
+        """Delete a job's folder for --overwrite: only the files a job writes (the manifest, parts, unfinished
+        parts), and the folder itself; a folder holding anything else is refused, not emptied."""
+        if not self.path.is_dir() or self.path.is_symlink():
             self.path.unlink()
-        self.manifest = self.path / "_job.json"
+            return
+        ours = [p for p in self.path.iterdir() if self._is_ours(p)]
+        others = sorted(p.name for p in self.path.iterdir() if not self._is_ours(p))
+        if others:
+            raise JobError(
+                f"{self.path}: --overwrite deletes only a job's own files, and this folder holds others "
+                f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); choose another --out"
+            )
+        for path in ours:
+            path.unlink()
+        self.path.rmdir()
+
+    def _is_ours(self, path: Path) -> bool:
+        name = path.name
+        plain = path.is_file() and not path.is_symlink()
+        job_file = name == "_job.json" or (name.startswith("part-") and name.endswith(".parquet"))
+        return plain and (job_file or (name.startswith(".") and name.endswith(".tmp")))
 
     def _parts(self) -> list[Path]:
         return sorted(self.path.glob("part-*.parquet"))
