@@ -6,14 +6,36 @@ from __future__ import annotations
 
 import builtins
 import functools
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from service_helpers import b64, free_port
 
+import blip2
 from blip2.server.ray_serve import REPLICA_HEADER, plan
 
+SRC = str(Path(blip2.__file__).resolve().parents[1])
+
 pytestmark = pytest.mark.ray
+
+
+def test_a_checkpoint_that_does_not_load_is_one_line_and_exit_1(tmp_path):
+    # first in the module: its own local Ray, started before the fixture's
+    pytest.importorskip("ray")
+    env = {**os.environ, "PYTHONPATH": SRC}
+    env.pop("RAY_ADDRESS", None)
+    args = ["serve", "--engine", "ray", "--model", str(tmp_path / "missing"), "--port", str(free_port())]
+    out = subprocess.run(
+        [sys.executable, "-m", "blip2", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("blip2: error:")]
+    assert errors and "no such directory" in errors[0] and "missing" in errors[0], out.stderr
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +121,10 @@ def test_without_ray_the_cli_says_what_to_install(monkeypatch, capsys):
     assert exit.value.code == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("blip2: error:")]
     assert errors and "pip install 'blip2[ray]'" in errors[0]
+
+
+def test_import_blip2_its_cli_and_the_ray_engine_module_do_not_import_ray():
+    code = "import sys, blip2, blip2.cli, blip2.server.ray_serve; print('ray' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": SRC}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr

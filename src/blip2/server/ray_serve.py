@@ -14,6 +14,7 @@ import signal
 import threading
 from typing import Any
 
+from ..errors import Blip2Error
 from .service import Loader
 from .settings import Settings
 
@@ -88,11 +89,26 @@ def start(settings: Settings, load: Loader, replicas: int | None, gpus_per_repli
     """Connect to the Ray cluster at RAY_ADDRESS (or start a local one), deploy the service with its HTTP
     proxy on the settings' host and port, and return the number of replicas once all are loaded."""
     ray, serve = import_ray()
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True)
+    # Replica logs (with any traceback) stay in Ray's log folder, not on this terminal.
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True, log_to_driver=False)
     replicas, gpus_per_replica = plan(ray.cluster_resources().get("GPU", 0.0), replicas, gpus_per_replica)
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(deployment(settings, load, replicas, gpus_per_replica), name=APP_NAME, route_prefix="/")
+    try:
+        serve.run(deployment(settings, load, replicas, gpus_per_replica), name=APP_NAME, route_prefix="/")
+    except RuntimeError:
+        raise Blip2Error(
+            f"the Ray Serve deployment did not start: {_deployment_error(serve)} "
+            "(replica logs: /tmp/ray/session_latest/logs/serve/ on the replica's node)"
+        ) from None
     return replicas
+
+
+def _deployment_error(serve: Any) -> str:
+    """The last line of the deployment's status message: a replica's exception, e.g. a checkpoint error."""
+    status = serve.status().applications[APP_NAME]
+    message = status.deployments[APP_NAME].message if APP_NAME in status.deployments else status.message
+    lines = [line for line in message.splitlines() if line.strip()]
+    return lines[-1] if lines else "no reason given"
 
 
 def run(settings: Settings, load: Loader, replicas: int | None, gpus_per_replica: float | None) -> None:
