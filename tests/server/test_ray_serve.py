@@ -52,7 +52,7 @@ def ray_service(checkpoints, retrieval_checkpoints):
     load = functools.partial(
         load_models, str(checkpoints["opt"]), str(retrieval_checkpoints["plain"]), "cpu", "float32", None
     )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # as connect() does, on 2 CPUs
     try:
         assert ray_serve.start(settings, load, replicas=2, gpus_per_replica=None) == 2
         yield f"http://127.0.0.1:{settings.port}"

@@ -85,12 +85,17 @@ def plan(gpus_in_cluster: float, replicas: int | None, gpus_per_replica: float |
     return replicas, gpus_per_replica
 
 
-def start(settings: Settings, load: Loader, replicas: int | None, gpus_per_replica: float | None) -> int:
-    """Connect to the Ray cluster at RAY_ADDRESS (or start a local one), deploy the service with its HTTP
-    proxy on the settings' host and port, and return the number of replicas once all are loaded."""
-    ray, serve = import_ray()
-    # Replica logs (with any traceback) stay in Ray's log folder, not on this terminal.
+def connect() -> None:
+    """Connect to the Ray cluster at RAY_ADDRESS, or start a local one. Replica logs (with any traceback)
+    stay in Ray's log folder rather than on this terminal."""
+    ray, _ = import_ray()
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True, log_to_driver=False)
+
+
+def start(settings: Settings, load: Loader, replicas: int | None, gpus_per_replica: float | None) -> int:
+    """Deploy the service on the connected Ray cluster with its HTTP proxy on the settings' host and port;
+    the number of replicas, once all are loaded. A `Blip2Error` naming the cause when a replica fails."""
+    ray, serve = import_ray()
     replicas, gpus_per_replica = plan(ray.cluster_resources().get("GPU", 0.0), replicas, gpus_per_replica)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     try:
@@ -112,17 +117,17 @@ def _deployment_error(serve: Any) -> str:
 
 
 def run(settings: Settings, load: Loader, replicas: int | None, gpus_per_replica: float | None) -> None:
-    """`start`, then serve until SIGTERM or Ctrl-C; then Serve drains the replicas: on a cluster of its own
+    """`connect`, `start`, then serve until SIGTERM or Ctrl-C; then Serve drains the replicas: on a cluster of its own
     it shuts down, on a shared one (RAY_ADDRESS) only this application is deleted."""
     _, serve = import_ray()
+    connect()
     stop = threading.Event()
+    # after ray.init, which installs a SIGTERM handler of its own that aborts the process
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         start(settings, load, replicas, gpus_per_replica)
         stop.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
+    finally:  # Ctrl-C too, then blip2's main reports it
         signal.signal(signal.SIGTERM, previous)
         if os.environ.get("RAY_ADDRESS"):
             serve.delete(APP_NAME)
