@@ -97,6 +97,18 @@ def test_matching_and_errors_behave_as_the_local_server(ray_service, direct, pho
     assert httpx.get(f"{ray_service}/readyz", timeout=60).status_code == 200
 
 
+def test_streaming_passes_through_the_proxy(ray_service, direct, photos):
+    import httpx
+    from test_streaming import streamed
+
+    body = {"images": [b64(photos[0])], "num_beams": 1, "max_new_tokens": 12}
+    got = httpx.post(f"{ray_service}/v1/caption", json={**body, "stream": True}, timeout=60)
+    pieces, done = streamed(got)
+    want = direct[0].caption([photos[0].read_bytes()], num_beams=1, max_new_tokens=12)
+    assert done == {"captions": want} and "".join(pieces[0]) == want[0] and len(pieces[0]) > 3
+    assert REPLICA_HEADER in got.headers
+
+
 @pytest.mark.parametrize(
     ("gpus", "replicas", "per_replica", "want"),
     [(0, None, None, (1, 0.0)), (4, None, None, (4, 1.0)), (4, None, 2, (2, 2)), (4, 3, None, (3, 1.0))],

@@ -40,20 +40,28 @@ def build_app(settings: Settings, load: Loader):
     """Run in each replica at start: its models loaded (before the replica takes traffic, so Serve routes
     only to loaded replicas), the service's app around them, and the replica header."""
     from ray import serve
-    from starlette.requests import Request
 
     from .app import create_app
 
     app = create_app(settings, load())
-    replica = serve.get_replica_context().replica_id.unique_id
-
-    @app.middleware("http")
-    async def tag_replica(request: Request, call_next):
-        response = await call_next(request)
-        response.headers[REPLICA_HEADER] = replica
-        return response
-
+    app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
     return app
+
+
+class ReplicaHeader:
+    """ASGI middleware: `X-Blip2-Replica: <replica id>` on every HTTP response (streamed ones included)."""
+
+    def __init__(self, app, replica: str):
+        self.app = app
+        self.header = (REPLICA_HEADER.lower().encode(), replica.encode())
+
+    async def __call__(self, scope, receive, send):
+        async def tagged(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, tagged if scope["type"] == "http" else send)
 
 
 def deployment(settings: Settings, load: Loader, replicas: int, gpus_per_replica: float):
@@ -67,7 +75,7 @@ def deployment(settings: Settings, load: Loader, replicas: int, gpus_per_replica
     options: dict[str, Any] = {"num_gpus": gpus_per_replica} if gpus_per_replica > 0 else {}
     return serve.deployment(
         ingress(type("Blip2Service", (), {})),
-        name="blip2",
+        name=APP_NAME,
         num_replicas=replicas,
         ray_actor_options=options,
         # the app queues, batches and answers 503 itself: let Serve hand a replica a full queue's worth
