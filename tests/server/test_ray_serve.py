@@ -140,3 +140,12 @@ def test_import_blip2_its_cli_and_the_ray_engine_module_do_not_import_ray():
     env = {**os.environ, "PYTHONPATH": SRC}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_replica_options_need_the_ray_engine(capsys):
+    from blip2.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["serve", "--replicas", "2"])
+    assert exit.value.code == 2
+    assert "need --engine ray" in capsys.readouterr().err

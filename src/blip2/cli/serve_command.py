@@ -170,6 +170,8 @@ def serve(
             f"blip2 serve needs the server extra: pip install 'blip2[server]' ({e})"
         ) from None
 
+    if engine == "local" and (replicas, num_gpus_per_replica) != (None, None):
+        raise click.UsageError("--replicas and --num-gpus-per-replica need --engine ray")
     config = Settings(**settings, api_key=_api_key(api_key_env), index=index)
     load = functools.partial(load_models, model, match_model, device, dtype, quantize)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
