@@ -4,6 +4,7 @@ imported when the command runs, so that `blip2 --help` stays fast and works with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 
@@ -111,16 +112,50 @@ def _setting_options(func):
 )
 @_setting_options
 @click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: one process (uvicorn). ray: a Ray Serve deployment, one model replica per GPU, on the "
+    "cluster at RAY_ADDRESS or a local one (pip install 'blip2[ray]').",
+)
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --engine ray: model replicas (default: one per GPU of the cluster, or 1).",
+)
+@click.option(
+    "--num-gpus-per-replica",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="With --engine ray: GPUs each replica reserves (default: 1 when the cluster has GPUs, else 0).",
+)
+@click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
-def serve(model, match_model, device, index, dtype, quantize, api_key_env, log_level, **settings):
+def serve(
+    model,
+    match_model,
+    device,
+    index,
+    dtype,
+    quantize,
+    api_key_env,
+    engine,
+    replicas,
+    num_gpus_per_replica,
+    log_level,
+    **settings,
+):
     """Serve the models over HTTP: POST /v1/caption, /v1/ask, /v1/match, /v1/similarity, /v1/embed,
     /v1/classify, /v1/search (JSON with base64 images, or multipart uploads); GET /v1/info, /healthz,
     /readyz, /metrics, /docs.
 
     The port opens at once and /readyz answers 503 until the models are loaded. Concurrent requests are
     batched into shared model calls. SIGTERM (or Ctrl-C) stops taking connections, lets the requests in
-    flight finish, then exits. Example:
+    flight finish, then exits. `--engine ray` runs the same service as a Ray Serve deployment, one model
+    replica per GPU, on the cluster at RAY_ADDRESS (or a local Ray). Example:
 
     \b
         blip2 serve --model Salesforce/blip2-opt-2.7b --match-model Salesforce/blip2-itm-vit-g
@@ -130,27 +165,23 @@ def serve(model, match_model, device, index, dtype, quantize, api_key_env, log_l
         import uvicorn
 
         from ..server.app import create_app
-        from ..server.service import Models
     except ImportError as e:
         raise click.ClickException(
             f"blip2 serve needs the server extra: pip install 'blip2[server]' ({e})"
         ) from None
 
+    if engine == "local" and (replicas, num_gpus_per_replica) != (None, None):
+        raise click.UsageError("--replicas and --num-gpus-per-replica need --engine ray")
     config = Settings(**settings, api_key=_api_key(api_key_env), index=index)
-
-    def load() -> Models:
-        from ..tasks.api import load as load_checkpoint
-
-        main = load_checkpoint(model, device=device, dtype=dtype, quantize=quantize)
-        matcher = load_checkpoint(match_model, device=device, dtype=dtype) if match_model else None
-        return Models(main, matcher)
-
+    load = functools.partial(load_models, model, match_model, device, dtype, quantize)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
     if config.api_key is None and config.host not in LOOPBACK:
         logging.getLogger("blip2.server").warning(
             "serving on %s without an API key: anyone who can reach it may use it (see --api-key-env)",
             config.host,
         )
+    if engine == "ray":
+        return _serve_on_ray(config, load, replicas, num_gpus_per_replica)
     app = create_app(config, load)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -168,6 +199,28 @@ def serve(model, match_model, device, index, dtype, quantize, api_key_env, log_l
         raise service.load_error  # blip2's main turns it into one line and an exit code
     if not server.started:
         raise click.ClickException(f"could not serve on {config.host}:{config.port} (see the log above)")
+
+
+def load_models(model, match_model, device, dtype, quantize):
+    """The service's models (blip2.server.service.Models) loaded from the command's options; module level so
+    that Ray can ship it to its replicas."""
+    from ..server.service import Models
+    from ..tasks.api import load as load_checkpoint
+
+    main = load_checkpoint(model, device=device, dtype=dtype, quantize=quantize)
+    matcher = load_checkpoint(match_model, device=device, dtype=dtype) if match_model else None
+    return Models(main, matcher)
+
+
+def _serve_on_ray(config: Settings, load, replicas: int | None, gpus_per_replica: float | None) -> None:
+    """The service on Ray Serve until SIGTERM or Ctrl-C; a one-line error when Ray is not installed."""
+    from ..server import ray_serve
+
+    try:
+        ray_serve.import_ray()
+    except ImportError as e:
+        raise click.ClickException(str(e)) from None
+    ray_serve.run(config, load, replicas, gpus_per_replica)
 
 
 def _api_key(env_name: str | None) -> str | None:
