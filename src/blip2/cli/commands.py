@@ -90,17 +90,49 @@ def caption(
 
 @cli.command()
 @click.argument("image")
-@click.argument("questions", nargs=-1, required=True, type=TEXT)
+@click.argument("questions", nargs=-1, type=TEXT)
+@click.option(
+    "--question", "-q", "asked", multiple=True, type=TEXT, help="With --out: a question (repeatable)."
+)
 @click.option("--template", type=TEXT, default=None, help="Prompt template with {} for the question.")
+@job_options
 @model_options
 @generation_options
-def ask(image, questions, template, model, device, dtype, quantize, batch_size, as_json, **generation):
+def ask(
+    image,
+    questions,
+    asked,
+    template,
+    out,
+    overwrite,
+    chunk_size,
+    model,
+    device,
+    dtype,
+    quantize,
+    batch_size,
+    as_json,
+    **generation,
+):
     """Answer QUESTIONS about IMAGE, --batch-size questions per pass (the image is decoded once). Defaults:
-    5 beams, at most 10 new tokens, length penalty -1."""
+    5 beams, at most 10 new tokens, length penalty -1.
+
+    With --out, a resumable job over IMAGE QUESTIONS... taken as images (folders, globs, @lists) and asked
+    each --question: blip2 ask photos/ --question "how many people?" --out answers.jsonl"""
+    if out is not None:
+        images, questions = (image, *questions), asked
+    hint = "--question" if out is not None else "QUESTIONS"
+    if not questions:
+        raise click.BadParameter("no question given", param_hint=hint)
     for q in questions:
         if not q.strip():
-            raise click.BadParameter("a question is empty", param_hint="QUESTIONS")
+            raise click.BadParameter("a question is empty", param_hint=hint)
     options = _task_options("ask", generation)
+    if out is not None:
+        from .job_commands import ask_job
+
+        load = partial(_load, model, device, dtype, quantize, batch_size)
+        ask_job(load, images, out, model, questions, template, options, overwrite, chunk_size)
     pipe = _load(model, device, dtype, quantize, batch_size)
     answers = _one_image(
         pipe, image, as_json, lambda decoded: pipe.ask(decoded, list(questions), template, generation=options)

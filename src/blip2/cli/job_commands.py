@@ -13,21 +13,53 @@ from .output import message
 
 
 def caption_job(
-    load: Callable,
-    images,
-    out: str,
-    model: str,
-    prompt: str | None,
-    options,
-    overwrite: bool,
-    chunk_size: int | None,
+    load: Callable, images, out: str, model: str, prompt: str | None, options, overwrite, chunk_size
 ):
-    """`blip2 caption IMAGES --out FILE`: one row per input with its caption or error; exit 1 when some
-    input failed in this run. The output is checked (another job's? damaged?) before `load()` loads the model."""
-    from ..images import load_resized
-    from ..jobs import CHUNK_SIZE, Job, open_job, run_job
+    """`blip2 caption IMAGES --out FILE`: one row per input with its caption."""
+    from ..jobs import Job
 
     job = Job("caption", model, {"prompt": prompt, **asdict(options)}, {"caption": "string"})
+    _run(
+        load,
+        images,
+        out,
+        job,
+        overwrite,
+        chunk_size,
+        lambda pipe, good: [{"caption": text} for text in pipe.caption(good, prompt, generation=options)],
+    )
+
+
+def ask_job(
+    load: Callable, images, out: str, model: str, questions, template, options, overwrite, chunk_size
+):
+    """`blip2 ask IMAGES --question Q... --out FILE`: one row per input with its `answers` (a list of
+    {question, answer}, in the order of the questions)."""
+    from ..jobs import Job
+
+    job = Job(
+        "ask",
+        model,
+        {"questions": list(questions), "template": template, **asdict(options)},
+        {"answers": "list<question:string,answer:string>"},
+    )
+
+    def answers(pipe, good: list) -> list[dict]:
+        return [
+            {"answers": [{"question": q, "answer": a} for q, a in zip(questions, asked)]}
+            for asked in (pipe.ask(image, list(questions), template, generation=options) for image in good)
+        ]
+
+    _run(load, images, out, job, overwrite, chunk_size, answers)
+
+
+def _run(load: Callable, images, out: str, job, overwrite: bool, chunk_size: int | None, run: Callable):
+    """Run `job` over `images` into `out`, `run(pipe, decoded images)` giving each image's result columns;
+    exit 1 when some input failed in this run. The output is checked (another job's? damaged?) before
+    `load()` loads the model."""
+    from ..images import load_resized
+    from ..jobs import CHUNK_SIZE, open_job, run_job
+
     output = open_job(out, job, overwrite)
     pipe = load()
     summary = run_job(
@@ -35,7 +67,7 @@ def caption_job(
         output,
         job,
         lambda path: load_resized(path, pipe.image_config),
-        lambda good: [{"caption": text} for text in pipe.caption(good, prompt, generation=options)],
+        lambda good: run(pipe, good),
         batch_size=pipe.batch_size,
         chunk_size=chunk_size or CHUNK_SIZE,
         progress=_progress_bar(),

@@ -166,9 +166,20 @@ def _schema(columns: dict[str, str]):
     import pyarrow as pa
 
     fields = [("source", pa.string()), ("index", pa.int64()), ("sha256", pa.string())]
-    fields += [(name, pa.type_for_alias(kind)) for name, kind in columns.items()]
+    fields += [(name, _arrow_type(kind)) for name, kind in columns.items()]
     fields += [("model", pa.string()), ("options", pa.string()), ("error", pa.string())]
     return pa.schema(fields)
+
+
+def _arrow_type(kind: str):
+    """A result column's pyarrow type: a pyarrow alias ("string"), or "list<a:T,b:U>" for a list of records
+    (e.g. "list<question:string,answer:string>"; a field a record lacks is null)."""
+    import pyarrow as pa
+
+    if not (kind.startswith("list<") and kind.endswith(">")):
+        return pa.type_for_alias(kind)
+    fields = [field.split(":") for field in kind[5:-1].split(",")]
+    return pa.list_(pa.struct([(name, pa.type_for_alias(alias)) for name, alias in fields]))
 
 
 class JsonlOutput(Output):

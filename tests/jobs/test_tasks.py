@@ -1,0 +1,59 @@
+"""`blip2 ask --out` and `blip2 classify --out` as jobs: rows equal the library API called directly, a re-run
+skips what is done, and a change of questions or labels is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+import blip2
+from blip2.cli import main
+
+GEN = ["--beams", "2", "--max-new-tokens", "6"]
+
+
+def run(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def read_rows(out: Path) -> list[dict]:
+    if out.suffix == ".jsonl":
+        return [json.loads(line) for line in out.read_text().splitlines()]
+    return ds.dataset(out, format="parquet").to_table().to_pylist()
+
+
+QUESTIONS = ["what is it?", "how many?"]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_ask_rows_equal_the_api_and_resume_skips(capsys, checkpoints, photos, tmp_path, suffix):
+    out = tmp_path / f"answers{suffix}"
+    paths = [str(p) for p in photos[:2]]
+    args = ["ask", *paths, "--question", QUESTIONS[0], "-q", QUESTIONS[1], "--out", str(out)]
+    args += ["-m", str(checkpoints["opt"]), *GEN]
+    code, stdout, err = run(capsys, *args)
+    assert code == 0 and stdout == "" and "2 done, 0 skipped" in err
+    model = blip2.load(checkpoints["opt"])
+    rows = {row["source"]: row for row in read_rows(out)}
+    for path in paths:
+        expected = model.ask(path, QUESTIONS, num_beams=2, max_new_tokens=6)
+        assert rows[path]["answers"] == [{"question": q, "answer": a} for q, a in zip(QUESTIONS, expected)]
+        assert json.loads(rows[path]["options"])["questions"] == QUESTIONS
+    code, _, err = run(capsys, *args)
+    assert code == 0 and "0 done, 2 skipped" in err and len(read_rows(out)) == 2
+    changed = [a if a != QUESTIONS[1] else "who?" for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(changed)
+    assert exit_info.value.code != 0 and len(read_rows(out)) == 2
+
+
+def test_ask_without_out_needs_questions(capsys, photos):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ask", str(photos[0])])
+    assert exit_info.value.code == 2 and "QUESTIONS" in capsys.readouterr().err
