@@ -252,18 +252,47 @@ def _close(writer, out: str, stopped: bool) -> None:
 
 @cli.command()
 @click.argument("image")
+@click.argument("more_images", nargs=-1, metavar="[IMAGES]...")
 @click.option("--labels", "-l", required=True, type=TEXT, help="Comma-separated labels, e.g. 'cat,dog,car'.")
 @click.option(
     "--template", type=TEXT, default="a photo of {}", show_default=True, help="Prompt with {} for the label."
 )
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep the k best labels.")
 @click.option("--rerank", is_flag=True, help="Re-rank the candidates by ITM (image and text read together).")
+@job_options
 @match_options
-def classify(image, labels, template, top_k, rerank, model, device, dtype, quantize, batch_size, as_json):
-    """Zero-shot classification of IMAGE among --labels (ITC; probabilities: softmax of similarity / 0.07)."""
+def classify(
+    image,
+    more_images,
+    labels,
+    template,
+    top_k,
+    rerank,
+    out,
+    overwrite,
+    chunk_size,
+    model,
+    device,
+    dtype,
+    quantize,
+    batch_size,
+    as_json,
+):
+    """Zero-shot classification of IMAGE among --labels (ITC; probabilities: softmax of similarity / 0.07).
+
+    With --out, a resumable job over IMAGE IMAGES... (folders, globs, @lists), one row per image."""
     names = [label.strip() for label in labels.split(",") if label.strip()]
     if not names:
         raise click.BadParameter("no labels given", param_hint="--labels")
+    if out is not None:
+        from .job_commands import classify_job
+
+        load = partial(_load, model, device, dtype, quantize, batch_size)
+        classify_job(
+            load, (image, *more_images), out, model, names, template, top_k, rerank, overwrite, chunk_size
+        )
+    if more_images:
+        raise click.BadParameter("one image, or give --out to classify many", param_hint="IMAGES")
     pipe = _load(model, device, dtype, quantize, batch_size)
     ranked = _one_image(
         pipe,

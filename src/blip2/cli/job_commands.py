@@ -53,6 +53,34 @@ def ask_job(
     _run(load, images, out, job, overwrite, chunk_size, answers)
 
 
+def classify_job(
+    load: Callable, images, out: str, model: str, labels, template, top_k, rerank, overwrite, chunk_size
+):
+    """`blip2 classify IMAGES --labels L --out FILE`: one row per input with its ranked `labels` (a list of
+    {label, score, probability, match}; match is null without --rerank)."""
+    from ..jobs import Job
+
+    options = {"labels": list(labels), "template": template, "top_k": top_k, "rerank": rerank}
+    job = Job(
+        "classify",
+        model,
+        options,
+        {"labels": "list<label:string,score:double,probability:double,match:double>"},
+    )
+    _run(
+        load,
+        images,
+        out,
+        job,
+        overwrite,
+        chunk_size,
+        lambda pipe, good: [
+            {"labels": pipe.classify(image, list(labels), template=template, top_k=top_k, rerank=rerank)}
+            for image in good
+        ],
+    )
+
+
 def _run(load: Callable, images, out: str, job, overwrite: bool, chunk_size: int | None, run: Callable):
     """Run `job` over `images` into `out`, `run(pipe, decoded images)` giving each image's result columns;
     exit 1 when some input failed in this run. The output is checked (another job's? damaged?) before
