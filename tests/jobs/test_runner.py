@@ -11,28 +11,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pyarrow.dataset as ds
 import pytest
+from job_helpers import GEN, read_rows, run
 
 import blip2
-from blip2.cli import main
-
-GEN = ["--beams", "2", "--max-new-tokens", "6"]
-
-
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
-
-def read_rows(out: Path) -> list[dict]:
-    if out.suffix == ".jsonl":
-        return [json.loads(line) for line in out.read_text().splitlines()]
-    return ds.dataset(out, format="parquet").to_table().to_pylist()
 
 
 @pytest.fixture

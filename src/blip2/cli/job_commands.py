@@ -19,15 +19,11 @@ def caption_job(
     from ..jobs import Job
 
     job = Job("caption", model, {"prompt": prompt, **asdict(options)}, {"caption": "string"})
-    _run(
-        load,
-        images,
-        out,
-        job,
-        overwrite,
-        chunk_size,
-        lambda pipe, good: [{"caption": text} for text in pipe.caption(good, prompt, generation=options)],
-    )
+
+    def captions(pipe, good: list) -> list[dict]:
+        return [{"caption": text} for text in pipe.caption(good, prompt, generation=options)]
+
+    _run(load, images, out, job, overwrite, chunk_size, captions)
 
 
 def ask_job(
@@ -67,18 +63,14 @@ def classify_job(
         options,
         {"labels": "list<label:string,score:double,probability:double,match:double>"},
     )
-    _run(
-        load,
-        images,
-        out,
-        job,
-        overwrite,
-        chunk_size,
-        lambda pipe, good: [
+
+    def ranked(pipe, good: list) -> list[dict]:
+        return [
             {"labels": pipe.classify(image, list(labels), template=template, top_k=top_k, rerank=rerank)}
             for image in good
-        ],
-    )
+        ]
+
+    _run(load, images, out, job, overwrite, chunk_size, ranked)
 
 
 def _run(load: Callable, images, out: str, job, overwrite: bool, chunk_size: int | None, run: Callable):

@@ -1,0 +1,28 @@
+"""What the job tests share: the CLI run in-process, and a job's rows read back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from blip2.cli import main
+
+GEN = ["--beams", "2", "--max-new-tokens", "6"]
+
+
+def run(capsys, *args):
+    """`blip2 ARGS` in this process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def read_rows(out: Path) -> list[dict]:
+    """A job's rows: the lines of a .jsonl, or the parts of a .parquet folder."""
+    if out.suffix == ".jsonl":
+        return [json.loads(line) for line in out.read_text().splitlines()]
+    return ds.dataset(out, format="parquet").to_table().to_pylist()
