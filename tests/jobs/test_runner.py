@@ -253,3 +253,28 @@ def test_run_job_through_the_library_api(tmp_path, library):
         if row["error"] is None:
             assert row["caption"] == str(os.path.getsize(row["source"]))
     assert {row["error"] for row in rows} - {None} == {"broken on purpose", "not an image (unknown content)"}
+
+
+def test_each_input_is_read_once_per_run(tmp_path, library, monkeypatch):
+    """Read, hashed and decoded from the same bytes: one read per input, also when a re-run skips it."""
+    from blip2.jobs import Job, inputs, open_job, run_job
+
+    reads, read = [], inputs.FileAt.read
+    monkeypatch.setattr(inputs.FileAt, "read", lambda self, name: reads.append(self.path) or read(self, name))
+    job = Job("size", "none", {}, {"caption": "string"})
+    for _ in range(2):
+        reads.clear()
+        run_job(
+            [str(library)],
+            open_job(str(tmp_path / "sizes.parquet"), job),
+            job,
+            lambda data: len(data),
+            lambda sizes: [{"caption": str(size)} for size in sizes],
+            batch_size=2,
+            chunk_size=3,
+        )
+        images = [str(p) for p in sorted(library.rglob("*.jpg")) if not p.name.startswith(".")]
+        images += [str(p) for p in sorted(library.rglob("*.png"))]
+        assert sorted(reads) == sorted(images)
+    rows = read_rows(tmp_path / "sizes.parquet")
+    assert all(row["caption"] == str(os.path.getsize(row["source"])) for row in rows if row["error"] is None)

@@ -7,8 +7,10 @@ folder fsynced: a part either exists whole or not at all. JSONL: one file, each 
 one write and fsynced; a last line torn by a kill is cut off when the job is resumed.
 
 Beside the rows, a manifest (`OUT/_job.json` for parquet, `OUT.job.json` for JSONL, replaced atomically)
-holds the job's identity: task, model and options. Readers of the parquet folder skip names starting with
-'_' or '.', so the manifest and temporary files are not read as data.
+holds the job's identity: task, model, options and the input columns kept (`extra`), with a format version
+(2: rows keyed by source, key and sha256; an output of version 1, whose rows have no key, is refused with a
+hint to --overwrite). Readers of the parquet folder skip names starting with '_' or '.', so the manifest and
+temporary files are not read as data.
 """
 
 from __future__ import annotations

@@ -114,20 +114,13 @@ def run_job(
     base = base_row(job)
     summary = Summary()
     for first in range(0, len(items), chunk_size):
-        rows, counts = rows_for(
-            items[first : first + chunk_size],
-            prepare,
-            run,
-            base,
-            done,
-            batch_size=batch_size,
-            workers=workers,
-        )
+        chunk = items[first : first + chunk_size]
+        rows, counts = rows_for(chunk, prepare, run, base, done, batch_size=batch_size, workers=workers)
         if rows:
             output.append(rows)
         summary.add(counts)
         if progress:
-            progress(first + len(rows) + counts.skipped, len(items))
+            progress(first + len(chunk), len(items))
     # Inputs that could not become items (not an image, unreadable, no such file, a bad tar member) are
     # error rows, after the items, so every input the user named is accounted for.
     failed = [x for x in expanded if isinstance(x, Failed)]
