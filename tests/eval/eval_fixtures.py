@@ -82,3 +82,36 @@ def caption_fixture(seed: int = 0) -> tuple[dict[int, list[str]], dict[int, list
     refs[8][0] = ""  # an empty reference
     refs[9] = [refs[9][0]] * 5  # identical references
     return refs, cands
+
+
+# Words and marks for generated captions: what COCO-style captions hold, glued to punctuation the way
+# people type it (the generator never glues two words together).
+WORDS = (
+    "a an the of in with on at near two three people man's woman's dog's girl boy dog cat cats horse giraffe "
+    "bus train kite surfboard pizza cake cup it's there's that's isn't aren't doesn't won't can't don't who's "
+    "what's she's he's you're we've I've I'll I'm they're we'll she'd couldn't 1 2 3 10 12 100 1,000 1,500 2.5 "
+    "3.5 3.75 4:30 9/11 50/50 24/7 1-on-1 5k $20 $5 5% 10% 2nd 21st 1990s '80s '90s 90s Dr. Mr. Mrs. Ms. Jr. vs. "
+    "Ave. St. Mt. Co. Inc. U.K. U.S. U.S.A. D.C. N.Y. T.V. TV e.g. i.e. etc. a.m. p.m. w/ w/o 3D 2x4 4x4 "
+    "A/C red/blue wi-fi t-shirt x-ray e-mail hot-dog king-size self-portrait black-and-white 3-year-old "
+    "well-known up-to-date o'clock O'Brien ma'am y'all rock'n'roll James' kids' Jones's children's cannot gonna"
+).split()
+TRAILING = [",", ".", "!", "?", ";", ":", "...", "!!", "?!", "'s", "'", ")", '"', "%", "-", ".)", '".', "'."]
+LEADING = ["(", '"', "'", "$", "``", "-", "--", "["]  # not "#": CoreNLP reads "#U.S." as a hashtag
+
+
+def generated_captions(n: int, seed: int = 0) -> list[str]:
+    """`n` caption-like lines of random words with punctuation, quotes, brackets and case changes."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        words = []
+        for i in range(rng.randint(2, 16)):
+            word = rng.choice(WORDS)
+            word = rng.choice(LEADING) + word if rng.random() < 0.1 else word
+            word = word + rng.choice(TRAILING) if rng.random() < 0.18 else word
+            word = word.upper() if rng.random() < 0.04 else word
+            words.append(word[:1].upper() + word[1:] if i == 0 and rng.random() < 0.6 else word)
+        line = " ".join(words)
+        line = f'"{line}"' if rng.random() < 0.1 else line
+        lines.append(line + rng.choice(["", "", ".", ".", "!", "?", " ."]))
+    return lines

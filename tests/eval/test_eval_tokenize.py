@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from eval_fixtures import TRICKY_CAPTIONS, caption_fixture
+from eval_fixtures import TRICKY_CAPTIONS, caption_fixture, generated_captions
 
 from blip2.eval.tokenize import ptb_tokens, tokenize
 
@@ -53,6 +53,19 @@ def test_tokens_equal_corenlp(tmp_path):
     theirs = java_tokens(lines, tmp_path)
     ours = [" ".join(t.lower() for t in ptb_tokens(line)) for line in lines]
     assert ours == theirs
+
+
+@needs_java
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tokenize_equals_corenlp_on_generated_captions(tmp_path, seed):
+    """What the metrics see (lower-cased, pycocoevalcap's punctuation dropped) on 2,000 generated captions."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
+
+    lines = generated_captions(2000, seed)
+    theirs = [
+        " ".join(w for w in line.split(" ") if w not in PUNCTUATIONS) for line in java_tokens(lines, tmp_path)
+    ]
+    assert [tokenize(line) for line in lines] == theirs
 
 
 @needs_java

@@ -3,16 +3,17 @@
 pycocoevalcap runs Stanford CoreNLP 3.4.1's `PTBTokenizer -preserveLines -lowerCase` (java) over every
 caption, then drops the tokens in its punctuation list. This module reproduces that for the text captions
 hold: words with inner hyphens, periods and slashes (`t-shirt`, `3.5-year-old`, `u.s.a`, `a/b`); numbers
-(`1,000`, `4:30`, `-5`, `.5`); clitics split off (`dog 's`, `do n't`, `ca n't`, `i 'm`, `can not`,
-`gon na`); abbreviations that keep their period (`mr.`, `st.`, `etc.`, `u.s.`, single letters; some only
+(`1,000`, `4:30`, `-5`, `.5`; `2 1/2` one token joined by a no-break space, as CoreNLP does); clitics
+split off (`dog 's`, `do n't`, `ca n't`, `i 'm`, `can not`, `gon na`); abbreviations that keep their period (`mr.`, `st.`, `etc.`, `u.s.`, single letters; some only
 before a number, `no. 5`, or when capitalised, `Pa.`); quotes made directional (`` `` `` / `''`, `` ` `` /
 `'`); brackets as `-lrb-`, `-rsb-`, ... (lower-cased by `-lowerCase`, so the punctuation list, which names
 `-LRB-`, keeps them: a pycocoevalcap quirk we keep too); `...`, `--`, runs of `!`/`?` as one token; other
 symbols alone (`$ 5`, `10 %`, `&`); `o'clock`, `ma'am`, `ol'`, `y' all`.
 
 What it does not reproduce (the java lexer knows more): URLs and e-mail addresses, SGML tags, smileys,
-Unicode escapes and most Unicode punctuation. `tests/eval/test_tokenize.py` checks it
-against the real tokenizer, when java is present, on a fixture of tricky captions.
+Unicode escapes and most Unicode punctuation, "no." ending a caption (kept or split depending on the word
+before it), "-7-11". `tests/eval/test_eval_tokenize.py` checks it against the real tokenizer, when java
+is present, on tricky captions and on generated ones (12,000 generated captions, seeds 0-5, all equal).
 """
 
 from __future__ import annotations
@@ -43,12 +44,17 @@ _W = r"[^\W_]"  # a letter or digit
 # A word: letters/digits (and underscores) joined by single hyphens, periods or slashes.
 _WORD = re.compile(r"\w+(?:[-./]\w+)*")
 _NUMBER_GROUPS = re.compile(r"\d+(?:[,:]\d+)+(?:\.\d+)?")  # 1,000  4:30  (10:30am -> 10:30 am)
-_SIGNED = re.compile(r"[-+]?\.?\d+(?:[.,]\d+)*")  # -5, +5, .5 at the start of a token
-_ACRONYM = re.compile(rf"{_W}(?:\.{_W})*", re.ASCII | re.IGNORECASE)
+_FRACTION_AFTER = re.compile(r" (\d+/\d+)(?![\w/])")
+_SIGNED = re.compile(r"[-+]?\.?\d+(?:[.,:]\d+)*")  # -5, +5, .5, -4:30 at the start of a token
+_ACRONYM = re.compile(r"[A-Za-z](?:\.[A-Za-z])*")  # u.s, e.g, a (an initial); not 3
 _LETTER_APOSTROPHE_WORD = re.compile(r"[A-HJ-XZa-hj-xz]'[A-Za-z]{2,}")  # o'clock, o'neill (not i'll, y'all)
-_VOWEL_APOSTROPHE_WORD = re.compile(r"[A-Za-z]+[aeiouyAEIOUY]'[aeiouA-Z][A-Za-z]*")  # ma'am
-_APOSTROPHE_END = re.compile(r"(?:[Oo]l|[yYlLdDjJ])'")  # ol' man, y'all -> y' all
-_OPENING_APOSTROPHE = re.compile(r"'(?:n'?|em|cause|till?|[2-9]0s)(?!\w)|'(?=\w)", re.IGNORECASE)
+_VOWEL_APOSTROPHE_WORD = re.compile(r"[A-Za-z]+[aeiouyAEIOUY]'[aeiouAEIOU][A-Za-z]*")  # ma'am, MA'AM
+_APOSTROPHE_END = re.compile(
+    r"(?:[Oo]l|[yYlLdDjJ])'(?!(?:s|m|d|ll|re|ve)(?!\w))", re.IGNORECASE
+)  # ol' man, y'all -> y' all
+_OPENING_APOSTROPHE = re.compile(
+    r"'n'?(?![\w.])|'(?:em|cause|till?|\d\ds)(?!\w)|'\d\d(?!\S)|'(?=\w)", re.IGNORECASE
+)
 _CLITIC = re.compile(r"'(?:s|m|d|ll|re|ve)(?!\w)", re.IGNORECASE)
 _SYMBOL_WORD = re.compile(r"[#@][^\W\d_]\w*")  # #tag, @home (but # 1)
 
@@ -68,7 +74,8 @@ def ptb_tokens(line: str) -> list[str]:
         if line[i].isspace():
             i, after_word = i + 1, False
             continue
-        found, i, after_word = _next(line, i, after_word, not tokens or line[i - 1].isspace())
+        at_start = not tokens or line[i - 1].isspace() or line[i - 1] in "\"'`([{"
+        found, i, after_word = _next(line, i, after_word, at_start)
         tokens.extend(found)
     return tokens
 
@@ -122,7 +129,9 @@ def _word(line: str, word: str, end: int) -> tuple[list[str], int, bool]:
         and not _more(line, end + 2)
     ):
         return [word[:-1], word[-1] + line[end : end + 2]], end + 2, True
-    if word.lower() in _SPLIT_WORDS:
+    if word.isdigit() and (m := _FRACTION_AFTER.match(line, end)):  # "2 1/2": one token, CoreNLP's NBSP
+        return [f"{word}\u00a0{m.group(1)}"], m.end(), True
+    if word.lower() in _SPLIT_WORDS and not _CLITIC.match(line, end):  # gonna's stays whole
         cut = _SPLIT_WORDS[word.lower()]
         return [word[:cut], word[cut:]], end, True
     if end < len(line) and line[end] == "." and _keeps_period(word, line[end + 1 :]):
@@ -136,18 +145,18 @@ def _keeps_period(word: str, after: str) -> bool:
     if _ACRONYM.fullmatch(word) or lower in _ABBREVIATIONS:
         return True
     if lower in _BEFORE_NUMBER:
-        return bool(re.match(r"\s*\d", after))
+        return bool(re.match(r"\s*\d|[,;:]", after))
     return lower in _CAPITALISED and word[0].isupper()
 
 
 def _apostrophe(line: str, i: int, after_word: bool) -> tuple[list[str], int, bool]:
-    """A token starting with an apostrophe: a clitic after a word ('s, 're), else an opening quote (`), a
-    contracted word ('em, 'n', '90s, 't of 'tis) or a closing quote (')."""
+    """A token starting with an apostrophe: a clitic ('s, 're), a closing quote after a word ('), else a
+    contracted word ('em, 'n', '90s, 't of 'tis), an opening quote (`) or a lone apostrophe (')."""
+    if m := _CLITIC.match(line, i):  # wherever it is: "dog's", "dog 's", "10%'s"
+        return [m.group()], m.end(), True
     if after_word:
         if line[i : i + 3].lower() == "'n'":  # rock'n'roll
             return [line[i : i + 3]], i + 3, False
-        if m := _CLITIC.match(line, i):
-            return [m.group()], m.end(), True
         return ["'"], i + 1, False
     if line[i : i + 4].lower() in ("'tis", "'twa"):
         return [line[i : i + 2]], i + 2, True
