@@ -299,6 +299,18 @@ def test_wrong_job_kind_and_bad_job_rows(coco, capsys, tmp_path):
     (folder / "part-00000.parquet").write_bytes(b"PAR1 not really")
     code, _, err = run(capsys, "eval", "caption", "-a", str(annotations), "-r", str(folder), "--no-meteor")
     assert code == 1 and "part-00000.parquet: not a readable parquet part" in err
+    (folder / "part-00000.parquet").unlink()
+    os.mkfifo(folder / "part-00000.parquet")
+    code, _, err = run(capsys, "eval", "caption", "-a", str(annotations), "-r", str(folder), "--no-meteor")
+    assert code == 1 and "part-00000.parquet: not a regular file" in err
+
+
+def test_retrieval_with_a_missing_image_names_it(retrieval_checkpoints, photos, capsys, tmp_path):
+    entries = [{"image": "missing.jpg", "caption": "a"}, {"image": photos[0].name, "caption": "b"}]
+    annotations = write(tmp_path / "ann.json", entries)
+    args = ["-a", str(annotations), "-i", str(photos[0].parent), "-m", str(retrieval_checkpoints["plain"])]
+    code, out, err = run(capsys, "eval", "retrieval", *args)
+    assert code == 1 and out == "" and "missing.jpg" in err and "Traceback" not in err
 
 
 def test_usage_errors(coco, capsys, tmp_path):

@@ -311,6 +311,9 @@ def _parquet_rows(folder: Path) -> Iterator[tuple[dict, str]]:
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder of parquet parts (a job's .parquet output)")
     parts = sorted(folder.glob("part-*.parquet"))
+    for part in parts:
+        if not part.is_file():  # a FIFO would block the reader
+            raise DataError(f"{part}: not a regular file")
     if len(parts) > MAX_PARTS or sum(p.stat().st_size for p in parts) > MAX_FILE_BYTES:
         raise DataError(f"{folder}: more parts or bytes than a job's output we read")
     try:
