@@ -38,19 +38,11 @@ def test_bleu_equals_pycocoevalcap(seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_rouge_l_equals_pycocoevalcap(seed):
+@pytest.mark.parametrize("ours_fn, oracle", [(rouge_l, Rouge), (cider_d, Cider)], ids=["rouge_l", "cider_d"])
+def test_rouge_l_and_cider_d_equal_pycocoevalcap(seed, ours_fn, oracle):
     refs, cands = tokenized(seed)
-    ours, ours_each = rouge_l(refs, cands)
-    theirs, theirs_each = Rouge().compute_score(refs, cands)
-    close(ours, float(theirs))
-    close(ours_each, list(theirs_each))
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_cider_d_equals_pycocoevalcap(seed):
-    refs, cands = tokenized(seed)
-    ours, ours_each = cider_d(refs, cands)
-    theirs, theirs_each = Cider().compute_score(refs, cands)
+    ours, ours_each = ours_fn(refs, cands)
+    theirs, theirs_each = oracle().compute_score(refs, cands)
     close(ours, float(theirs))
     close(ours_each, list(theirs_each))
 

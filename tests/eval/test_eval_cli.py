@@ -27,6 +27,11 @@ def run(capsys, *args):
     return exit_info.value.code, out, err
 
 
+def eval_caption(capsys, annotations: Path, results: Path, *more: str):
+    """`blip2 eval caption -a ANNOTATIONS -r RESULTS MORE...`: (exit code, stdout, stderr)."""
+    return run(capsys, "eval", "caption", "-a", str(annotations), "-r", str(results), *more)
+
+
 def write(path: Path, data) -> Path:
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
@@ -50,18 +55,7 @@ def test_caption_table_and_json_equal_pycocoevalcap(coco, capsys, tmp_path):
 
     annotations, results, refs, cands = coco
     out_file = tmp_path / "scores.json"
-    code, out, err = run(
-        capsys,
-        "eval",
-        "caption",
-        "-a",
-        str(annotations),
-        "-r",
-        str(results),
-        "--no-meteor",
-        "--json",
-        str(out_file),
-    )
+    code, out, err = eval_caption(capsys, annotations, results, "--no-meteor", "--json", str(out_file))
     assert code == 0, err
     result = json.loads(out_file.read_text())
     gts = {k: [tokenize(c) for c in v] for k, v in refs.items()}
@@ -315,17 +309,7 @@ def test_retrieval_with_a_missing_image_names_it(retrieval_checkpoints, photos, 
 
 def test_usage_errors(coco, capsys, tmp_path):
     annotations, results, _, _ = coco
-    code, _, err = run(
-        capsys,
-        "eval",
-        "caption",
-        "-a",
-        str(annotations),
-        "-r",
-        str(results),
-        "--json",
-        str(tmp_path / "no" / "x.json"),
-    )
+    code, _, err = eval_caption(capsys, annotations, results, "--json", str(tmp_path / "no" / "x.json"))
     assert code == 2 and "--json" in err
     code, _, err = run(capsys, "eval", "retrieval", "-a", str(annotations), "-i", str(tmp_path / "none"))
     assert code == 2 and "is not a folder" in err

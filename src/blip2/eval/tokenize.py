@@ -34,13 +34,11 @@ _ABBREVIATIONS = frozenset(
 )
 _BEFORE_NUMBER = frozenset("no fig pp art nos op ca".split())
 _CAPITALISED = frozenset("ill mass la ore pa tex wash del".split())
-_CLITICS = frozenset(["s", "m", "d", "ll", "re", "ve"])
 _BRACKETS = {"(": "-LRB-", ")": "-RRB-", "[": "-LSB-", "]": "-RSB-", "{": "-LCB-", "}": "-RCB-"}
 # CoreNLP 3.4.1 normalises currency signs and fractions.
 _NORMALISED = {"€": "$", "£": "#", "½": "1/2", "¼": "1/4", "¾": "3/4"}
 _SPLIT_WORDS = {"cannot": 3, "gonna": 3, "gotta": 3, "wanna": 3, "lemme": 3, "gimme": 3}  # where to cut
 
-_W = r"[^\W_]"  # a letter or digit
 # A word: letters/digits (and underscores) joined by single hyphens, periods or slashes.
 _WORD = re.compile(r"\w+(?:[-./]\w+)*")
 _NUMBER_GROUPS = re.compile(r"\d+(?:[,:]\d+)+(?:\.\d+)?")  # 1,000  4:30  (10:30am -> 10:30 am)
@@ -60,7 +58,9 @@ _SYMBOL_WORD = re.compile(r"[#@][^\W\d_]\w*")  # #tag, @home (but # 1)
 
 
 def tokenize(caption: str) -> str:
-    """One caption as pycocoevalcap scores it: PTB tokens, lower-cased, punctuation dropped, one space apart."""
+    """One caption as pycocoevalcap scores it: PTB tokens, lower-cased, punctuation dropped, one space apart.
+    Newlines are spaces, as pycocoevalcap makes them (other line breaks, which would shift its java
+    tokenizer's output lines against its captions, are spaces here too)."""
     lowered = (t.lower() for t in ptb_tokens(caption.replace("\n", " ")))
     return " ".join(t for t in lowered if t not in PUNCTUATION)
 
@@ -69,7 +69,7 @@ def ptb_tokens(line: str) -> list[str]:
     """PTB tokens of one line, before lower-casing (brackets as -LRB- etc.)."""
     tokens: list[str] = []
     i, n = 0, len(line)
-    after_word = False  # the previous token ended right here, with no space: clitics attach to it
+    after_word = False  # the previous token is a word that ends right here: an apostrophe closes a quote
     while i < n:
         if line[i].isspace():
             i, after_word = i + 1, False
