@@ -67,7 +67,7 @@ def test_caption_table_and_json_equal_pycocoevalcap(coco, capsys, tmp_path):
         assert result["metrics"][name] == pytest.approx(value, rel=1e-12)
         assert f"{100 * value:.2f}" in next(line for line in out.splitlines() if line.startswith(name + " "))
     assert result["metrics"]["METEOR"] == "n/a (skipped)"
-    assert result["counts"] == {"annotated": 36, "evaluated": 36, "missing": 0, "failed": 0}
+    assert result["counts"] == {"annotated": 36, "evaluated": 36, "missing": 0, "failed": 0, "ignored": 0}
     assert set(result["per_image"]) == {str(k) for k in refs}
     assert "evaluated 36 of 36 annotated images" in err
 
@@ -131,7 +131,27 @@ def test_caption_results_from_a_caption_job(checkpoints, photos, capsys, tmp_pat
         "-",
     )
     assert scores[0]["metrics"] == scores[1]["metrics"] == json.loads(text)["metrics"]
-    assert scores[0]["counts"] == {"annotated": 4, "evaluated": 4, "missing": 0, "failed": 0}
+    # photos[4] is not annotated: its row is ignored
+    assert scores[0]["counts"] == {"annotated": 4, "evaluated": 4, "missing": 0, "failed": 0, "ignored": 1}
+
+
+def test_missing_and_ignored_results_are_counted(coco, capsys, tmp_path):
+    annotations, _, _, cands = coco
+    results = [{"image_id": k, "caption": v[0]} for k, v in cands.items() if k < 30]
+    results.append({"image_id": 1000, "caption": "an image of another split"})
+    path = write(tmp_path / "partial.json", results)
+    code, out, err = eval_caption(capsys, annotations, path, "--no-meteor", "--json", "-")
+    assert code == 0
+    assert json.loads(out)["counts"] == {
+        "annotated": 36,
+        "evaluated": 30,
+        "missing": 6,
+        "failed": 0,
+        "ignored": 1,
+    }
+    assert (
+        "evaluated 30 of 36 annotated images; 6 without a caption; 1 results for images not annotated" in err
+    )
 
 
 def vqa_files(tmp_path: Path):
@@ -183,6 +203,7 @@ def test_vqa_from_results_json_and_from_an_ask_job(capsys, tmp_path):
         ], "error": None},
         {"source": "/d/COCO_val2014_000000000007.jpg", "answers": [{"question": "Is it raining?", "answer": "yes"}], "error": None},
         {"source": "/d/COCO_val2014_000000000008.jpg", "answers": None, "error": "truncated"},
+        {"source": "/d/holiday.jpg", "answers": [{"question": "Is it raining?", "answer": "no"}], "error": None},
     ]  # fmt: skip
     job.write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, out, err = run(
@@ -190,6 +211,13 @@ def test_vqa_from_results_json_and_from_an_ask_job(capsys, tmp_path):
     )
     assert code == 0, err
     assert json.loads(out)["metrics"] == result["metrics"]
+    assert json.loads(out)["counts"] == {
+        "annotated": 3,
+        "evaluated": 3,
+        "missing": 0,
+        "failed": 0,
+        "ignored": 2,
+    }
     code, out, _ = run(capsys, "eval", "vqa", "-q", str(questions), "-a", str(annotations), "-r", str(job))
     assert out.splitlines()[0].split() == ["accuracy", f"{100 * expected['overall']:.2f}"]
 
@@ -248,7 +276,7 @@ def test_bad_annotation_files_name_the_file_and_field(content, words, capsys, tm
 @pytest.mark.parametrize(
     "results, words",
     [
-        ([{"image_id": 999, "caption": "x"}], "image_id 999 is not an image of the annotations"),
+        ([{"image_id": 999, "caption": "x"}], "no caption for any image"),
         (
             [{"image_id": 0, "caption": "x"}, {"image_id": 0, "caption": "y"}],
             "a second caption for image_id 0",
@@ -315,3 +343,15 @@ def test_usage_errors(coco, capsys, tmp_path):
     assert code == 2 and "is not a folder" in err
     code, _, err = run(capsys, "eval", "retrieval", "-a", str(annotations), "-i", str(tmp_path), "--k", "0")
     assert code == 2
+
+
+def test_vqa_bad_results(capsys, tmp_path):
+    questions, annotations, _ = vqa_files(tmp_path)
+    twice = write(
+        tmp_path / "twice.json", [{"question_id": 1, "answer": "a"}, {"question_id": 1, "answer": "b"}]
+    )
+    code, _, err = run(capsys, "eval", "vqa", "-q", str(questions), "-a", str(annotations), "-r", str(twice))
+    assert code == 1 and f"{twice}: [1]: a second answer for question_id 1" in err
+    bad = write(tmp_path / "a2.json", {"annotations": [{"question_id": 5, "answers": []}]})
+    code, _, err = run(capsys, "eval", "vqa", "-q", str(questions), "-a", str(bad), "-r", str(twice))
+    assert code == 1 and "annotations[0]: question_id 5 is not in" in err

@@ -148,8 +148,10 @@ def _finish(
 def _note_counts(counts: dict[str, int], items: str, missing: str | None) -> None:
     line = f"blip2: evaluated {counts['evaluated']} of {counts['annotated']} annotated {items}"
     if counts["missing"]:
-        line += f" ({counts['missing']} {missing}"
-        line += f", {counts['failed']} of them failed in the job)" if counts["failed"] else ")"
+        line += f"; {counts['missing']} {missing}"
+        line += f" ({counts['failed']} failed in the job)" if counts["failed"] else ""
+    if counts["ignored"]:
+        line += f"; {counts['ignored']} results for {items} not annotated (or in another split) ignored"
     click.echo(line, err=True)
 
 

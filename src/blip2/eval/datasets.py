@@ -161,50 +161,59 @@ def _lavis_captions(data: list, where: str) -> CaptionData:
 
 
 # -- caption results ----------------------------------------------------------------------------------------
-def read_caption_results(path: str | Path, annotations: CaptionData) -> tuple[dict[Hashable, str], int]:
-    """One caption per annotated image, from COCO results JSON or a caption job's output; and how many
-    job rows failed (their images have no caption)."""
+@dataclass
+class Found:
+    """Results matched to annotated items (image keys or question ids), with what could not be used: job
+    rows that failed (their item has no result) and results for items not evaluated (not annotated, or
+    in another split), which are ignored."""
+
+    results: dict[Any, str] = field(default_factory=dict)
+    failed: int = 0
+    ignored: int = 0
+
+
+def read_caption_results(path: str | Path, annotations: CaptionData) -> Found:
+    """One caption per annotated image, from COCO results JSON or a caption job's output (see `Found`)."""
     if _is_job_output(path):
         rows = [
             (source, _get(row, "caption", (str, type(None)), where), row.get("error"))
             for source, row, where in _job_rows(path, "caption")
         ]
         return _by_file_name(rows, annotations, str(path))
-    data = read_json_file(path)
-    results: dict[Hashable, str] = {}
-    for i, entry in enumerate(_list(data, "results", str(path))):
+    found = Found()
+    for i, entry in enumerate(_list(read_json_file(path), "results", str(path))):
         at = f"{path}: [{i}]"
         key = _get(entry, "image_id", (int, str), at)
-        if key not in annotations.refs:
-            raise DataError(f"{at}: image_id {key!r} is not an image of the annotations")
-        if key in results:
-            raise DataError(f"{at}: a second caption for image_id {key!r}")
-        results[key] = _get(entry, "caption", str, at)
-    return results, 0
+        caption = _get(entry, "caption", str, at)
+        _add(found, key, caption, key in annotations.refs, f"{at}: a second caption for image_id {key!r}")
+    return found
 
 
-def _by_file_name(
-    rows: list[tuple[str, str | None, Any]], annotations: CaptionData, where: str
-) -> tuple[dict[Hashable, str], int]:
+def _add(found: Found, key: Any, result: str, wanted: bool, twice: str) -> None:
+    if not wanted:
+        found.ignored += 1
+    elif key in found.results:
+        raise DataError(twice)
+    else:
+        found.results[key] = result
+
+
+def _by_file_name(rows: list[tuple[str, str | None, Any]], annotations: CaptionData, where: str) -> Found:
     """Job rows (source path, caption, error) matched to annotated images by file name (the path's last
-    part). Sources that are not annotated images are ignored: a job may have captioned a whole folder."""
+    part). Rows of other files are ignored: a job may have captioned a whole folder."""
     by_name: dict[str, Hashable] = {}
     for key, name in annotations.files.items():
         if key in annotations.refs:
             by_name.setdefault(PurePosixPath(name).name, key)
-    results: dict[Hashable, str] = {}
-    failed = 0
+    found = Found()
     for source, caption, error in rows:
-        key = by_name.get(PurePosixPath(source.replace("\\", "/")).name)
-        if key is None:
-            continue
-        if key in results:
-            raise DataError(f"{where}: two rows for the image file {PurePosixPath(source).name!r}")
-        if caption is None or error is not None:
-            failed += 1
-            continue
-        results[key] = caption
-    return results, failed
+        name = PurePosixPath(source.replace("\\", "/")).name
+        key = by_name.get(name)
+        if key is not None and (caption is None or error is not None):
+            found.failed += 1
+        else:
+            _add(found, key, caption or "", key is not None, f"{where}: two rows for the image file {name!r}")
+    return found
 
 
 # -- VQA ----------------------------------------------------------------------------------------------------
@@ -238,39 +247,39 @@ def read_vqa(questions_path: str | Path, annotations_path: str | Path) -> list[V
     return out
 
 
-def read_vqa_results(path: str | Path, questions: list[VqaQuestion]) -> tuple[dict[int, str], int]:
+def read_vqa_results(path: str | Path, questions: list[VqaQuestion]) -> Found:
     """Predicted answers by question id, from VQA results JSON or an ask job's output (matched by image id,
-    from the file name, and question text); and how many job rows failed."""
+    from the file name, and question text); see `Found`."""
     if _is_job_output(path):
         return _answers_from_job(path, questions)
     known = {q.question_id for q in questions}
-    results: dict[int, str] = {}
+    found = Found()
     for i, entry in enumerate(_list(read_json_file(path), "results", str(path))):
         at = f"{path}: [{i}]"
         qid = _get(entry, "question_id", int, at)
-        if qid not in known:
-            raise DataError(f"{at}: question_id {qid} is not an annotated question")
-        results[qid] = _get(entry, "answer", str, at)
-    return results, 0
+        answer = _get(entry, "answer", str, at)
+        _add(found, qid, answer, qid in known, f"{at}: a second answer for question_id {qid}")
+    return found
 
 
-def _answers_from_job(path: str | Path, questions: list[VqaQuestion]) -> tuple[dict[int, str], int]:
+def _answers_from_job(path: str | Path, questions: list[VqaQuestion]) -> Found:
     wanted = {(q.image_id, q.question.strip()): q.question_id for q in questions}
-    results: dict[int, str] = {}
-    failed = 0
+    images = {q.image_id for q in questions}
+    found = Found()
     for source, row, where in _job_rows(path, "ask"):
         digits = re.search(r"(\d+)\D*$", PurePosixPath(source.replace("\\", "/")).name)
-        if digits is None:
-            continue
-        if row.get("error") is not None or row.get("answers") is None:
-            failed += 1
-            continue
-        for j, pair in enumerate(_list(row, "answers", where)):
-            question = _get(pair, "question", str, f"{where}.answers[{j}]")
-            qid = wanted.get((int(digits.group(1)), question.strip()))
-            if qid is not None:
-                results[qid] = _get(pair, "answer", str, f"{where}.answers[{j}]")
-    return results, failed
+        image = int(digits.group(1)) if digits else None
+        if image not in images:
+            found.ignored += 1
+        elif row.get("error") is not None or row.get("answers") is None:
+            found.failed += 1
+        else:
+            for j, pair in enumerate(_list(row, "answers", where)):
+                at = f"{where}.answers[{j}]"
+                qid = wanted.get((image, _get(pair, "question", str, at).strip()))
+                answer = _get(pair, "answer", str, at)
+                _add(found, qid, answer, qid is not None, f"{at}: a second answer for question_id {qid}")
+    return found
 
 
 # -- job outputs --------------------------------------------------------------------------------------------

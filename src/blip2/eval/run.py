@@ -34,12 +34,12 @@ def evaluate_captions(
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr-D of `results` against `annotations` (see `datasets`), over
     the annotated images that have a caption. METEOR is a float, or "n/a (why)" without java or its jar."""
     data = datasets.read_caption_annotations(annotations, split)
-    found, failed = datasets.read_caption_results(results, data)
-    keys = [k for k in data.refs if k in found]
+    found = datasets.read_caption_results(results, data)
+    keys = [k for k in data.refs if k in found.results]
     if not keys:
         raise datasets.DataError(f"{results}: no caption for any image of {annotations}")
     refs = {k: [tokenize(c) for c in data.refs[k]] for k in keys}
-    cands = {k: [tokenize(found[k])] for k in keys}
+    cands = {k: [tokenize(found.results[k])] for k in keys}
     (b1, b2, b3, b4), bleu_each = captions.bleu(refs, cands)
     rouge, rouge_each = captions.rouge_l(refs, cands)
     cider, cider_each = captions.cider_d(refs, cands)
@@ -50,12 +50,7 @@ def evaluate_captions(
     }
     metrics["METEOR"] = _meteor(refs, cands, keys, meteor_jar, per_image) if with_meteor else "n/a (skipped)"
     metrics["ROUGE-L"], metrics["CIDEr"] = rouge, cider
-    counts = {
-        "annotated": len(data.refs),
-        "evaluated": len(keys),
-        "missing": len(data.refs) - len(keys),
-        "failed": failed,
-    }
+    counts = _counts(len(data.refs), len(keys), found)
     return {"task": "caption", "metrics": metrics, "counts": counts, "per_image": per_image}
 
 
@@ -73,22 +68,30 @@ def evaluate_vqa(questions: str | Path, annotations: str | Path, results: str | 
     """VQA accuracy (official normalisation and 10-annotator rule) of `results` on the annotated questions
     that have an answer: overall and per answer type."""
     annotated = datasets.read_vqa(questions, annotations)
-    answers, failed = datasets.read_vqa_results(results, annotated)
-    if not answers:
+    found = datasets.read_vqa_results(results, annotated)
+    if not found.results:
         raise datasets.DataError(f"{results}: no answer to any question of {annotations}")
-    scores = vqa.evaluate(annotated, answers)
+    scores = vqa.evaluate(annotated, found.results)
     metrics = {
         "accuracy": scores["overall"],
         **{f"accuracy ({t})": v for t, v in scores["per_answer_type"].items()},
     }
-    counts = {
-        "annotated": len(annotated),
-        "evaluated": scores["questions"],
-        "missing": len(annotated) - scores["questions"],
-        "failed": failed,
-    }
+    counts = _counts(len(annotated), scores["questions"], found)
     per_question = {str(q): v for q, v in scores["per_question"].items()}
     return {"task": "vqa", "metrics": metrics, "counts": counts, "per_question": per_question}
+
+
+def _counts(annotated: int, evaluated: int, found: datasets.Found) -> dict[str, int]:
+    """What was evaluated: `missing` items have no result (`failed` of them failed in the job); `ignored`
+    results are for items not annotated (or in another split)."""
+    missing = annotated - evaluated
+    return {
+        "annotated": annotated,
+        "evaluated": evaluated,
+        "missing": missing,
+        "failed": found.failed,
+        "ignored": found.ignored,
+    }
 
 
 def evaluate_retrieval(
