@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from blip2.eval.retrieval import ranks, recall, rerank, rerank_both, retrieval_metrics, top_k
+from blip2.eval.retrieval import lavis_text, ranks, recall, rerank, rerank_both, retrieval_metrics, top_k
 from blip2.eval.run import evaluate_retrieval, itc_matrix, itm_logits
 from blip2.tasks.api import load_retrieval
 
@@ -24,6 +24,19 @@ def test_ranks_count_ties_against_the_query():
         ]
     )
     assert ranks(scores, [[0], [1], [2], [1, 2]]) == [0, 1, 2, 0]
+
+
+@pytest.mark.parametrize(
+    "caption, text",
+    [
+        ("A Dog (left) runs!", "a dog left runs"),
+        ("  two cats;  one: black.\n", "two cats one black"),
+        ("it's a man's t-shirt, 3.5 m", "it's a man's t-shirt, 3 5 m"),
+        (" ".join(["w"] * 60), " ".join(["w"] * 50)),
+    ],
+)
+def test_lavis_text(caption, text):
+    assert lavis_text(caption) == text
 
 
 def test_recall_at_k():

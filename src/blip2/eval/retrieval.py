@@ -2,7 +2,7 @@
 re-ranking of the top k, as LAVIS evaluates BLIP-2 (`blip2_qformer.compute_sim_matrix` and
 `tasks/retrieval.py`'s `_report_metrics`).
 
-ITC: every image against every text, the best cosine over the 32 query tokens (`Blip2.similarity`).
+Texts are first normalised as LAVIS's caption processor does (`lavis_text`). ITC: every image against every text, the best cosine over the 32 query tokens (`Blip2.similarity`).
 Re-ranking (LAVIS): for each image, its k best texts by ITC get the score ITM + ITC, where ITM is the ITM
 head's match logit (class 1, averaged over the queries: LAVIS's `compute_itm`, not a probability); the other
 texts drop below them (LAVIS writes -100, we write -inf). The same for each text and its k best images. The
@@ -15,12 +15,21 @@ as much as the best ground truth), so a model that scores everything alike gets 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 RECALL_AT = (1, 5, 10)
+MAX_WORDS = 50  # LAVIS's caption processor keeps the first 50 words
+
+
+def lavis_text(caption: str, max_words: int = MAX_WORDS) -> str:
+    """A caption as LAVIS's retrieval evaluation reads it (`BlipCaptionProcessor.pre_caption`): lower-cased,
+    the marks . ! " ( ) * # : ; ~ made spaces, spaces collapsed, at most `max_words` words."""
+    text = re.sub(r"\s{2,}", " ", re.sub(r"([.!\"()*#:;~])", " ", caption.lower())).rstrip("\n").strip(" ")
+    return " ".join(text.split(" ")[:max_words])
 
 
 def ranks(scores: Tensor, truth: Sequence[Sequence[int]]) -> list[int]:

@@ -99,13 +99,13 @@ def evaluate_retrieval(
 ) -> dict[str, Any]:
     """R@1/5/10 both ways, with ITC alone and with ITC + ITM re-ranking of the top `k` (see `retrieval`),
     of `model` on the annotated images (files under `images`) and their captions."""
-    from .retrieval import rerank_both, retrieval_metrics
+    from .retrieval import lavis_text, rerank_both, retrieval_metrics
 
     data = datasets.read_caption_annotations(annotations, split)
     folder = Path(images)
     keys = list(data.refs)
     paths = [str(folder / data.files[key]) for key in keys]
-    texts = [caption for key in keys for caption in data.refs[key]]
+    texts = [lavis_text(caption) for key in keys for caption in data.refs[key]]
     text_image = [i for i, key in enumerate(keys) for _ in data.refs[key]]
     image_texts: list[list[int]] = [[] for _ in keys]
     for t, i in enumerate(text_image):
