@@ -355,3 +355,12 @@ def test_vqa_bad_results(capsys, tmp_path):
     bad = write(tmp_path / "a2.json", {"annotations": [{"question_id": 5, "answers": []}]})
     code, _, err = run(capsys, "eval", "vqa", "-q", str(questions), "-a", str(bad), "-r", str(twice))
     assert code == 1 and "annotations[0]: question_id 5 is not in" in err
+
+
+def test_retrieval_reads_the_annotations_before_the_model(capsys, tmp_path):
+    bad = tmp_path / "ann.json"
+    bad.write_text('[{"image": "/abs.jpg", "caption": "x"}]')
+    code, _, err = run(
+        capsys, "eval", "retrieval", "-a", str(bad), "-i", str(tmp_path), "-m", str(tmp_path / "no-model")
+    )
+    assert code == 1 and f"{bad}: [0]: image file name '/abs.jpg' is not a relative path" in err

@@ -102,15 +102,17 @@ def vqa_command(questions, annotations, results, json_out):
 def retrieval_command(annotations, images, model, k, split, device, dtype, batch_size, json_out):
     """Image-text retrieval R@1/5/10, image->text and text->image, with ITC alone and with the top k
     re-ranked by ITC + ITM (as LAVIS evaluates BLIP-2; the paper uses k=128)."""
+    from ..eval.datasets import read_caption_annotations
     from ..eval.run import evaluate_retrieval
     from ..tasks.api import load
 
     _check_out(json_out)
     if not Path(images).is_dir():
         raise click.BadParameter(f"{message(images)} is not a folder", param_hint="--images")
+    data = read_caption_annotations(annotations, split)  # a bad file fails before the model loads
     pipe = load(model, device=device, dtype=dtype)
     pipe.batch_size = batch_size
-    result = evaluate_retrieval(pipe, annotations, images, split, k)
+    result = evaluate_retrieval(pipe, data, images, split, k)
     result["model"] = model
     _finish(result, json_out, _retrieval_rows(result["metrics"]), None, None)
 

@@ -95,13 +95,20 @@ def _counts(annotated: int, evaluated: int, found: datasets.Found) -> dict[str, 
 
 
 def evaluate_retrieval(
-    model: Blip2, annotations: str | Path, images: str | Path, split: str | None = "test", k: int = 128
+    model: Blip2,
+    annotations: str | Path | datasets.CaptionData,
+    images: str | Path,
+    split: str | None = "test",
+    k: int = 128,
 ) -> dict[str, Any]:
     """R@1/5/10 both ways, with ITC alone and with ITC + ITM re-ranking of the top `k` (see `retrieval`),
-    of `model` on the annotated images (files under `images`) and their captions."""
+    of `model` on the annotated images (files under `images`) and their captions (`annotations`: a file,
+    or what `datasets.read_caption_annotations` read from one)."""
     from .retrieval import lavis_text, rerank_both, retrieval_metrics
 
-    data = datasets.read_caption_annotations(annotations, split)
+    data = annotations
+    if not isinstance(data, datasets.CaptionData):  # else already read (the CLI reads it before loading)
+        data = datasets.read_caption_annotations(data, split)
     folder = Path(images)
     keys = list(data.refs)
     paths = [str(folder / data.files[key]) for key in keys]
