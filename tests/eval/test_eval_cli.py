@@ -224,6 +224,7 @@ def test_vqa_from_results_json_and_from_an_ask_job(capsys, tmp_path):
 
 def test_retrieval_command(retrieval_checkpoints, photos, capsys, tmp_path):
     entries = [{"image": p.name, "caption": [f"a photo of {p.stem}", "something"]} for p in photos]
+    entries.append({"image": "uncaptioned.jpg", "caption": []})  # not evaluated
     annotations = write(tmp_path / "ann.json", entries)
     args = [
         "eval",

@@ -142,7 +142,9 @@ def _karpathy_captions(data: dict, where: str, split: str | None) -> CaptionData
             raise DataError(f"{at}: its id ({key!r}) is not a number or text, or repeats another image's")
         out.files[key] = safe_name(f"{folder}/{name}" if folder else name, at)
         sentences = _list(image, "sentences", at)
-        out.refs[key] = [_get(s, "raw", str, f"{at}.sentences[{j}]") for j, s in enumerate(sentences)]
+        raw = [_get(s, "raw", str, f"{at}.sentences[{j}]") for j, s in enumerate(sentences)]
+        if raw:  # an image without a caption is not evaluated
+            out.refs[key] = raw
     return out
 
 
