@@ -20,7 +20,10 @@ import click
 
 from ..errors import Blip2Error, InputError
 from .commands import cli
+from .eval_commands import eval_group
 from .output import message
+
+cli.add_command(eval_group)
 
 
 def main(argv: list[str] | None = None) -> None:
