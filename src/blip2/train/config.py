@@ -181,10 +181,12 @@ def parse_config(data: Mapping[str, Any], base: Path = Path(".")) -> TrainConfig
     unknown = sorted(str(k) for k in data if k not in known)
     if unknown:
         raise _fail(unknown[0], f"unknown field (known: {', '.join(sorted(known))})")
-    for name in ("stage", "model", "data", "run_dir"):
+    if data.get("stage") is None:
+        raise _fail("stage", "is required")
+    stage = _int("stage", data["stage"], 1, 2)
+    for name in ("model", "data", "run_dir"):
         if data.get(name) is None:
             raise _fail(name, "is required")
-    stage = _int("stage", data["stage"], 1, 2)
     raw_data = data["data"]
     data_paths = raw_data if isinstance(raw_data, (list, tuple)) else [raw_data]
     if not data_paths:

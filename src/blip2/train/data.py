@@ -242,4 +242,3 @@ def stream(rows: list[Row], seed: int, position: Position) -> Iterator[int]:
             yield index
         position.epoch += 1
         position.offset = 0
-

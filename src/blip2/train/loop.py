@@ -343,7 +343,11 @@ def train_step(
 def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False) -> Path:
     """Train one stage as `config` (a YAML path or a dict, see blip2.train.config) says; returns the folder of
     the exported checkpoint (run_dir/output). With `resume`, continue from the newest checkpoint in run_dir."""
-    cfg = load_config(config)
+    return run_training(load_config(config), resume)
+
+
+def run_training(cfg: TrainConfig, resume: bool = False) -> Path:
+    """`train` for a config already checked."""
     run, progress = prepare(cfg, resume)
     from tqdm import tqdm
 
