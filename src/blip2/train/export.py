@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..config import Blip2Config
 from ..errors import CheckpointError, InputError
+from ..files import read_json
 from ..image_config import ImageProcessorConfig
 from ..loading.weights import HF_KEY_RULES, checkpoint_files, read_tensors, rename
 from ..models.blip2 import Blip2ForConditionalGeneration
@@ -232,10 +233,21 @@ def export(model: nn.Module, source: Path, directory: Path) -> Path:
         for name in CARRIED_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, tmp / name)
+        if not (tmp / "preprocessor_config.json").exists():
+            write_preprocessor_config(source, tmp)
         if (source / "qformer_tokenizer").is_dir():
             shutil.copytree(source / "qformer_tokenizer", tmp / "qformer_tokenizer")
         save_weights(model, tmp / "model.safetensors")
     return directory
+
+
+def write_preprocessor_config(source: Path, target: Path) -> None:
+    """preprocessor_config.json from the image processor settings that transformers 5 keeps inside
+    processor_config.json, so that the export has the file every transformers version reads."""
+    settings = read_json(source / "processor_config.json").get("image_processor")
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{source} has no image processor settings to export")
+    (target / "preprocessor_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
 def copy_pretrained(model: nn.Module, source: Path) -> list[str]:
