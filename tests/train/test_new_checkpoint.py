@@ -11,37 +11,27 @@ from train_helpers import config
 import blip2
 from blip2.errors import CheckpointError, InputError
 from blip2.loading.loader import load_checkpoint
+from blip2.testing import TINY_OPT, TINY_QFORMER, TINY_VISION
 from blip2.train import new_checkpoint, train
 
-VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=32,
-    patch_size=8,
-)
-QFORMER = dict(
-    hidden_size=48,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    cross_attention_frequency=1,
-    max_position_embeddings=64,
-    vocab_size=160,
-)
-OPT_TEXT = dict(
-    model_type="opt",
-    hidden_size=32,
-    ffn_dim=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=64,
-    vocab_size=320,
-    bos_token_id=2,
-    eos_token_id=2,
-    pad_token_id=1,
-)
+VISION = TINY_VISION
+# another Q-Former width than the vision tower's, and cross-attention in every layer
+QFORMER = {
+    **TINY_QFORMER,
+    "hidden_size": 48,
+    "num_hidden_layers": 2,
+    "cross_attention_frequency": 1,
+    "vocab_size": 160,
+}
+OPT_TEXT = {
+    **TINY_OPT,
+    "model_type": "opt",
+    "max_position_embeddings": 64,
+    "vocab_size": 320,
+    "bos_token_id": 2,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
 IMAGE = {"size": {"height": 32, "width": 32}}
 
 

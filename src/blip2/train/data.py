@@ -42,19 +42,31 @@ class Row:
     answer: str | None = None
 
 
+MAX_REPORTED = (
+    200  # problems printed one per line; beyond, only counted (a report, not a copy of a broken file)
+)
+
+
 @dataclass
 class Rows:
-    """The rows of every source, and what was skipped while reading them (reason per problem, a count)."""
+    """The rows of every source, and how many were skipped (each reported on stderr, up to MAX_REPORTED)."""
 
     rows: list[Row] = field(default_factory=list)
     skipped: int = 0
-    problems: list[str] = field(default_factory=list)
+    reported: int = 0
 
     def skip(self, problem: str) -> None:
         self.skipped += 1
-        if len(self.problems) < 1000:  # a report, not a copy of a broken file
-            self.problems.append(problem)
-        print(f"blip2 train: skipped: {problem}", file=sys.stderr)
+        self.report(problem)
+
+    def report(self, problem: str) -> None:
+        self.reported += 1
+        if self.reported <= MAX_REPORTED:
+            print(f"blip2 train: skipped: {problem}", file=sys.stderr)
+        elif self.reported == MAX_REPORTED + 1:
+            print(
+                "blip2 train: more rows skipped; they are counted (losses.csv), not printed", file=sys.stderr
+            )
 
 
 def read_rows(sources: tuple[Path, ...] | list[Path], stage: int) -> Rows:

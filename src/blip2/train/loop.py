@@ -167,6 +167,7 @@ def prepare(config: TrainConfig, resume: bool) -> tuple[Run, state.Progress]:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    rows = read_rows(list(config.data), config.stage)  # the data's errors before the model loads
     torch.manual_seed(config.seed)
     ckpt = load_directory(Path(config.model), device, torch.float32)
     if config.init_from is not None:
@@ -178,7 +179,6 @@ def prepare(config: TrainConfig, resume: bool) -> tuple[Run, state.Progress]:
     optimizer = torch.optim.AdamW(
         parameter_groups(trainable, config.weight_decay), lr=config.lr, betas=config.betas, eps=1e-8
     )
-    rows = read_rows(list(config.data), config.stage)
     image_ids: dict[Path, int] = {}
     for row in rows.rows:
         image_ids.setdefault(row.image, len(image_ids))
@@ -259,7 +259,7 @@ def next_rows(
             except Blip2Error as e:
                 bad.add(row.image)
                 progress.skipped += 1
-                run.rows.skip(str(e))
+                run.rows.report(str(e))
                 continue
         rows.append(row)
     return rows, (torch.stack(pixels) if pixels else None)
