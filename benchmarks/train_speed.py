@@ -133,7 +133,7 @@ def main() -> None:
         "stage 2, LM frozen (cached vision)": dict(stage=2, model=str(stage2)),
     }
     print(
-        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads or torch.get_num_threads()}"
     )
     print("| configuration | best call (s) | best steps (s) | pairs / s (steps) |")
     print("|---|---|---|---|")

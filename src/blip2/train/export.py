@@ -129,8 +129,6 @@ def new_checkpoint(
     directory = Path(directory)
     raw = complete_config(config)
     parsed = Blip2Config.from_dict(raw)  # every field bounds-checked, CheckpointError naming it
-    if raw["architectures"] == ["Blip2ForImageTextRetrieval"]:
-        parsed.text = None
     processor = {
         "image_processor_type": "BlipImageProcessor",
         "do_convert_rgb": True,
