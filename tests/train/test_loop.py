@@ -211,3 +211,29 @@ def test_learning_rate_warms_up_linearly_then_follows_a_cosine():
         1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 4 / 8))
     )
     assert learning_rate(10, cfg) == pytest.approx(1e-5)
+
+
+def first_loss(run_dir: Path) -> float:
+    return float((run_dir / "losses.csv").read_text().splitlines()[1].split(",")[1])
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_autocast_trains_close_to_float32(
+    retrieval_checkpoints, checkpoints, caption_folder, tmp_path, stage
+):
+    """The autocast path CUDA takes (precision auto), run on the CPU's bf16 autocast."""
+    model = retrieval_checkpoints["plain"] if stage == 1 else checkpoints["opt"]
+    parts = ["vision", "qformer", "projections"] + (["language_model"] if stage == 2 else [])
+    for precision in ("fp32", "bf16"):
+        train(
+            config(
+                model,
+                caption_folder,
+                tmp_path / precision,
+                stage,
+                precision=precision,
+                trainable=parts,
+                steps=1,
+            )
+        )
+    assert first_loss(tmp_path / "bf16") == pytest.approx(first_loss(tmp_path / "fp32"), rel=0.02)
