@@ -237,3 +237,18 @@ def test_bf16_autocast_trains_close_to_float32(
             )
         )
     assert first_loss(tmp_path / "bf16") == pytest.approx(first_loss(tmp_path / "fp32"), rel=0.02)
+
+
+def test_a_damaged_or_foreign_checkpoint_is_refused_on_resume(
+    retrieval_checkpoints, caption_folder, tmp_path
+):
+    cfg = config(retrieval_checkpoints["plain"], caption_folder, tmp_path / "run", 1, steps=2)
+    train(cfg)
+    with pytest.raises(blip2.errors.CheckpointError, match="trainable weights are not this run's"):
+        train({**cfg, "trainable": ["qformer"]}, resume=True)
+    state_file = tmp_path / "run" / "checkpoints" / "step-00000002" / "state.safetensors"
+    state_file.write_bytes(b"\xff" * 64)
+    with pytest.raises(
+        blip2.errors.CheckpointError, match="state.safetensors: not a readable training checkpoint"
+    ):
+        train(cfg, resume=True)
