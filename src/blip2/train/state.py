@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding `state.safetensors` (the trainable weights, the
 optimizer's moments and step counts, the random generators' states) and `state.json` (step, data position,
-skipped count). It is written to `step-NNNNNNNN.tmp/`, synced and renamed: a folder without `.tmp` is
+skipped count; the learning-rate schedule is a pure function of the step, so the step is its whole state). It
+is written to `step-NNNNNNNN.tmp/`, synced and renamed: a folder without `.tmp` is
 complete, whatever moment a kill came at. No pickle: tensors go to safetensors, the rest to JSON.
 """
 
