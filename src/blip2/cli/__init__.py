@@ -22,6 +22,9 @@ from ..errors import Blip2Error, InputError
 from .commands import cli
 from .eval_commands import eval_group
 from .output import message
+from .train_command import train_command
+
+cli.add_command(train_command)
 
 cli.add_command(eval_group)
 
