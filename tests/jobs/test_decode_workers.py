@@ -1,0 +1,133 @@
+"""`--workers N`: the decode pool of worker processes (blip2.jobs.decode). Its results equal decoding in
+this process, in input order; an input whose worker dies or hangs fails alone and the pool goes on; a bug
+in `prepare` is raised at its turn; the inputs are read no further ahead than `ahead`."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from blip2.errors import Blip2Error, ImageError
+from blip2.image_config import ImageProcessorConfig
+from blip2.images import load_resized
+from blip2.jobs.decode import DecodePool, each_decoded
+
+CONFIG = ImageProcessorConfig()  # the defaults: 384 x 384, bicubic
+
+
+# What the workers run: module-level, so that spawned processes can import them by name.
+def decode_or_die(path: str) -> object:
+    """Decode `path`; a path naming "die" kills its worker as a crashing decoder (or the OOM killer) would."""
+    if "die" in os.path.basename(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if "hang" in os.path.basename(path):
+        time.sleep(60)
+    if "bug" in os.path.basename(path):
+        raise KeyError(path)
+    return load_resized(path, CONFIG)
+
+
+def pid(_: object) -> int:
+    return os.getpid()
+
+
+def as_arrays(results: list) -> list:
+    return [r if isinstance(r, Blip2Error) else np.asarray(r) for r in results]
+
+
+def test_results_equal_decoding_here_in_input_order(photos, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(photos[0].read_bytes()[:300])
+    paths = [str(p) for p in [*photos, broken, *photos]]
+    with DecodePool(decode_or_die, workers=2, ahead=3) as pool:
+        got = as_arrays(list(pool.map(paths)))
+    for path, result in zip(paths, got):
+        if path == str(broken):
+            with pytest.raises(ImageError) as expected:
+                load_resized(path, CONFIG)
+            assert isinstance(result, ImageError) and str(result) == str(expected.value)
+            assert result.reason == expected.value.reason and result.source == path
+        else:
+            assert np.array_equal(result, np.asarray(load_resized(path, CONFIG)))
+
+
+def test_a_worker_that_dies_or_hangs_fails_its_input_alone(photos, tmp_path):
+    die, hang = tmp_path / "die.jpg", tmp_path / "hang.jpg"
+    paths = [str(p) for p in [photos[0], die, photos[1], hang, photos[2], die, photos[3]]]
+    with DecodePool(decode_or_die, workers=2, timeout_s=3.0) as pool:
+        got = as_arrays(list(pool.map(paths)))
+    for path, result in zip(paths, got):
+        if path == str(die):
+            assert isinstance(result, ImageError) and result.source == path
+            assert "died on this input (killed by signal 9)" in result.reason
+        elif path == str(hang):
+            assert isinstance(result, ImageError) and "decoding took over 3 s" in result.reason
+        else:
+            assert np.array_equal(result, np.asarray(load_resized(path, CONFIG)))
+
+
+def test_a_bug_in_prepare_is_raised_at_its_turn(photos, tmp_path):
+    paths = [str(photos[0]), str(photos[1]), str(tmp_path / "bug.jpg"), str(photos[2])]
+    with DecodePool(decode_or_die, workers=2) as pool:
+        results = pool.map(paths)
+        for path in paths[:2]:
+            assert np.array_equal(np.asarray(next(results)), np.asarray(load_resized(path, CONFIG)))
+        with pytest.raises(KeyError, match="bug.jpg"):
+            next(results)
+
+
+def test_inputs_are_read_at_most_ahead_of_the_consumer():
+    pulled = []
+
+    def numbers():
+        for i in range(40):
+            pulled.append(i)
+            yield i
+
+    with DecodePool(pid, workers=2, ahead=5) as pool:
+        results = pool.map(numbers())
+        for taken in range(1, 41):
+            next(results)
+            time.sleep(0.02)  # the feeding thread gets every chance to run ahead
+            assert len(pulled) <= taken + 5
+        assert len({p for p in pool.map(range(20))}) == 2  # both workers did some
+
+
+def test_closing_the_pool_ends_its_processes(photos):
+    pool = DecodePool(decode_or_die, workers=2)
+    processes = [worker.process for worker in pool._workers]
+    results = pool.map([str(photos[0])] * 50)
+    next(results)
+    results.close()  # the consumer stops early
+    pool.close()
+    assert not any(process.is_alive() for process in processes)
+
+
+def test_each_decoded_batches_as_each_input_does(photos, tmp_path):
+    from blip2.tasks.batch import each_input
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    paths = [str(p) for p in [*photos, broken, *photos[:2]]]
+    batches = []
+
+    def run(good: list) -> list:
+        batches.append(len(good))
+        return [np.asarray(image).mean() for image in good]
+
+    prepare = functools.partial(load_resized, config=CONFIG)
+    expected = [
+        (item, str(r) if isinstance(r, Blip2Error) else r) for item, r in each_input(paths, 3, prepare, run)
+    ]
+    expected_batches, batches[:] = list(batches), []
+    with DecodePool(prepare, workers=2) as pool:
+        got = [
+            (item, str(r) if isinstance(r, Blip2Error) else r)
+            for item, r in each_decoded(pool, paths, 3, run)
+        ]
+    assert got == expected and batches == expected_batches == [3, 2, 2]
