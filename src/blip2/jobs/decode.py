@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Generic, TypeVar
 
 from ..errors import Blip2Error, ImageError
-from ..tasks.batch import _hold_signals
+from ..tasks.batch import DECODE_WORKERS, _hold_signals, each_input
 
 Item = TypeVar("Item")
 Prepared = TypeVar("Prepared")
@@ -294,6 +294,33 @@ def _raisable(error: Exception) -> Exception:
     except Exception:
         return RuntimeError(f"{type(error).__name__}: {error}")
     return error
+
+
+class Decoder:
+    """How a job prepares its inputs ahead of the model, by `workers`: None in `DECODE_WORKERS` threads (as
+    the library's `caption` does), 0 in the calling thread in turn, N > 0 in a `DecodePool` of N processes
+    holding two batches ahead. A context manager: the processes live as long as the job."""
+
+    def __init__(self, prepare: Callable[[Any], object], workers: int | None, batch_size: int) -> None:
+        self.prepare = prepare
+        self.threads = DECODE_WORKERS if workers is None else 0
+        self.batch_size = batch_size
+        self.pool = DecodePool(prepare, workers, ahead=2 * batch_size) if workers else None
+
+    def __enter__(self) -> Decoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+    def each(
+        self, items: Sequence[Item], run: Callable[[list], Sequence[Result]]
+    ) -> Iterator[tuple[Item, Result | Blip2Error]]:
+        """(item, result or Blip2Error) in input order, as `blip2.tasks.batch.each_input`."""
+        if self.pool is not None:
+            return each_decoded(self.pool, items, self.batch_size, run)
+        return each_input(items, self.batch_size, self.prepare, run, self.threads)
 
 
 def each_decoded(

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import Blip2Error
 from ..sources import find_images
-from ..tasks.batch import DECODE_WORKERS, each_input
+from .decode import Decoder
 from .outputs import JobError, Output, open_output
 
 __all__ = ["Job", "JobError", "Summary", "open_job", "run_job"]
@@ -74,12 +74,13 @@ def run_job(
     *,
     batch_size: int,
     chunk_size: int = CHUNK_SIZE,
-    workers: int = DECODE_WORKERS,
+    workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Summary:
     """Run `job` over the image files `inputs` expands to (folders, globs, @lists: `blip2.sources`), writing
     its rows to `output` (from `open_job`). `prepare` decodes one file (an ImageError fails that
     input alone), `run` takes a batch of prepared inputs and returns one dict of result columns each.
+    `workers`: see `decode.Decoder` (None: threads; 0: none; N: processes, then `prepare` must be picklable).
     `progress(handled, total)` is called after each committed chunk (a progress bar)."""
     start = time.monotonic()
     found = find_images(inputs)
@@ -93,13 +94,14 @@ def run_job(
     pending: list[tuple[int, str]] = list(enumerate(found.files))
     offset = len(found.files)
     skipped = [(offset + i, s.path, s.reason) for i, s in enumerate(found.skipped)]
-    for start_row in range(0, len(pending), chunk_size):
-        chunk = pending[start_row : start_row + chunk_size]
-        rows = _chunk_rows(chunk, done, base, prepare, run, batch_size, workers, summary)
-        if rows:
-            output.append(rows)
-        if progress:
-            progress(start_row + len(chunk), len(pending))
+    with Decoder(prepare, workers, batch_size) as decoder:
+        for start_row in range(0, len(pending), chunk_size):
+            chunk = pending[start_row : start_row + chunk_size]
+            rows = _chunk_rows(chunk, done, base, decoder, run, summary)
+            if rows:
+                output.append(rows)
+            if progress:
+                progress(start_row + len(chunk), len(pending))
     failed_rows = [
         base | {"source": path, "index": index, "sha256": None, "error": reason}
         for index, path, reason in skipped
@@ -118,10 +120,8 @@ def _chunk_rows(
     chunk: list[tuple[int, str]],
     done: set[tuple[str, str | None]],
     base: dict[str, Any],
-    prepare: Callable[[str], object],
+    decoder: Decoder,
     run: Callable[[list], Sequence[dict[str, Any]]],
-    batch_size: int,
-    workers: int,
     summary: Summary,
 ) -> list[dict[str, Any]]:
     """The rows of the inputs of `chunk` not yet done: hashed, then run in batches."""
@@ -133,7 +133,7 @@ def _chunk_rows(
         else:
             todo.append((index, path, digest))
     rows = []
-    results = each_input([path for _, path, _ in todo], batch_size, prepare, run, workers)
+    results = decoder.each([path for _, path, _ in todo], run)
     for (index, path, digest), (_, result) in zip(todo, results):
         row = base | {"source": path, "index": index, "sha256": digest}
         if isinstance(result, Blip2Error):
