@@ -20,7 +20,17 @@ from blip2.jobs.decode import DecodePool, each_decoded
 CONFIG = ImageProcessorConfig()  # the defaults: 384 x 384, bicubic
 
 
-# What the workers run: module-level, so that spawned processes can import them by name.
+class Wrapped(Blip2Error):
+    """An error whose constructor takes other arguments than its message, holding another such error (as
+    the runner's errors of inputs not run hold the input's ImageError)."""
+
+    def __init__(self, digest: str, error: Blip2Error):
+        super().__init__(str(error))
+        self.digest = digest
+        self.error = error
+
+
+# What the workers run: module-level, so that the worker processes can import them by name.
 def decode_or_die(path: str) -> object:
     """Decode `path`; a path naming "die" kills its worker as a crashing decoder (or the OOM killer) would."""
     if "die" in os.path.basename(path):
@@ -29,6 +39,8 @@ def decode_or_die(path: str) -> object:
         time.sleep(60)
     if "bug" in os.path.basename(path):
         raise KeyError(path)
+    if "wrapped" in os.path.basename(path):
+        raise Wrapped("abc", ImageError(path, "held"))
     return load_resized(path, CONFIG)
 
 
@@ -69,6 +81,13 @@ def test_a_worker_that_dies_or_hangs_fails_its_input_alone(photos, tmp_path):
             assert isinstance(result, ImageError) and "decoding took over 3 s" in result.reason
         else:
             assert np.array_equal(result, np.asarray(load_resized(path, CONFIG)))
+
+
+def test_errors_come_back_whole(tmp_path):
+    with DecodePool(decode_or_die, workers=1) as pool:
+        [got] = pool.map([str(tmp_path / "wrapped.jpg")])
+    assert isinstance(got, Wrapped) and got.digest == "abc" and str(got) == f"{tmp_path}/wrapped.jpg: held"
+    assert isinstance(got.error, ImageError) and got.error.reason == "held"
 
 
 def test_a_bug_in_prepare_is_raised_at_its_turn(photos, tmp_path):

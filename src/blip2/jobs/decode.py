@@ -23,7 +23,9 @@ in the main process (e.g. `blip2.images.MAX_PIXELS`) are not seen by the workers
 from __future__ import annotations
 
 import contextlib
+import io
 import multiprocessing
+import pickle
 import signal
 import threading
 import time
@@ -237,10 +239,9 @@ _END = object()
 def _receive(worker: _Worker) -> tuple[str, Any] | None:
     """The worker's answer, or None when it died before giving one."""
     try:
-        kind, value = worker.connection.recv()
+        return pickle.loads(worker.connection.recv_bytes())
     except (EOFError, OSError):
         return None
-    return kind, (_rebuilt(*value) if kind == "error" else value)
 
 
 def _how(process: Any) -> str:
@@ -251,10 +252,10 @@ def _how(process: Any) -> str:
 
 
 def _serve(connection: Connection, prepare: Callable) -> None:
-    """(A worker process) answer each item with ("ok", prepare(item)), ("error", Blip2Error state) or
-    ("raise", a bug's exception), until the pool closes the connection."""
+    """(A worker process) answer each item with ("ok", prepare(item)), or ("ok", the Blip2Error it raised),
+    or ("raise", a bug's exception), until the pool closes the connection."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it ends us
-    connection.send(("started", None))  # `prepare` is unpickled, its imports done: time inputs from now
+    connection.send_bytes(_dumps(("started", None)))  # `prepare` unpickled, its imports done: time from now
     while True:
         try:
             item = connection.recv()
@@ -263,36 +264,40 @@ def _serve(connection: Connection, prepare: Callable) -> None:
         try:
             answer: tuple[str, Any] = ("ok", prepare(item))
         except Blip2Error as e:
-            answer = ("error", _state(e))
+            answer = ("ok", e)
         except Exception as e:
-            answer = ("raise", _raisable(e))
+            answer = ("raise", e)
         try:
-            connection.send(answer)
-        except (BrokenPipeError, OSError):
+            data = _dumps(answer)
+        except Exception as e:  # a result or an exception that cannot be pickled: a bug, said in words
+            data = _dumps(("raise", RuntimeError(f"{type(e).__name__}: {e}, from {answer[1]!r}")))
+        try:
+            connection.send_bytes(data)
+        except OSError:
             return
 
 
-def _state(error: Blip2Error) -> tuple[type[Blip2Error], tuple, dict]:
-    """What rebuilds `error` in another process: some Blip2Errors (ImageError) take other arguments than
-    their message, so the default pickling, which calls `type(error)(*error.args)`, cannot rebuild them."""
-    return type(error), error.args, dict(vars(error))
+class _Pickler(pickle.Pickler):
+    """Pickles exceptions as their class, args and attributes, rebuilt without calling `__init__`: some
+    Blip2Errors (ImageError) take other arguments than their message, so pickle's default for exceptions,
+    `type(e)(*e.args)`, cannot rebuild them; an error held by another one is rebuilt the same way."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, BaseException):
+            return _rebuilt, (type(obj), obj.args, dict(vars(obj)))
+        return NotImplemented
 
 
-def _rebuilt(kind: type[Blip2Error], args: tuple, attributes: dict) -> Blip2Error:
+def _dumps(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+def _rebuilt(kind: type[BaseException], args: tuple, attributes: dict) -> BaseException:
     error = kind.__new__(kind)
     error.args = args
     vars(error).update(attributes)
-    return error
-
-
-def _raisable(error: Exception) -> Exception:
-    """`error` if it survives pickling, else a RuntimeError with its text (the worker's traceback is lost)."""
-    import pickle
-
-    try:
-        pickle.loads(pickle.dumps(error))
-    except Exception:
-        return RuntimeError(f"{type(error).__name__}: {error}")
     return error
 
 
