@@ -12,6 +12,9 @@ UTF-8, else with each undecodable byte written as `\\xNN`. Only then `image_byte
 (base64 in JSON), from which `read_embeddings` gives back exactly the `str` Python made of the name
 (`os.fsdecode`). Tabs, newlines and any other characters are kept as they are.
 
+`read_embeddings` also reads the output of `blip2 embed --out FILE.parquet|FILE.jsonl`, a job (see
+`blip2.jobs`): the rows with an `image_embeds_proj` (a list of Q lists of D floats), in input order.
+
 Writing never leaves a half-written or mismatched pair: rows go to temporary files in the destination folder
 as they are produced, and `close()` moves complete files into place with `os.replace`, the sidecar before
 the array, after removing the old array (so an old array never sits beside a new sidecar).
@@ -351,12 +354,75 @@ def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
     not such a pair (hostile or damaged: bad header or metadata, fewer names than rows) is an InputError
     naming the file."""
     path = Path(path)
+    if path.is_dir() or path.suffix.lower() == ".jsonl":
+        return _read_job(path)
     if path.suffix.lower() == ".npy":
         array = _read_npy(path)
         return _read_sidecar(sidecar_path(path), len(array)), array
     if path.suffix.lower() == ".parquet":
         return _read_parquet(path)
     raise InputError(f"{valid_text(str(path))}: not a .npy or .parquet embeddings file")
+
+
+def _read_job(path: Path) -> tuple[list[str], np.ndarray]:
+    """The rows of a `blip2 embed --out` job (a .parquet folder of parts, or .jsonl) that have an embedding,
+    in input order: (names, (N, Q, D) float32). An image file is named by its path, an image inside a tar
+    shard or a table by `SOURCE#KEY`."""
+    where = valid_text(str(path))
+    read = _job_rows_jsonl if path.suffix.lower() == ".jsonl" else _job_rows_parquet
+    sources, keys, array = read(path, where)
+    if not len(array):
+        raise InputError(f"{where}: no embeddings in this job's output")
+    if not all(isinstance(name, str) for name in [*sources, *keys]):
+        raise InputError(f"{where}: some rows have no source or key")
+    return [source if key == source else f"{source}#{key}" for source, key in zip(sources, keys)], array
+
+
+def _job_rows_parquet(path: Path, where: str) -> tuple[list, list, np.ndarray]:
+    """(sources, keys, (N, Q, D) embeddings) of the parts' rows without an error, by index; vectorised: a
+    job of a million images is read without a Python float per value."""
+    pa, _ = _pyarrow()
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    try:  # parts only: the manifest and unfinished parts start with '_' or '.', which the dataset skips
+        table = ds.dataset(path, format="parquet").to_table(
+            columns=["source", "key", "index", "image_embeds_proj"], filter=pc.field("error").is_null()
+        )
+        table = table.sort_by("index")
+        outer = table.column("image_embeds_proj").combine_chunks()
+        inner = outer.flatten()
+        queries, size = pc.list_value_length(outer), pc.list_value_length(inner)
+        values = np.asarray(inner.flatten(), dtype=np.float32)
+    except (OSError, pa.ArrowException, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{where}: not the output of a blip2 embed job ({e})") from None
+    if outer.null_count or inner.null_count or len(pc.unique(queries)) > 1 or len(pc.unique(size)) > 1:
+        raise InputError(f"{where}: embeddings missing or of different shapes")
+    shape = (len(table), queries[0].as_py() if len(table) else 0, size[0].as_py() if len(inner) else 0)
+    return table.column("source").to_pylist(), table.column("key").to_pylist(), values.reshape(shape)
+
+
+def _job_rows_jsonl(path: Path, where: str) -> tuple[list, list, np.ndarray]:
+    rows = []
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                try:
+                    row = json.loads(line)
+                    if row["error"] is None:
+                        rows.append((int(row["index"]), row["source"], row["key"], row["image_embeds_proj"]))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise InputError(f"{where}:{number}: not a row of a blip2 embed job ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{where}: cannot read ({e})") from None
+    rows.sort(key=lambda row: row[0])
+    try:
+        array = np.array([row[3] for row in rows], dtype=np.float32)
+    except (ValueError, TypeError) as e:  # ragged or not numbers
+        raise InputError(f"{where}: embeddings of different shapes or not numbers ({e})") from None
+    if rows and array.ndim != 3:
+        raise InputError(f"{where}: expected (N, Q, D) embeddings, found shape {array.shape}")
+    return [row[1] for row in rows], [row[2] for row in rows], array
 
 
 def _read_npy(path: Path) -> np.ndarray:

@@ -374,7 +374,7 @@ def test_embed_refuses_a_bad_destination_before_loading(capsys, photos, tmp_path
 def test_embed_with_no_good_image_leaves_no_stale_file(
     capsys, retrieval_checkpoints, photos, bad_images, tmp_path
 ):
-    path, out = str(retrieval_checkpoints["plain"]), tmp_path / "E.parquet"
+    path, out = str(retrieval_checkpoints["plain"]), tmp_path / "E.npy"
     assert run(capsys, "embed", str(photos[0]), "-m", path, "-o", str(out))[0] == 0
     code, _, err = run(capsys, "embed", bad_images["notes.jpg"], "-m", path, "-o", str(out))
     assert code == 1 and "no embeddings written" in err and os.listdir(tmp_path) == []
@@ -414,7 +414,7 @@ def test_embed_ctrl_c_in_a_real_process(retrieval_checkpoints, photos, tmp_path)
 
     from blip2.embeddings_io import read_embeddings
 
-    out = tmp_path / "E.parquet"
+    out = tmp_path / "E.npy"
     images = [str(photos[i % len(photos)]) for i in range(400)]
     command = [sys.executable, "-m", "blip2", "embed", *images, "-m", str(retrieval_checkpoints["plain"])]
     process = subprocess.Popen(

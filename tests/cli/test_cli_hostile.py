@@ -91,7 +91,7 @@ def test_json_lines_name_every_input_exactly(
     args = {
         "caption": ["-m", str(checkpoints["opt"]), "--beams", "1", "--max-new-tokens", "4"],
         "similarity": ["-m", str(retrieval_checkpoints["plain"]), "-t", "a cat"],
-        "embed": ["-m", str(retrieval_checkpoints["plain"]), "-o", str(tmp_path / "E.parquet")],
+        "embed": ["-m", str(retrieval_checkpoints["plain"]), "-o", str(tmp_path / "E.npy")],
     }[command]
     code, out, err = run(capsys, command, *names(inputs), *args, "--json", "--batch-size", "3")
     lines = [json.loads(line) for line in out.splitlines()]
@@ -99,7 +99,7 @@ def test_json_lines_name_every_input_exactly(
     assert [path_from_fields(line, "stdout") for line in lines] == names(inputs)
     assert ["error" not in line for line in lines] == [ok for _, ok in inputs]
     if command == "embed":
-        paths, array = read_embeddings(tmp_path / "E.parquet")
+        paths, array = read_embeddings(tmp_path / "E.npy")
         assert paths == names(inputs, good=True) and len(array) == len(paths)
 
 

@@ -231,3 +231,14 @@ def test_kinds_mixed_in_one_job(tmp_path, photos):
         ("t.csv", photos[1].name),
     ]
     assert [f.source for f in failed] == ["nowhere.jpg"]
+
+
+def test_a_shard_of_too_many_members_stops_at_the_cap(tmp_path, photos, monkeypatch):
+    from blip2.jobs import inputs
+
+    monkeypatch.setattr(inputs, "MAX_MEMBERS", 4)
+    write_shard(tmp_path / "s.tar", photos[:2])  # 6 members: jpg, txt, json twice
+    items, failed = expand(tmp_path / "s.tar")
+    assert [i.key for i in items] == ["000000", "000001"]  # the second sample has its image only
+    assert items[0].extra["txt"] == "caption 0" and items[1].extra == {}
+    assert [f.reason for f in failed] == ["more than 4 members: the rest is not read"]

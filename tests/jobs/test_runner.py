@@ -10,10 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
 from job_helpers import GEN, read_rows, run
+from shards import add_member
 
 import blip2
 
@@ -121,16 +123,34 @@ def test_a_torn_jsonl_line_is_cut_and_its_row_written_again(capsys, checkpoints,
     assert all(row["caption"] == expected[row["source"]] for row in rows)
 
 
+def many_inputs(tmp_path, photos, kind):
+    """20 images (the same content under other names are other inputs) as files in a folder or as the
+    samples of one tar shard: (what to name on the command line, {(source, key): the photo it holds})."""
+    photo_of = {}
+    if kind == "folder":
+        root = tmp_path / "many"
+        root.mkdir()
+        for copy in range(4):
+            for photo in photos:
+                shutil.copy(photo, root / f"{copy}-{photo.name}")
+                photo_of[(str(root / f"{copy}-{photo.name}"),) * 2] = str(photo)
+        return root, photo_of
+    shard = tmp_path / "many.tar"
+    with tarfile.open(shard, "w") as tar:
+        for copy in range(4):
+            for photo in photos:
+                add_member(tar, f"{copy}-{photo.name}", photo.read_bytes())
+                photo_of[(str(shard), f"{copy}-{photo.stem}")] = str(photo)
+    return shard, photo_of
+
+
+@pytest.mark.parametrize("kind", ["folder", "tar"])
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
 def test_kill_9_then_resume_loses_nothing_and_doubles_nothing(
-    checkpoints, photos, tmp_path, reference, suffix
+    checkpoints, photos, tmp_path, reference, suffix, kind
 ):
     """A real process killed with SIGKILL after its first committed chunk, then the same command again."""
-    root = tmp_path / "many"
-    root.mkdir()
-    for copy in range(4):  # 20 images: the same content under other names are other inputs
-        for photo in photos:
-            shutil.copy(photo, root / f"{copy}-{photo.name}")
+    root, photo_of = many_inputs(tmp_path, photos, kind)
     out = tmp_path / f"captions{suffix}"
     command = [sys.executable, "-m", "blip2", "caption", str(root), "--out", str(out)]
     command += ["--model", str(checkpoints["opt"]), "--chunk-size", "2", "--batch-size", "1", *GEN]
@@ -154,12 +174,11 @@ def test_kill_9_then_resume_loses_nothing_and_doubles_nothing(
     assert finished.returncode == 0, finished.stderr
     assert f"{len(before)} skipped" in finished.stderr
     rows = read_rows(out)
-    sources = [row["source"] for row in rows]
-    assert sorted(sources) == sorted(str(p) for p in root.iterdir())  # each input once
+    assert sorted((row["source"], row["key"]) for row in rows) == sorted(photo_of)  # each input once
     assert sorted(row["index"] for row in rows) == list(range(20))
-    expected = reference(sources)
+    expected = reference(sorted(set(photo_of.values())))
     for row in rows:
-        assert row["error"] is None and row["caption"] == expected[row["source"]]
+        assert row["error"] is None and row["caption"] == expected[photo_of[row["source"], row["key"]]]
     for row in before:  # rows committed before the kill are kept as they were
         assert row in rows
 
@@ -210,10 +229,10 @@ def test_run_job_through_the_library_api(tmp_path, library):
     from blip2.errors import ImageError
     from blip2.jobs import Job, open_job, run_job
 
-    def prepare(path):
-        if path.endswith("broken.jpg"):
-            raise ImageError(path, "broken on purpose")
-        return path
+    def prepare(data):  # the bytes, read once: broken.jpg is the 300-byte one
+        if len(data) == 300:
+            raise ImageError("<bytes>", "broken on purpose")
+        return len(data)
 
     job = Job("size", "none", {"k": 1}, {"caption": "string"})
     calls = []
@@ -222,7 +241,7 @@ def test_run_job_through_the_library_api(tmp_path, library):
         open_job(str(tmp_path / "sizes.jsonl"), job),
         job,
         prepare,
-        lambda paths: [{"caption": str(os.path.getsize(p))} for p in paths],
+        lambda sizes: [{"caption": str(size)} for size in sizes],
         batch_size=2,
         chunk_size=2,
         progress=lambda handled, total: calls.append((handled, total)),
@@ -234,3 +253,28 @@ def test_run_job_through_the_library_api(tmp_path, library):
         if row["error"] is None:
             assert row["caption"] == str(os.path.getsize(row["source"]))
     assert {row["error"] for row in rows} - {None} == {"broken on purpose", "not an image (unknown content)"}
+
+
+def test_each_input_is_read_once_per_run(tmp_path, library, monkeypatch):
+    """Read, hashed and decoded from the same bytes: one read per input, also when a re-run skips it."""
+    from blip2.jobs import Job, inputs, open_job, run_job
+
+    reads, read = [], inputs.FileAt.read
+    monkeypatch.setattr(inputs.FileAt, "read", lambda self, name: reads.append(self.path) or read(self, name))
+    job = Job("size", "none", {}, {"caption": "string"})
+    for _ in range(2):
+        reads.clear()
+        run_job(
+            [str(library)],
+            open_job(str(tmp_path / "sizes.parquet"), job),
+            job,
+            lambda data: len(data),
+            lambda sizes: [{"caption": str(size)} for size in sizes],
+            batch_size=2,
+            chunk_size=3,
+        )
+        images = [str(p) for p in sorted(library.rglob("*.jpg")) if not p.name.startswith(".")]
+        images += [str(p) for p in sorted(library.rglob("*.png"))]
+        assert sorted(reads) == sorted(images)
+    rows = read_rows(tmp_path / "sizes.parquet")
+    assert all(row["caption"] == str(os.path.getsize(row["source"])) for row in rows if row["error"] is None)

@@ -59,6 +59,8 @@ def caption(
     out,
     overwrite,
     chunk_size,
+    column,
+    keep,
     model,
     device,
     dtype,
@@ -70,14 +72,15 @@ def caption(
     """Caption IMAGES (files). Defaults: 5 beams, at most 30 new tokens; InstructBLIP checkpoints are asked
     "A short image caption:" unless --prompt is given (as `model.caption` does).
 
-    With --out, a resumable job: IMAGES may be folders (recursive), globs or @lists, and running the same
-    command again finishes what a killed run left."""
+    With --out, a resumable job: IMAGES may be folders (recursive), globs, @lists, WebDataset tar shards
+    ("shards/{00000..00099}.tar") or .parquet/.csv tables, and running the same command again finishes
+    what a killed run left."""
     options = _task_options("caption", generation)
     if out is not None:
-        from .job_commands import caption_job
+        from .job_commands import JobArgs, caption_job
 
         load = partial(_load, model, device, dtype, quantize, batch_size)
-        caption_job(load, images, out, model, prompt, options, overwrite, chunk_size)
+        caption_job(load, images, JobArgs(out, overwrite, chunk_size, column, keep), model, prompt, options)
     pipe = _load(model, device, dtype, quantize, batch_size)
 
     failed = False
@@ -106,6 +109,8 @@ def ask(
     out,
     overwrite,
     chunk_size,
+    column,
+    keep,
     model,
     device,
     dtype,
@@ -129,10 +134,11 @@ def ask(
             raise click.BadParameter("a question is empty", param_hint=hint)
     options = _task_options("ask", generation)
     if out is not None:
-        from .job_commands import ask_job
+        from .job_commands import JobArgs, ask_job
 
         load = partial(_load, model, device, dtype, quantize, batch_size)
-        ask_job(load, images, out, model, questions, template, options, overwrite, chunk_size)
+        args = JobArgs(out, overwrite, chunk_size, column, keep)
+        ask_job(load, images, args, model, questions, template, options)
     pipe = _load(model, device, dtype, quantize, batch_size)
     answers = _one_image(
         pipe, image, as_json, lambda decoded: pipe.ask(decoded, list(questions), template, generation=options)
@@ -194,21 +200,33 @@ def similarity(images, texts, model, device, dtype, quantize, batch_size, as_jso
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True)
-@click.option(
-    "--out",
-    "-o",
-    "out",
-    required=True,
-    help="Output file: .npy (image names in FILE.paths.jsonl beside it) or .parquet (an 'image' column).",
-)
+@job_options
 @match_options
-def embed(images, out, model, device, dtype, quantize, batch_size, as_json):
-    """Embed IMAGES for search: projected, normalised query embeddings (N, 32, 256) when the checkpoint has
-    them (retrieval checkpoints), else the Q-Former outputs (N, 32, 768). Bad images are left out.
+def embed(
+    images, out, overwrite, chunk_size, column, keep, model, device, dtype, quantize, batch_size, as_json
+):
+    """Embed IMAGES for search into --out: the projected, normalised query embeddings (32, 256) of each image
+    (retrieval checkpoints), which `blip2 index add-embeddings` reads.
 
-    Rows are written as they are computed; an interrupted run (Ctrl-C) or one stopped by an error keeps the
-    rows done so far, the ones printed with --json. `blip2.embeddings_io.read_embeddings(FILE)` reads the
-    file back."""
+    \b
+    --out FILE.parquet (a folder of parts) or FILE.jsonl: a resumable job, one row per input (folders,
+    globs, @lists, tar shards, .parquet/.csv tables) with its `image_embeds_proj` or its `error`; the same
+    command again finishes what a killed run left.
+    --out FILE.npy: one float32 array (N, 32, 256) of the image files that could be read, their names in
+    FILE.npy.paths.jsonl (the Q-Former outputs (N, 32, 768) for checkpoints without projection); rows are
+    written as they are computed, and an interrupted run keeps the rows printed with --json."""
+    if out is None:
+        raise click.BadParameter("an output file is needed (.parquet, .jsonl or .npy)", param_hint="--out")
+    if out.lower().endswith((".parquet", ".jsonl")):
+        from .job_commands import JobArgs, embed_job
+
+        load = partial(_load, model, device, dtype, quantize, batch_size)
+        embed_job(load, images, JobArgs(out, overwrite, chunk_size, column, keep), model)
+    _embed_to_file(images, out, model, device, dtype, quantize, batch_size, as_json)
+
+
+def _embed_to_file(images, out, model, device, dtype, quantize, batch_size, as_json):
+    """`blip2 embed IMAGES --out FILE.npy`: the array file, written row by row (`blip2.embeddings_io`)."""
     from ..embeddings_io import open_writer
 
     writer = open_writer(out)  # an unusable destination fails here, before the model is loaded
@@ -271,6 +289,8 @@ def classify(
     out,
     overwrite,
     chunk_size,
+    column,
+    keep,
     model,
     device,
     dtype,
@@ -285,12 +305,11 @@ def classify(
     if not names:
         raise click.BadParameter("no labels given", param_hint="--labels")
     if out is not None:
-        from .job_commands import classify_job
+        from .job_commands import JobArgs, classify_job
 
         load = partial(_load, model, device, dtype, quantize, batch_size)
-        classify_job(
-            load, (image, *more_images), out, model, names, template, top_k, rerank, overwrite, chunk_size
-        )
+        args = JobArgs(out, overwrite, chunk_size, column, keep)
+        classify_job(load, (image, *more_images), args, model, names, template, top_k, rerank)
     if more_images:
         raise click.BadParameter("one image, or give --out to classify many", param_hint="IMAGES")
     pipe = _load(model, device, dtype, quantize, batch_size)

@@ -142,6 +142,17 @@ def job_options(func):
             default=None,
             help="With --out: rows per committed chunk, a kill loses at most one (default 256).",
         ),
+        click.option(
+            "--column",
+            default=None,
+            help="With --out, for .parquet/.csv inputs: the column of image paths or bytes (default: the "
+            "first of image, image_path, path, file, filename, ..., jpg, png, bytes present).",
+        ),
+        click.option(
+            "--keep",
+            multiple=True,
+            help="With --out, for .parquet/.csv inputs: a table column to copy into each row (repeatable).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)

@@ -310,7 +310,9 @@ class Decoder:
         self.prepare = prepare
         self.threads = DECODE_WORKERS if workers is None else 0
         self.batch_size = batch_size
-        self.pool = DecodePool(prepare, workers, ahead=2 * batch_size) if workers else None
+        self.pool: DecodePool[Any, object] | None = None
+        if workers:
+            self.pool = DecodePool(prepare, workers, ahead=2 * batch_size, name=_name)
 
     def __enter__(self) -> Decoder:
         return self
@@ -326,6 +328,11 @@ class Decoder:
         if self.pool is not None:
             return each_decoded(self.pool, items, self.batch_size, run)
         return each_input(items, self.batch_size, self.prepare, run, self.threads)
+
+
+def _name(item: object) -> str:
+    """How an error names a job's input (`jobs.inputs.Item.name`), or any other item."""
+    return str(getattr(item, "name", item))
 
 
 def each_decoded(

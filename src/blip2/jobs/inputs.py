@@ -45,7 +45,7 @@ from .. import images
 from ..errors import ImageError, InputError
 from ..sources import find_images
 
-__all__ = ["IMAGE_COLUMNS", "Failed", "Item", "brace_expand", "expand_inputs"]
+__all__ = ["IMAGE_COLUMNS", "Failed", "Item", "brace_expand", "expand_inputs", "input_name"]
 
 # Table columns tried, in order, when no column is named: paths, bytes, Hugging Face image structs.
 IMAGE_COLUMNS = (
@@ -128,13 +128,18 @@ class Item:
 
     @property
     def name(self) -> str:
-        """How messages name it: the path for image files, `SOURCE: KEY` inside a shard or a table."""
-        return self.source if self.key == self.source else f"{self.source}: {self.key}"
+        """How messages name it (`input_name`)."""
+        return input_name(self.source, self.key)
 
     def read(self) -> bytes:
         """The image's bytes (at most the image size limit); an ImageError naming source and key."""
         where = self.where or FileAt(self.source)
         return where.read(self.name)
+
+
+def input_name(source: str, key: str) -> str:
+    """How messages name an input: the path for image files, `SOURCE: KEY` inside a shard or a table."""
+    return source if key == source else f"{source}: {key}"
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,10 @@ folder fsynced: a part either exists whole or not at all. JSONL: one file, each 
 one write and fsynced; a last line torn by a kill is cut off when the job is resumed.
 
 Beside the rows, a manifest (`OUT/_job.json` for parquet, `OUT.job.json` for JSONL, replaced atomically)
-holds the job's identity: task, model and options. Readers of the parquet folder skip names starting with
-'_' or '.', so the manifest and temporary files are not read as data.
+holds the job's identity: task, model, options and the input columns kept (`extra`), with a format version
+(2: rows keyed by source, key and sha256; an output of version 1, whose rows have no key, is refused with a
+hint to --overwrite). Readers of the parquet folder skip names starting with '_' or '.', so the manifest and
+temporary files are not read as data.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from ..errors import Blip2Error
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 1: rows without a `key` column (before tar shards and tables)
 _PART = "part-{:05d}.parquet"
 MAX_LINE = 1 << 24  # a JSONL row longer than this (16 MiB) is not one of ours
 
@@ -62,6 +64,11 @@ def _check_identity(output: Output, identity: dict[str, Any]) -> None:
         found = json.loads(output.manifest.read_bytes()[: 1 << 20])
     except (OSError, ValueError) as e:
         raise JobError(f"{output.manifest}: unreadable job manifest ({e})") from None
+    if isinstance(found, dict) and found.get("version") == 1:
+        raise JobError(
+            f"{output.path}: written by an earlier blip2, whose rows have no `key` column; "
+            "--overwrite starts it again in the current format"
+        )
     if not isinstance(found, dict) or found.get("version") != MANIFEST_VERSION:
         raise JobError(f"{output.manifest}: not a blip2 job manifest of version {MANIFEST_VERSION}")
     changed = [key for key in identity if found.get(key) != identity[key]]
@@ -85,8 +92,8 @@ class Output:
     def remove(self) -> None:
         raise NotImplementedError
 
-    def keys(self) -> Iterator[tuple[str, str | None]]:
-        """(source, sha256) of each committed row, in the order written: the inputs done."""
+    def keys(self) -> Iterator[tuple[str, str, str | None]]:
+        """(source, key, sha256) of each committed row, in the order written: the inputs done."""
         raise NotImplementedError
 
     def append(self, rows: list[dict[str, Any]]) -> None:
@@ -132,13 +139,13 @@ class ParquetOutput(Output):
     def _parts(self) -> list[Path]:
         return sorted(self.path.glob("part-*.parquet"))
 
-    def keys(self) -> Iterator[tuple[str, str | None]]:
+    def keys(self) -> Iterator[tuple[str, str, str | None]]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         for part in self._parts():
             try:
-                table = pq.read_table(part, columns=["source", "sha256"])
+                table = pq.read_table(part, columns=["source", "key", "sha256"])
             except (OSError, ValueError, KeyError, pa.ArrowException) as e:
                 raise JobError(f"{part}: unreadable part of the job ({e})") from None
             for number, row in enumerate(table.to_pylist()):
@@ -165,19 +172,22 @@ def _schema(columns: dict[str, str]):
     """The rows' typed schema: the job's own columns around the task's result columns (pyarrow type names)."""
     import pyarrow as pa
 
-    fields = [("source", pa.string()), ("index", pa.int64()), ("sha256", pa.string())]
+    fields = [("source", pa.string()), ("index", pa.int64()), ("key", pa.string()), ("sha256", pa.string())]
     fields += [(name, _arrow_type(kind)) for name, kind in columns.items()]
     fields += [("model", pa.string()), ("options", pa.string()), ("error", pa.string())]
     return pa.schema(fields)
 
 
 def _arrow_type(kind: str):
-    """A result column's pyarrow type: a pyarrow alias ("string"), or "list<a:T,b:U>" for a list of records
-    (e.g. "list<question:string,answer:string>"; a field a record lacks is null)."""
+    """A result column's pyarrow type: a pyarrow alias ("string"), "list<T>" for a list ("list<list<float>>":
+    an embedding, one list of floats per query token), or "list<a:T,b:U>" for a list of records (e.g.
+    "list<question:string,answer:string>"; a field a record lacks is null)."""
     import pyarrow as pa
 
     if not (kind.startswith("list<") and kind.endswith(">")):
         return pa.type_for_alias(kind)
+    if ":" not in kind:
+        return pa.list_(_arrow_type(kind[5:-1]))
     fields = [field.split(":") for field in kind[5:-1].split(",")]
     return pa.list_(pa.struct([(name, pa.type_for_alias(alias)) for name, alias in fields]))
 
@@ -216,7 +226,7 @@ class JsonlOutput(Output):
                 f.flush()
                 os.fsync(f.fileno())
 
-    def keys(self) -> Iterator[tuple[str, str | None]]:
+    def keys(self) -> Iterator[tuple[str, str, str | None]]:
         with open(self.path, "rb") as f:
             for number, line in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1):
                 try:
@@ -237,14 +247,18 @@ class JsonlOutput(Output):
             os.close(fd)
 
 
-def _key(row: object, where: str) -> tuple[str, str | None]:
-    """A committed row's (source, sha256), checked: the output may have been edited or crafted."""
+def _key(row: object, where: str) -> tuple[str, str, str | None]:
+    """A committed row's (source, key, sha256), checked: the output may have been edited or crafted."""
     if not isinstance(row, dict):
         raise JobError(f"{where}: not a row of a blip2 job")
-    source, digest = row.get("source"), row.get("sha256")
-    if not isinstance(source, str) or not (digest is None or isinstance(digest, str)):
-        raise JobError(f"{where}: not a row of a blip2 job (source and sha256 must be text)")
-    return source, digest
+    source, key, digest = row.get("source"), row.get("key"), row.get("sha256")
+    if (
+        not isinstance(source, str)
+        or not isinstance(key, str)
+        or not (digest is None or isinstance(digest, str))
+    ):
+        raise JobError(f"{where}: not a row of a blip2 job (source, key and sha256 must be text)")
+    return source, key, digest
 
 
 def write_atomic(path: Path, data: bytes) -> None:
