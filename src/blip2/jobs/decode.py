@@ -255,7 +255,7 @@ def _serve(connection: Connection, prepare: Callable) -> None:
     """(A worker process) answer each item with ("ok", prepare(item)), or ("ok", the Blip2Error it raised),
     or ("raise", a bug's exception), until the pool closes the connection."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it ends us
-    connection.send_bytes(_dumps(("started", None)))  # `prepare` unpickled, its imports done: time from now
+    connection.send_bytes(dumps(("started", None)))  # `prepare` unpickled, its imports done: time from now
     while True:
         try:
             item = connection.recv()
@@ -268,9 +268,9 @@ def _serve(connection: Connection, prepare: Callable) -> None:
         except Exception as e:
             answer = ("raise", e)
         try:
-            data = _dumps(answer)
+            data = dumps(answer)
         except Exception as e:  # a result or an exception that cannot be pickled: a bug, said in words
-            data = _dumps(("raise", RuntimeError(f"{type(e).__name__}: {e}, from {answer[1]!r}")))
+            data = dumps(("raise", RuntimeError(f"{type(e).__name__}: {e}, from {answer[1]!r}")))
         try:
             connection.send_bytes(data)
         except OSError:
@@ -288,7 +288,8 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
-def _dumps(obj: Any) -> bytes:
+def dumps(obj: Any) -> bytes:
+    """`obj` pickled, its exceptions (Blip2Errors among them) in a form that unpickles whole (`_Pickler`)."""
     buffer = io.BytesIO()
     _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     return buffer.getvalue()

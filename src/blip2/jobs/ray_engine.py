@@ -1,0 +1,204 @@
+"""`--engine ray`: a job as a Ray Data pipeline, on a local Ray or on the cluster at `RAY_ADDRESS`.
+
+    items (driver) -> read, hash, decode (CPU tasks, `map_batches`) -> model (a pool of actors, one model
+    each, one GPU each when the cluster has GPUs) -> rows -> the driver commits them to the job's output
+
+The driver expands the inputs and reads the rows done as the local engine does (`runner.commit_job`), so the
+output, its schema, resume and the error rows are the same; only the rows in between are made by Ray. The
+decode tasks run the local engine's `prepare_item` (read the input once, hash it, skip it when it was done
+before, decode and resize it), the actors its `rows_for` on what the decode tasks give them: there is no
+second copy of the task or row logic. Rows come back in input order (Ray Data's `preserve_order`), so the
+parts written are those of the local engine, row for row.
+
+Each actor loads the model itself (a checkpoint path every node can read, or a Hub id each node can fetch);
+the driver reads only the checkpoint's image settings (for the decode tasks). Ray is imported only here
+(`pip install 'blip2[ray]'`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import pickle
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import Blip2Error
+from ..image_config import ImageProcessorConfig
+from ..loading.hub import resolve
+from ..tasks.batch import _attempt, each_input
+from .decode import dumps
+from .inputs import Failed, Item
+from .outputs import JobError, Output
+from .runner import Chunk, Job, Prepare, PrepareItem, Summary, commit_job, rows_for
+
+RAY_BATCH = 64  # inputs per decode task call and per actor call: the actor runs its model batches on them
+# What a decode task reserves: an image at the pixel limit decoded (178 MP RGB, 0.5 GB) and resized. Besides
+# keeping nodes from decoding more than they hold, it keeps Ray from fusing the decode tasks into the model
+# actors (it fuses maps with equal resource requests), where decoding would again make the model wait.
+DECODE_MEMORY = 1 << 30
+
+
+def import_ray() -> Any:
+    """The `ray` module with Ray Data; a JobError saying which extra to install when Ray is missing."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the pipeline)
+    except ImportError as e:
+        raise JobError(f"--engine ray needs Ray Data: pip install 'blip2[ray]' ({e})") from None
+    return ray
+
+
+def image_settings(model: str) -> ImageProcessorConfig:
+    """The image settings of checkpoint `model` (a path or a Hub id, resolved as `blip2.load` does), which
+    the decode tasks need: the driver does not load the model."""
+    return ImageProcessorConfig.from_checkpoint(resolve(model))
+
+
+def connect(ray: Any) -> None:
+    """Join the Ray cluster at RAY_ADDRESS, or start a local one; nothing when Ray is running already (a
+    caller's own `ray.init`). Workers' logs stay in Ray's log folder rather than on this terminal."""
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS") or None
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+
+
+def run_ray_job(
+    inputs: Sequence[Item | Failed],
+    output: Output,
+    job: Job,
+    prepare: Prepare,
+    load: Callable[[], Any],
+    task: Callable[[Any, list], Sequence[dict[str, Any]]],
+    *,
+    actors: int | None = None,
+    chunk_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> Summary:
+    """Run `job` over `inputs` as `runner.run_job` does, on Ray: `prepare` (picklable) decodes an image's
+    bytes in the decode tasks, `load()` gives each actor its model, and `task(model, prepared images)` one
+    dict of result columns per image. `actors`: model actors (default one per GPU of the cluster, or one on
+    a cluster without GPUs). Rows are committed every `chunk_size`."""
+    ray = import_ray()
+    connect(ray)
+
+    def chunks(items: list[Item], prepare_item: PrepareItem, base: dict[str, Any]) -> Iterator[Chunk]:
+        if items:
+            model_stage = (load, task, base)
+            stages = _pipeline(ray, items, prepare_item, model_stage, min(RAY_BATCH, chunk_size), actors)
+            yield from _gathered(_results(stages), chunk_size)
+
+    return commit_job(inputs, output, job, prepare, chunks, progress)
+
+
+def _pipeline(
+    ray: Any, items: list[Item], prepare_item: PrepareItem, model_stage: tuple, batch: int, actors: int | None
+) -> Any:
+    """The Ray dataset of (rows, counts) records, one per model stage call on `batch` items, in item order;
+    `model_stage`: the arguments of each actor's `_ModelStage`."""
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from ..server.ray_serve import plan
+
+    context = DataContext.get_current()
+    context.execution_options.preserve_order = True  # rows in input order, as the local engine writes them
+    context.enable_progress_bars = False  # the job has its own (images/s, ETA)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # it says that, and where its logs are
+    actors, gpus = plan(ray.cluster_resources().get("GPU", 0.0), actors, None)
+    return (
+        ray.data.from_items([{"item": pickle.dumps(item)} for item in items])
+        .map_batches(
+            _decode, fn_kwargs={"prepare_item": prepare_item}, batch_size=batch, memory=DECODE_MEMORY
+        )
+        .map_batches(
+            _ModelStage,
+            fn_constructor_args=model_stage,
+            batch_size=batch,
+            compute=ActorPoolStrategy(size=actors),
+            **({"num_gpus": gpus} if gpus else {}),
+        )
+    )
+
+
+def _decode(batch: dict[str, np.ndarray], prepare_item: PrepareItem) -> dict[str, np.ndarray]:
+    """(A decode task) each item's `prepare_item` result or the Blip2Error that stopped it, pickled with
+    `decode.dumps` (exceptions whole: an input done before, or failed, and why)."""
+    outcomes = [dumps(_attempt(prepare_item, pickle.loads(item))) for item in batch["item"]]
+    return {"item": batch["item"], "prepared": np.array(outcomes, dtype=object)}
+
+
+class _ModelStage:
+    """(An actor) one model, loaded when the actor starts; each call turns a batch of decoded items into
+    their rows, `task(model, images)` giving their result columns."""
+
+    def __init__(self, load: Callable[[], Any], task: Callable, base: dict[str, Any]) -> None:
+        self.model = load()
+        self.task = task
+        self.base = base
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        items = [pickle.loads(item) for item in batch["item"]]
+        ready = Ready([pickle.loads(p) for p in batch["prepared"]], self.model.batch_size)
+        rows, counts = rows_for(items, ready, functools.partial(self.task, self.model), self.base)
+        return {"chunk": np.array([pickle.dumps((rows, counts))], dtype=object)}
+
+
+class Ready:
+    """Items prepared elsewhere (Ray's decode tasks), as a `runner.Decoding`: `each` runs them through
+    `each_input`, so that batches and errors are those of the local engine."""
+
+    def __init__(self, prepared: Sequence[object], batch_size: int) -> None:
+        self.prepared = prepared
+        self.batch_size = batch_size
+
+    def each(self, items: Sequence[Item], run: Callable[[list], Sequence[Any]]) -> Iterator[tuple[Item, Any]]:
+        for number, result in each_input(range(len(items)), self.batch_size, self._take, run):
+            yield items[number], result
+
+    def _take(self, number: int) -> object:
+        prepared = self.prepared[number]
+        if isinstance(prepared, Blip2Error):
+            raise prepared
+        return prepared
+
+
+def _results(dataset: Any) -> Iterator[Chunk]:
+    """The (rows, counts) of each model stage call, in item order; an error of the pipeline (a checkpoint
+    an actor cannot load, a task error such as a prompt too long) as the Blip2Error it was, or a JobError."""
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for chunk in batch["chunk"]:
+                yield pickle.loads(chunk)
+    except Blip2Error:
+        raise
+    except Exception as e:
+        raise _cause(e) from None
+
+
+def _cause(error: BaseException) -> Blip2Error:
+    """The Blip2Error behind a Ray error (Ray wraps a task's exception, possibly more than once), or a
+    JobError with the first line of its message."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, Blip2Error):
+            return seen
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return JobError(f"the Ray pipeline failed: {first} (worker logs: /tmp/ray/session_latest/logs/)")
+
+
+def _gathered(chunks: Iterator[Chunk], size: int) -> Iterator[Chunk]:
+    """`chunks` regrouped into chunks of at least `size` rows (the last one smaller), counts summed."""
+    rows: list[dict[str, Any]] = []
+    counts = Summary()
+    for more_rows, more_counts in chunks:
+        rows += more_rows
+        counts.add(more_counts)
+        if len(rows) >= size:
+            yield rows, counts
+            rows, counts = [], Summary()
+    if rows or counts.skipped:
+        yield rows, counts
