@@ -106,7 +106,8 @@ def _pipeline(
     context = DataContext.get_current()
     context.execution_options.preserve_order = True  # rows in input order, as the local engine writes them
     context.enable_progress_bars = False  # the job has its own (images/s, ETA)
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # it says that, and where its logs are
+    # Ray Data logs its failures, which the job reports in one line: its own messages would only repeat them
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     actors, gpus = plan(ray.cluster_resources().get("GPU", 0.0), actors, None)
     return (
         ray.data.from_items([{"item": pickle.dumps(item)} for item in items])
@@ -132,18 +133,30 @@ def _decode(batch: dict[str, np.ndarray], prepare_item: PrepareItem) -> dict[str
 
 class _ModelStage:
     """(An actor) one model, loaded when the actor starts; each call turns a batch of decoded items into
-    their rows, `task(model, images)` giving their result columns."""
+    their rows, `task(model, images)` giving their result columns. A Blip2Error of the model or the task
+    (a checkpoint that does not load, a prompt too long) is returned as the call's record, pickled whole,
+    for the driver to raise: Ray would pass it on as a wrapped error without its type."""
 
     def __init__(self, load: Callable[[], Any], task: Callable, base: dict[str, Any]) -> None:
-        self.model = load()
         self.task = task
         self.base = base
+        self.failure: Blip2Error | None = None
+        try:
+            self.model = load()
+        except Blip2Error as e:
+            self.failure = e
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        items = [pickle.loads(item) for item in batch["item"]]
-        ready = Ready([pickle.loads(p) for p in batch["prepared"]], self.model.batch_size)
-        rows, counts = rows_for(items, ready, functools.partial(self.task, self.model), self.base)
-        return {"chunk": np.array([pickle.dumps((rows, counts))], dtype=object)}
+        record: Chunk | Blip2Error
+        try:
+            if self.failure is not None:
+                raise self.failure
+            items = [pickle.loads(item) for item in batch["item"]]
+            ready = Ready([pickle.loads(p) for p in batch["prepared"]], self.model.batch_size)
+            record = rows_for(items, ready, functools.partial(self.task, self.model), self.base)
+        except Blip2Error as e:
+            record = e
+        return {"chunk": np.array([dumps(record)], dtype=object)}
 
 
 class Ready:
@@ -166,28 +179,22 @@ class Ready:
 
 
 def _results(dataset: Any) -> Iterator[Chunk]:
-    """The (rows, counts) of each model stage call, in item order; an error of the pipeline (a checkpoint
-    an actor cannot load, a task error such as a prompt too long) as the Blip2Error it was, or a JobError."""
+    """The (rows, counts) of each model stage call, in item order. The Blip2Error of a model stage is
+    raised as it was; any other failure of the pipeline (a bug) as a JobError with its last line."""
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            for chunk in batch["chunk"]:
-                yield pickle.loads(chunk)
+            for record in batch["chunk"]:
+                chunk = pickle.loads(record)
+                if isinstance(chunk, Blip2Error):
+                    raise chunk
+                yield chunk
     except Blip2Error:
         raise
     except Exception as e:
-        raise _cause(e) from None
-
-
-def _cause(error: BaseException) -> Blip2Error:
-    """The Blip2Error behind a Ray error (Ray wraps a task's exception, possibly more than once), or a
-    JobError with the first line of its message."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, Blip2Error):
-            return seen
-        seen = getattr(seen, "cause", None) or seen.__cause__
-    first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-    return JobError(f"the Ray pipeline failed: {first} (worker logs: /tmp/ray/session_latest/logs/)")
+        last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+        raise JobError(
+            f"the Ray pipeline failed: {last[0]} (logs in /tmp/ray/session_latest/logs/)"
+        ) from None
 
 
 def _gathered(chunks: Iterator[Chunk], size: int) -> Iterator[Chunk]:
