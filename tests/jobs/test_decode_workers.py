@@ -1,16 +1,21 @@
 """`--workers N`: the decode pool of worker processes (blip2.jobs.decode). Its results equal decoding in
 this process, in input order; an input whose worker dies or hangs fails alone and the pool goes on; a bug
-in `prepare` is raised at its turn; the inputs are read no further ahead than `ahead`."""
+in `prepare` is raised at its turn; the inputs are read no further ahead than `ahead`. In a job: the same
+rows with any number of workers, and an input that kills its worker is an error row, not tried again."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from job_helpers import GEN, mixed_inputs, read_rows, run
 
 from blip2.errors import Blip2Error, ImageError
 from blip2.image_config import ImageProcessorConfig
@@ -150,3 +155,76 @@ def test_each_decoded_batches_as_each_input_does(photos, tmp_path):
             for item, r in each_decoded(pool, paths, 3, run)
         ]
     assert got == expected and batches == expected_batches == [3, 2, 2]
+
+
+def size_or_die(data: bytes) -> int:
+    """A stand-in for decoding in a job: the size of the bytes; bytes ending in DIE kill their worker."""
+    if data.endswith(b"DIE"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return len(data)
+
+
+def test_in_a_job_an_input_that_kills_its_worker_is_an_error_row_done_once(tmp_path, photos):
+    from blip2.jobs import Job, open_job, run_job
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in photos[:3]:
+        shutil.copy(photo, folder / photo.name)
+    (folder / "die.jpg").write_bytes(photos[0].read_bytes() + b"DIE")  # a JPEG still, by its content
+    job = Job("size", "none", {}, {"caption": "string"})
+    summaries = []
+    for _ in range(2):
+        summaries.append(
+            run_job(
+                [str(folder)],
+                open_job(str(tmp_path / "sizes.jsonl"), job),
+                job,
+                size_or_die,
+                lambda sizes: [{"caption": str(size)} for size in sizes],
+                batch_size=2,
+                workers=2,
+            )
+        )
+    assert [(s.done, s.failed, s.skipped) for s in summaries] == [(3, 1, 0), (0, 0, 4)]
+    rows = read_rows(tmp_path / "sizes.jsonl")
+    assert len(rows) == 4
+    for row in rows:
+        data = Path(row["source"]).read_bytes()
+        assert row["sha256"] == hashlib.sha256(data).hexdigest()
+        if row["source"].endswith("die.jpg"):
+            assert row["error"] == "the decoding process died on this input (killed by signal 9)"
+        else:
+            assert row["error"] is None and row["caption"] == str(len(data))
+
+
+@pytest.fixture
+def inputs(tmp_path, photos):
+    return mixed_inputs(tmp_path, photos)
+
+
+def test_the_rows_of_a_job_do_not_depend_on_its_workers(capsys, checkpoints, inputs, tmp_path):
+    outputs = {}
+    for workers in ["0", "2", None]:
+        out = tmp_path / f"captions-{workers}.parquet"
+        options = [] if workers is None else ["--workers", workers]
+        args = ["caption", *inputs, "--out", str(out), "--model", str(checkpoints["opt"]), *GEN, *options]
+        code, _, err = run(capsys, *args, "--chunk-size", "4")
+        assert code == 1 and "8 done, 0 skipped (done before), 2 failed" in err
+        outputs[workers] = read_rows(out)
+    assert outputs["2"] == outputs["0"] == outputs[None]
+    assert {row["error"] for row in outputs["2"]} >= {"not an image (unknown content)", None}
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        (["--engine", "ray", "--workers", "2"], "--workers is for the local engine"),
+        (["--actors", "2"], "--actors needs --engine ray"),
+        (["--workers", "-1"], "-1 is not in the range x>=0"),
+    ],
+)
+def test_options_of_the_other_engine_are_usage_errors(capsys, photos, tmp_path, options, said):
+    out = tmp_path / "captions.parquet"
+    code, _, err = run(capsys, "caption", str(photos[0]), "--out", str(out), "--model", "unused", *options)
+    assert code == 2 and said in err and not out.exists()

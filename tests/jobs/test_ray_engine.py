@@ -10,8 +10,7 @@ import os
 import shutil
 
 import pytest
-from job_helpers import GEN, read_rows, run
-from shards import write_shard
+from job_helpers import GEN, mixed_inputs, read_rows, run
 
 import blip2
 
@@ -34,15 +33,7 @@ def local_ray():
 
 @pytest.fixture
 def inputs(tmp_path, photos):
-    """A folder of the photos with a truncated JPEG and a text file in it, and a tar shard of them."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for photo in photos:
-        shutil.copy(photo, folder / photo.name)
-    (folder / "broken.jpg").write_bytes(photos[0].read_bytes()[:300])
-    (folder / "notes.txt").write_text("not an image\n")
-    write_shard(tmp_path / "shard.tar", photos[:3])
-    return [str(folder), str(tmp_path / "shard.tar")]
+    return mixed_inputs(tmp_path, photos)
 
 
 def caption(capsys, checkpoints, inputs, out, *options):

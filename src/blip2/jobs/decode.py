@@ -50,7 +50,8 @@ class DecodePool(Generic[Item, Prepared]):
 
     `ahead` bounds the inputs submitted and not yet taken by the consumer of `map` (at least one per worker;
     two model batches keep the model fed: the one it takes next and the one decoded while it works);
-    `name(item)` names an input in the error of a worker that died on it."""
+    `lost(item, reason)` is the result of an input whose worker died or overran (default: an ImageError
+    naming it by `str`)."""
 
     def __init__(
         self,
@@ -59,14 +60,14 @@ class DecodePool(Generic[Item, Prepared]):
         *,
         ahead: int = 64,
         timeout_s: float = TIMEOUT_S,
-        name: Callable[[Item], str] = str,
+        lost: Callable[[Item, str], Blip2Error] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"a decode pool needs at least one worker, got {workers}")
         self.prepare = prepare
         self.ahead = max(workers, ahead)
         self.timeout_s = timeout_s
-        self.name = name
+        self.lost = lost or (lambda item, reason: ImageError(str(item), reason))
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(PRELOAD)  # no effect once the server runs: then it has them
         self._workers = [self._start() for _ in range(workers)]
@@ -225,7 +226,7 @@ class _Feed:
         number, item, _ = worker.task  # type: ignore[misc]
         if outcome is None:
             reason = failure or f"the decoding process died on this input ({_how(worker.process)})"
-            outcome = ("ok", ImageError(self.pool.name(item), reason))
+            outcome = ("ok", self.pool.lost(item, reason))
             self.pool._replace(worker)
         worker.task = None
         with self.ready:
@@ -305,15 +306,22 @@ def _rebuilt(kind: type[BaseException], args: tuple, attributes: dict) -> BaseEx
 class Decoder:
     """How a job prepares its inputs ahead of the model, by `workers`: None in `DECODE_WORKERS` threads (as
     the library's `caption` does), 0 in the calling thread in turn, N > 0 in a `DecodePool` of N processes
-    holding two batches ahead. A context manager: the processes live as long as the job."""
+    holding two batches ahead (`lost`: see `DecodePool`). A context manager: the processes live as long as
+    the job."""
 
-    def __init__(self, prepare: Callable[[Any], object], workers: int | None, batch_size: int) -> None:
+    def __init__(
+        self,
+        prepare: Callable[[Any], object],
+        workers: int | None,
+        batch_size: int,
+        lost: Callable[[Any, str], Blip2Error] | None = None,
+    ) -> None:
         self.prepare = prepare
         self.threads = DECODE_WORKERS if workers is None else 0
         self.batch_size = batch_size
         self.pool: DecodePool[Any, object] | None = None
         if workers:
-            self.pool = DecodePool(prepare, workers, ahead=2 * batch_size, name=_name)
+            self.pool = DecodePool(prepare, workers, ahead=2 * batch_size, lost=lost)
 
     def __enter__(self) -> Decoder:
         return self
@@ -329,11 +337,6 @@ class Decoder:
         if self.pool is not None:
             return each_decoded(self.pool, items, self.batch_size, run)
         return each_input(items, self.batch_size, self.prepare, run, self.threads)
-
-
-def _name(item: object) -> str:
-    """How an error names a job's input (`jobs.inputs.Item.name`), or any other item."""
-    return str(getattr(item, "name", item))
 
 
 def each_decoded(

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..embeddings_io import valid_text
-from ..errors import Blip2Error
+from ..errors import Blip2Error, ImageError
 from .decode import Decoder
 from .inputs import Failed, Item, expand_inputs, input_name
 from .outputs import JobError, Output, open_output
@@ -133,7 +133,7 @@ def run_job(
     committed chunk (a progress bar)."""
 
     def chunks(items: list[Item], prepare_item: PrepareItem, base: dict[str, Any]) -> Iterator[Chunk]:
-        with Decoder(prepare_item, workers, batch_size) as decoder:
+        with Decoder(prepare_item, workers, batch_size, _lost) as decoder:
             for first in range(0, len(items), chunk_size):
                 yield rows_for(items[first : first + chunk_size], decoder, run, base)
 
@@ -244,6 +244,16 @@ def _prepared(item: Item, prepare: Prepare, done: set[DoneKey]) -> tuple[str, ob
         return digest, prepare(data)
     except Blip2Error as e:
         raise _NotRun(digest, e) from None
+
+
+def _lost(item: Item, reason: str) -> _NotRun:
+    """The result of an item whose decoding process died or hung (`decode.DecodePool`): an error row with
+    its sha256, so that running again counts it done rather than crashing on it again."""
+    try:
+        digest: str | None = hashlib.sha256(item.read()).hexdigest()
+    except Blip2Error:
+        digest = None
+    return _NotRun(digest, ImageError(item.name, reason))
 
 
 def _run_with(run: Run) -> Callable[[list], list[tuple[str, dict[str, Any]]]]:
