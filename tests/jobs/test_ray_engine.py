@@ -5,9 +5,9 @@ Marked `ray` (one local Ray cluster for the module: about 30 s); skipped where R
 
 from __future__ import annotations
 
-import builtins
 import os
 import shutil
+import sys
 
 import pytest
 from job_helpers import GEN, mixed_inputs, read_rows, run
@@ -92,14 +92,8 @@ def test_an_error_of_the_task_in_an_actor_is_the_local_engine_s(
 
 
 def test_without_ray_the_job_says_what_to_install_and_writes_nothing(monkeypatch, capsys, tmp_path, photos):
-    real_import = builtins.__import__
-
-    def no_ray(name, *args, **kwargs):
-        if name == "ray" or name.startswith("ray."):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ray)
+    for name in ("ray", "ray.data"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import ray` raises ImportError, as when not installed
     out = tmp_path / "captions.parquet"
     code, _, err = run(
         capsys, "caption", str(photos[0]), "--out", str(out), "--engine", "ray", "--model", "unused"

@@ -9,8 +9,8 @@ normalization of those model-size images (well under a millisecond each) is left
 
 Each input fails alone: a `Blip2Error` that `prepare` raises is that input's result; a worker that dies on
 an input (a decoder crash, the kernel's OOM killer on a decompression bomb) or that works on one input for
-longer than `timeout_s` is replaced by a fresh process and the input gets an `ImageError` saying so; the
-others go on. Any other exception from `prepare` is a bug: it is raised in the main process when its
+longer than `timeout_s` is replaced by a fresh process and the input's result says so (`lost`: an
+`ImageError` by default); the others go on. Any other exception from `prepare` is a bug: it is raised in the main process when its
 input's turn comes.
 
 Workers are forked from Python's fork server, a fresh process that imports `blip2.images` (PIL, numpy,
@@ -40,7 +40,7 @@ Item = TypeVar("Item")
 Prepared = TypeVar("Prepared")
 Result = TypeVar("Result")
 
-TIMEOUT_S = 120.0  # one image decoded for longer than this is a hung decoder (a 178 MP PNG takes ~5 s)
+TIMEOUT_S = 120.0  # one image decoded for longer than this is a hung decoder (a photo takes milliseconds)
 PRELOAD = ["blip2.images"]  # what every worker needs, imported once by the fork server
 _POLL_S = 0.2  # how often the feeding thread looks at the clock and at a request to stop
 
@@ -172,7 +172,8 @@ class _Feed:
             while not self.stop.is_set() and not (self.items is None and self._idle()):
                 self._submit()
                 self._collect()
-        except BaseException as e:  # `items` raised: the inputs before it still get their results
+        except BaseException as e:  # `items` raised, or a worker did not start: the consumer gets the
+            # results already in, then this error
             with self.ready:
                 self.end = e
                 self.ready.notify_all()

@@ -8,7 +8,9 @@ output, its schema, resume and the error rows are the same; only the rows in bet
 decode tasks run the local engine's `prepare_item` (read the input once, hash it, skip it when it was done
 before, decode and resize it), the actors its `rows_for` on what the decode tasks give them: there is no
 second copy of the task or row logic. Rows come back in input order (Ray Data's `preserve_order`), so the
-parts written are those of the local engine, row for row.
+rows written are those of the local engine, row for row, committed every `chunk_size` rows or a little more
+(whole model-stage calls of `RAY_BATCH` inputs). A decode task that crashes is retried by Ray and then
+fails the job (the local engine's `--workers` fails only the input).
 
 Each actor loads the model itself (a checkpoint path every node can read, or a Hub id each node can fetch);
 the driver reads only the checkpoint's image settings (for the decode tasks). Ray is imported only here
