@@ -13,10 +13,10 @@ longer than `timeout_s` is replaced by a fresh process and the input's result sa
 `ImageError` by default); the others go on. Any other exception from `prepare` is a bug: it is raised in the main process when its
 input's turn comes.
 
-Workers are forked from Python's fork server, a fresh process that imports `blip2.images` (PIL, numpy,
-torch) once (a fork of the main process, which has loaded a model and started torch's thread pools, can
-hang), so `prepare` and the inputs must be picklable (a module-level function or a `functools.partial` of
-one), and a worker that replaces a dead one starts in milliseconds. Module attributes changed at run time
+Workers are forked from Python's fork server, a fresh process that imports PIL, numpy and torch once (a
+fork of the main process, which has loaded a model and started torch's thread pools, can hang), so
+`prepare` and the inputs must be picklable (a module-level function or a `functools.partial` of one), and
+a worker that replaces a dead one starts in a fraction of a second. Module attributes changed at run time
 in the main process (e.g. `blip2.images.MAX_PIXELS`) are not seen by the workers.
 """
 
@@ -41,7 +41,9 @@ Prepared = TypeVar("Prepared")
 Result = TypeVar("Result")
 
 TIMEOUT_S = 120.0  # one image decoded for longer than this is a hung decoder (a photo takes milliseconds)
-PRELOAD = ["blip2.images"]  # what every worker needs, imported once by the fork server
+# What every worker needs, imported once by the fork server: the heavy third-party modules, not blip2, which
+# each worker imports with its parent's sys.path (the server's own path is the one it started with).
+PRELOAD = ["numpy", "PIL.Image", "torch"]
 _POLL_S = 0.2  # how often the feeding thread looks at the clock and at a request to stop
 
 

@@ -8,8 +8,9 @@ output, its schema, resume and the error rows are the same; only the rows in bet
 decode tasks run the local engine's `prepare_item` (read the input once, hash it, skip it when it was done
 before, decode and resize it), the actors its `rows_for` on what the decode tasks give them: there is no
 second copy of the task or row logic. Rows come back in input order (Ray Data's `preserve_order`), so the
-rows written are those of the local engine, row for row, committed every `chunk_size` rows or a little more
-(whole model-stage calls of `RAY_BATCH` inputs). A decode task that crashes is retried by Ray and then
+rows written are those of the local engine, row for row, committed every `chunk_size` rows or a little more.
+A chunk of inputs is also Ray's unit of work: one decode task call, one actor call (which runs its model's
+batches over it), one block in the object store. A decode task that crashes is retried by Ray and then
 fails the job (the local engine's `--workers` fails only the input).
 
 Each actor loads the model itself (a checkpoint path every node can read, or a Hub id each node can fetch);
@@ -37,7 +38,6 @@ from .inputs import Failed, Item
 from .outputs import JobError, Output
 from .runner import Chunk, Job, Prepare, PrepareItem, Summary, commit_job, rows_for
 
-RAY_BATCH = 64  # inputs per decode task call and per actor call: the actor runs its model batches on them
 # What a decode task reserves: an image at the pixel limit decoded (178 MP RGB, 0.5 GB) and resized. Besides
 # keeping nodes from decoding more than they hold, it keeps Ray from fusing the decode tasks into the model
 # actors (it fuses maps with equal resource requests), where decoding would again make the model wait.
@@ -83,14 +83,14 @@ def run_ray_job(
     """Run `job` over `inputs` as `runner.run_job` does, on Ray: `prepare` (picklable) decodes an image's
     bytes in the decode tasks, `load()` gives each actor its model, and `task(model, prepared images)` one
     dict of result columns per image. `actors`: model actors (default one per GPU of the cluster, or one on
-    a cluster without GPUs). Rows are committed every `chunk_size`."""
+    a cluster without GPUs). Rows are committed every `chunk_size` inputs, Ray's unit of work too."""
     ray = import_ray()
     connect(ray)
 
     def chunks(items: list[Item], prepare_item: PrepareItem, base: dict[str, Any]) -> Iterator[Chunk]:
         if items:
             model_stage = (load, task, base)
-            stages = _pipeline(ray, items, prepare_item, model_stage, min(RAY_BATCH, chunk_size), actors)
+            stages = _pipeline(ray, items, prepare_item, model_stage, chunk_size, actors)
             yield from _gathered(_results(stages), chunk_size)
 
     return commit_job(inputs, output, job, prepare, chunks, progress)
