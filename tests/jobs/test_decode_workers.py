@@ -10,6 +10,8 @@ import hashlib
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -228,3 +230,57 @@ def test_options_of_the_other_engine_are_usage_errors(capsys, photos, tmp_path, 
     out = tmp_path / "captions.parquet"
     code, _, err = run(capsys, "caption", str(photos[0]), "--out", str(out), "--model", "unused", *options)
     assert code == 2 and said in err and not out.exists()
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...), None when it is gone."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(pid: int) -> set[int]:
+    """The processes below `pid` (children, their children, ...)."""
+    parents = {
+        int(p.name): int(f[1]) for p in Path("/proc").iterdir() if p.name.isdigit() and (f := _stat(p.name))
+    }
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if (fields := _stat(pid)) and fields[0] != "Z"}  # a zombie has ended
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_kill_9_with_workers_leaves_no_process_and_resumes_exactly(checkpoints, photos, tmp_path):
+    from test_runner import many_inputs
+
+    root, photo_of = many_inputs(tmp_path, photos, "folder")
+    out = tmp_path / "captions.parquet"
+    command = [sys.executable, "-m", "blip2", "caption", str(root), "--out", str(out), "--workers", "2"]
+    command += ["--model", str(checkpoints["opt"]), "--chunk-size", "2", "--batch-size", "1", *GEN]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not any(out.glob("part-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    below = descendants(process.pid)  # the fork server, its workers, multiprocessing's resource tracker
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the job finished before it was killed"
+    assert len(below) >= 3
+    deadline = time.monotonic() + 30
+    while alive(below) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(below)  # they saw their parent go, and ended
+    before = read_rows(out)
+    finished = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert finished.returncode == 0 and f"{len(before)} skipped" in finished.stderr, finished.stderr
+    rows = read_rows(out)
+    assert sorted((row["source"], row["key"]) for row in rows) == sorted(photo_of)  # each input once
+    assert all(row["error"] is None for row in rows) and all(row in rows for row in before)
