@@ -103,9 +103,8 @@ def main() -> None:
     pipe.batch_size = args.batch_size
     config = pipe.image_config
     pipe.caption([str(p) for p in paths[: args.batch_size]], max_new_tokens=args.new_tokens)  # warm-up
-    print(
-        f"# {args.size}, {args.device}: {_machine(args.device)}, torch {torch.__version__}, {os.cpu_count()} cores"
-    )
+    machine = f"{_machine(args.device)}, torch {torch.__version__}, {os.cpu_count()} cores"
+    print(f"# {args.size}, {args.device}: {machine}")
     print(
         f"# {args.images} JPEGs of {args.photo_size[0]}x{args.photo_size[1]}, batch {args.batch_size}, ",
         end="",

@@ -10,8 +10,8 @@ normalization of those model-size images (well under a millisecond each) is left
 Each input fails alone: a `Blip2Error` that `prepare` raises is that input's result; a worker that dies on
 an input (a decoder crash, the kernel's OOM killer on a decompression bomb) or that works on one input for
 longer than `timeout_s` is replaced by a fresh process and the input's result says so (`lost`: an
-`ImageError` by default); the others go on. Any other exception from `prepare` is a bug: it is raised in the main process when its
-input's turn comes.
+`ImageError` by default); the others go on. Any other exception from `prepare` is a bug: it is raised in
+the main process when its input's turn comes.
 
 Workers are forked from Python's fork server, a fresh process that imports PIL, numpy and torch once (a
 fork of the main process, which has loaded a model and started torch's thread pools, can hang), so

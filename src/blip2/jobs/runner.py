@@ -1,9 +1,9 @@
 """The local job runner: a task over a job's inputs (`blip2.jobs.inputs`: image files, tar shards, tables),
 in batches through the task layer's error-isolating iterator (`blip2.tasks.batch.each_input`), decoding
-ahead in threads or worker processes (`decode`), its rows committed a chunk at a time (see `outputs`). Each input is read once: its bytes are
-hashed, then decoded from memory. Running the same job again skips the inputs already done, keyed by
-(source, key, content sha256) (the options are the job's, checked against the manifest), and finishes the
-rest.
+ahead in threads or worker processes (`decode`), its rows committed a chunk at a time (see `outputs`). Each
+input is read once: its bytes are hashed, then decoded from memory. Running the same job again skips the
+inputs already done, keyed by (source, key, content sha256) (the options are the job's, checked against the
+manifest), and finishes the rest.
 
 One row per input: `source`, `index` (its place in this run's input list), `key` (the image within the
 source: the path itself for image files, the sample key in a tar shard, the row's key in a table), `sha256`
