@@ -110,12 +110,13 @@ def _pipeline(
     context.enable_progress_bars = False  # the job has its own (images/s, ETA)
     # Ray Data logs its failures, which the job reports in one line: its own messages would only repeat them
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
-    actors, gpus = plan(ray.cluster_resources().get("GPU", 0.0), actors, None)
+    resources = ray.cluster_resources()
+    actors, gpus = plan(resources.get("GPU", 0.0), actors, None)
+    # never more than a quarter of the cluster's memory: a task asking for more would never be scheduled
+    memory = min(DECODE_MEMORY, int(resources.get("memory", DECODE_MEMORY)) // 4)
     return (
         ray.data.from_items([{"item": pickle.dumps(item)} for item in items])
-        .map_batches(
-            _decode, fn_kwargs={"prepare_item": prepare_item}, batch_size=batch, memory=DECODE_MEMORY
-        )
+        .map_batches(_decode, fn_kwargs={"prepare_item": prepare_item}, batch_size=batch, memory=memory)
         .map_batches(
             _ModelStage,
             fn_constructor_args=model_stage,
