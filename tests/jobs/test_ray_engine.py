@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -100,3 +101,14 @@ def test_without_ray_the_job_says_what_to_install_and_writes_nothing(monkeypatch
     )
     assert code == 1 and not out.exists()
     assert err.startswith("blip2: error: --engine ray needs Ray Data: pip install 'blip2[ray]'")
+
+
+def test_the_cli_and_the_engine_module_do_not_import_ray_until_it_runs():
+    code = "import sys, blip2.cli, blip2.jobs.ray_engine; print('ray' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert out.stdout.strip() == "False", out.stderr
