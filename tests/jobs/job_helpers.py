@@ -26,3 +26,20 @@ def read_rows(out: Path) -> list[dict]:
     if out.suffix == ".jsonl":
         return [json.loads(line) for line in out.read_text().splitlines()]
     return ds.dataset(out, format="parquet").to_table().to_pylist()
+
+
+def mixed_inputs(root: Path, photos: list[Path]) -> list[str]:
+    """Inputs of every outcome: a folder of the photos with a truncated JPEG (an error row with its sha256)
+    and a text file (a failed input) in it, and a tar shard of the first three photos."""
+    import shutil
+
+    from shards import write_shard
+
+    folder = root / "library"
+    folder.mkdir()
+    for photo in photos:
+        shutil.copy(photo, folder / photo.name)
+    (folder / "broken.jpg").write_bytes(photos[0].read_bytes()[:300])
+    (folder / "notes.txt").write_text("not an image\n")
+    write_shard(root / "shard.tar", photos[:3])
+    return [str(folder), str(root / "shard.tar")]

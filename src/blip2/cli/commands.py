@@ -61,6 +61,9 @@ def caption(
     chunk_size,
     column,
     keep,
+    workers,
+    engine,
+    actors,
     model,
     device,
     dtype,
@@ -80,7 +83,8 @@ def caption(
         from .job_commands import JobArgs, caption_job
 
         load = partial(_load, model, device, dtype, quantize, batch_size)
-        caption_job(load, images, JobArgs(out, overwrite, chunk_size, column, keep), model, prompt, options)
+        args = JobArgs(out, overwrite, chunk_size, column, keep, workers, engine, actors)
+        caption_job(load, images, args, model, prompt, options)
     pipe = _load(model, device, dtype, quantize, batch_size)
 
     failed = False
@@ -111,6 +115,9 @@ def ask(
     chunk_size,
     column,
     keep,
+    workers,
+    engine,
+    actors,
     model,
     device,
     dtype,
@@ -137,7 +144,7 @@ def ask(
         from .job_commands import JobArgs, ask_job
 
         load = partial(_load, model, device, dtype, quantize, batch_size)
-        args = JobArgs(out, overwrite, chunk_size, column, keep)
+        args = JobArgs(out, overwrite, chunk_size, column, keep, workers, engine, actors)
         ask_job(load, images, args, model, questions, template, options)
     pipe = _load(model, device, dtype, quantize, batch_size)
     answers = _one_image(
@@ -203,7 +210,21 @@ def similarity(images, texts, model, device, dtype, quantize, batch_size, as_jso
 @job_options
 @match_options
 def embed(
-    images, out, overwrite, chunk_size, column, keep, model, device, dtype, quantize, batch_size, as_json
+    images,
+    out,
+    overwrite,
+    chunk_size,
+    column,
+    keep,
+    workers,
+    engine,
+    actors,
+    model,
+    device,
+    dtype,
+    quantize,
+    batch_size,
+    as_json,
 ):
     """Embed IMAGES for search into --out: the projected, normalised query embeddings (32, 256) of each image
     (retrieval checkpoints), which `blip2 index add-embeddings` reads.
@@ -221,7 +242,8 @@ def embed(
         from .job_commands import JobArgs, embed_job
 
         load = partial(_load, model, device, dtype, quantize, batch_size)
-        embed_job(load, images, JobArgs(out, overwrite, chunk_size, column, keep), model)
+        args = JobArgs(out, overwrite, chunk_size, column, keep, workers, engine, actors)
+        embed_job(load, images, args, model)
     _embed_to_file(images, out, model, device, dtype, quantize, batch_size, as_json)
 
 
@@ -291,6 +313,9 @@ def classify(
     chunk_size,
     column,
     keep,
+    workers,
+    engine,
+    actors,
     model,
     device,
     dtype,
@@ -308,7 +333,7 @@ def classify(
         from .job_commands import JobArgs, classify_job
 
         load = partial(_load, model, device, dtype, quantize, batch_size)
-        args = JobArgs(out, overwrite, chunk_size, column, keep)
+        args = JobArgs(out, overwrite, chunk_size, column, keep, workers, engine, actors)
         classify_job(load, (image, *more_images), args, model, names, template, top_k, rerank)
     if more_images:
         raise click.BadParameter("one image, or give --out to classify many", param_hint="IMAGES")

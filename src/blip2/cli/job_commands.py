@@ -3,6 +3,7 @@ ends with a summary on stderr instead of a line per image on stdout."""
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -21,6 +22,9 @@ class JobArgs:
     chunk_size: int | None = None
     column: str | None = None  # a table's image column (default: found by name)
     keep: tuple[str, ...] = ()  # table columns kept in each row
+    workers: int | None = None  # decode processes ahead of the model (None: threads; blip2.jobs.decode)
+    engine: str = "local"  # or "ray": a Ray Data pipeline (blip2.jobs.ray_engine)
+    actors: int | None = None  # with the ray engine: model actors (default: one per GPU, or 1)
 
 
 def caption_job(load: Callable, images, args: JobArgs, model: str, prompt: str | None, options):
@@ -104,24 +108,58 @@ def _run(load: Callable, images, args: JobArgs, job, run: Callable):
     from ..images import load_resized
     from ..jobs import CHUNK_SIZE, open_job, run_job
 
+    ray = _ray_engine(args)
     inputs, extra = _expanded(images, args, job)
     job = replace(job, extra=extra)
     output = open_job(args.out, job, args.overwrite)
-    pipe = load()
-    summary = run_job(
-        inputs,
-        output,
-        job,
-        lambda data: load_resized(data, pipe.image_config),
-        lambda good: run(pipe, good),
-        batch_size=pipe.batch_size,
-        chunk_size=args.chunk_size or CHUNK_SIZE,
-        progress=_progress_bar(),
-    )
+    chunk_size = args.chunk_size or CHUNK_SIZE
+    if ray is not None:
+        prepare = functools.partial(load_resized, config=ray.image_settings(job.model))
+        summary = ray.run_ray_job(
+            inputs,
+            output,
+            job,
+            prepare,
+            load,
+            run,
+            actors=args.actors,
+            chunk_size=chunk_size,
+            progress=_progress_bar(),
+        )
+    else:
+        pipe = load()
+        summary = run_job(
+            inputs,
+            output,
+            job,
+            functools.partial(load_resized, config=pipe.image_config),  # picklable: for --workers N
+            lambda good: run(pipe, good),
+            batch_size=pipe.batch_size,
+            chunk_size=chunk_size,
+            workers=args.workers,
+            progress=_progress_bar(),
+        )
     for error in summary.errors:
         click.echo(f"blip2: {message(error)}", err=True)
     click.echo(f"blip2: {summary.line()}; rows in {message(args.out)}", err=True)
     sys.exit(1 if summary.failed else 0)
+
+
+def _ray_engine(args: JobArgs):
+    """`blip2.jobs.ray_engine` with --engine ray, None without; checked before anything is written: Ray is
+    installed, and no option of the other engine is given."""
+    if args.engine != "ray":
+        if args.actors is not None:
+            raise click.UsageError("--actors needs --engine ray")
+        return None
+    if args.workers is not None:
+        raise click.UsageError(
+            "--workers is for the local engine: with --engine ray, Ray runs the decode tasks"
+        )
+    from ..jobs import ray_engine
+
+    ray_engine.import_ray()
+    return ray_engine
 
 
 # Columns every row has: a kept table column may not take one of their names.

@@ -153,6 +153,27 @@ def job_options(func):
             multiple=True,
             help="With --out, for .parquet/.csv inputs: a table column to copy into each row (repeatable).",
         ),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=0),
+            default=None,
+            help="With --out: processes that read and decode images ahead of the model (0: in turn, in the "
+            "main thread; default: a few threads).",
+        ),
+        click.option(
+            "--engine",
+            type=click.Choice(["local", "ray"]),
+            default="local",
+            show_default=True,
+            help="With --out: run here, or as a Ray Data pipeline on a local Ray or the cluster at "
+            "RAY_ADDRESS (decode tasks, one model per actor and GPU).",
+        ),
+        click.option(
+            "--actors",
+            type=click.IntRange(min=1),
+            default=None,
+            help="With --engine ray: model actors (default: one per GPU of the cluster, or 1).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)

@@ -1,9 +1,9 @@
 """The local job runner: a task over a job's inputs (`blip2.jobs.inputs`: image files, tar shards, tables),
-in batches through the task layer's error-isolating iterator (`blip2.tasks.batch.each_input`, decoding ahead
-in threads), its rows committed a chunk at a time (see `outputs`). Each input is read once: its bytes are
-hashed, then decoded from memory. Running the same job again skips the inputs already done, keyed by
-(source, key, content sha256) (the options are the job's, checked against the manifest), and finishes the
-rest.
+in batches through the task layer's error-isolating iterator (`blip2.tasks.batch.each_input`), decoding
+ahead in threads or worker processes (`decode`), its rows committed a chunk at a time (see `outputs`). Each
+input is read once: its bytes are hashed, then decoded from memory. Running the same job again skips the
+inputs already done, keyed by (source, key, content sha256) (the options are the job's, checked against the
+manifest), and finishes the rest.
 
 One row per input: `source`, `index` (its place in this run's input list), `key` (the image within the
 source: the path itself for image files, the sample key in a tar shard, the row's key in a table), `sha256`
@@ -11,32 +11,55 @@ source: the path itself for image files, the sample key in a tar shard, the row'
 --keep columns), the task's result columns, `model`, `options` (JSON) and `error` (the reason an input
 failed, null when it did not). An input that failed is done too: running again does not retry it.
 
-`rows_for` turns a batch of items into rows; the local engine calls it a chunk at a time, and any other
-engine (worker processes, a Ray actor) can call it on its own share of the items.
+`commit_job` is what every engine shares: inputs expanded, done rows skipped, chunks of rows committed,
+failed inputs' rows. `rows_for` turns prepared items into rows; the local engine (`run_job`) calls it a
+chunk at a time, the Ray engine (`ray_engine`) in each model actor on its share of the items.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ..embeddings_io import valid_text
-from ..errors import Blip2Error
-from ..tasks.batch import DECODE_WORKERS, each_input
+from ..errors import Blip2Error, ImageError
+from .decode import Decoder
 from .inputs import Failed, Item, expand_inputs, input_name
 from .outputs import JobError, Output, open_output
 
-__all__ = ["Job", "JobError", "Summary", "base_row", "failed_row", "open_job", "rows_for", "run_job"]
+__all__ = [
+    "Job",
+    "JobError",
+    "Summary",
+    "base_row",
+    "commit_job",
+    "failed_row",
+    "open_job",
+    "rows_for",
+    "run_job",
+]
 
 CHUNK_SIZE = 256  # rows per committed chunk: what a kill may cost, against one file per chunk
 
 Prepare = Callable[[bytes], object]  # an image's bytes -> what `Run` takes (a decoded, resized image)
 Run = Callable[[list], Sequence[dict[str, Any]]]  # prepared inputs -> one dict of result columns each
 DoneKey = tuple[str, str, str | None]  # (source, key, sha256) of an input done
+PrepareItem = Callable[[Item], tuple[str, object]]  # an item -> (sha256, prepared), see `commit_job`
+Chunk = tuple[list[dict[str, Any]], "Summary"]  # the rows of some items, and their counts
+
+
+class Decoding(Protocol):
+    """Where items are prepared (`decode.Decoder`, or Ray's decode tasks): `each(items, run)` gives (item,
+    result of `run` on its prepared form, or the Blip2Error that stopped it) in item order."""
+
+    def each(
+        self, items: Sequence[Item], run: Callable[[list], Sequence[Any]]
+    ) -> Iterator[tuple[Item, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -99,13 +122,37 @@ def run_job(
     *,
     batch_size: int,
     chunk_size: int = CHUNK_SIZE,
-    workers: int = DECODE_WORKERS,
+    workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Summary:
     """Run `job` over `inputs` (what `expand_inputs` gave, or the names to give it), writing its rows to
     `output` (from `open_job`). `prepare` decodes one image's bytes (an ImageError fails that input alone),
-    `run` takes a batch of prepared inputs and returns one dict of result columns each.
-    `progress(handled, total)` is called after each committed chunk (a progress bar)."""
+    `run` takes a batch of prepared inputs and returns one dict of result columns each. `workers` says where
+    the inputs are read and decoded ahead of the model (`decode.Decoder`: None in threads, 0 in turn, N in
+    N processes, then `prepare` must be picklable). `progress(handled, total)` is called after each
+    committed chunk (a progress bar)."""
+
+    def chunks(items: list[Item], prepare_item: PrepareItem, base: dict[str, Any]) -> Iterator[Chunk]:
+        with Decoder(prepare_item, workers, batch_size, _lost) as decoder:
+            for first in range(0, len(items), chunk_size):
+                yield rows_for(items[first : first + chunk_size], decoder, run, base)
+
+    return commit_job(inputs, output, job, prepare, chunks, progress)
+
+
+def commit_job(
+    inputs: Sequence[str] | Sequence[Item | Failed],
+    output: Output,
+    job: Job,
+    prepare: Prepare,
+    chunks: Callable[[list[Item], PrepareItem, dict[str, Any]], Iterable[Chunk]],
+    progress: Callable[[int, int], None] | None = None,
+) -> Summary:
+    """What every engine shares (see `run_job`, and `ray_engine`): the inputs expanded, the rows done read
+    back, and each (rows, counts) that `chunks(items, prepare_item, base_row(job))` yields, in item order,
+    committed to `output`; then the failed inputs' rows. `prepare_item` (picklable when `prepare` is) reads
+    an item, hashes it, skips it when done, and decodes it with `prepare`: `rows_for` turns its results
+    into rows."""
     start = time.monotonic()
     names = [x for x in inputs if isinstance(x, str)]
     expanded = [*expand_inputs(names)] if names else [x for x in inputs if not isinstance(x, str)]
@@ -113,14 +160,14 @@ def run_job(
     done = set(output.keys())
     base = base_row(job)
     summary = Summary()
-    for first in range(0, len(items), chunk_size):
-        chunk = items[first : first + chunk_size]
-        rows, counts = rows_for(chunk, prepare, run, base, done, batch_size=batch_size, workers=workers)
+    handled = 0
+    for rows, counts in chunks(items, functools.partial(_prepared, prepare=prepare, done=done), base):
         if rows:
             output.append(rows)
         summary.add(counts)
+        handled += len(rows) + counts.skipped  # every item is a row or skipped
         if progress:
-            progress(first + len(chunk), len(items))
+            progress(handled, len(items))
     # Inputs that could not become items (not an image, unreadable, no such file, a bad tar member) are
     # error rows, after the items, so every input the user named is accounted for.
     failed = [x for x in expanded if isinstance(x, Failed)]
@@ -146,24 +193,13 @@ def failed_row(failed: Failed, base: dict[str, Any]) -> dict[str, Any]:
     return base | input_columns | {"error": failed.reason}
 
 
-def rows_for(
-    items: Sequence[Item],
-    prepare: Prepare,
-    run: Run,
-    base: dict[str, Any],
-    done: set[DoneKey] | frozenset[DoneKey] = frozenset(),
-    *,
-    batch_size: int,
-    workers: int = 0,
-) -> tuple[list[dict[str, Any]], Summary]:
-    """The rows of `items` not in `done` (`base_row` completed with each input's columns and result or
-    error) in item order, and their counts. Each item is read once (in the decode threads when `workers`
-    > 0), hashed, and decoded only when not done; `run` gets the decoded images `batch_size` at a time."""
+def rows_for(items: Sequence[Item], decoder: Decoding, run: Run, base: dict[str, Any]) -> Chunk:
+    """The rows of `items` not done before (`base_row` completed with each input's columns and result or
+    error) in item order, and their counts. `decoder.each` gives each item's `prepare_item` result (see
+    `commit_job`: each item read once, hashed, decoded only when not done) and `run`'s result on it."""
     summary = Summary()
     rows = []
-    results = each_input(
-        items, batch_size, lambda item: _prepared(item, prepare, done), _run_with(run), workers
-    )
+    results = decoder.each(items, _run_with(run))
     for item, result in results:
         if isinstance(result, Blip2Error):
             digest, error = (result.digest, result.error) if isinstance(result, _NotRun) else (None, result)
@@ -195,7 +231,7 @@ class _NotRun(Blip2Error):
         self.error = error
 
 
-def _prepared(item: Item, prepare: Prepare, done: set[DoneKey] | frozenset[DoneKey]) -> tuple[str, object]:
+def _prepared(item: Item, prepare: Prepare, done: set[DoneKey]) -> tuple[str, object]:
     """(sha256, decoded image) of one item, read once; _NotRun for one done before or failing."""
     try:
         data = item.read()
@@ -208,6 +244,16 @@ def _prepared(item: Item, prepare: Prepare, done: set[DoneKey] | frozenset[DoneK
         return digest, prepare(data)
     except Blip2Error as e:
         raise _NotRun(digest, e) from None
+
+
+def _lost(item: Item, reason: str) -> _NotRun:
+    """The result of an item whose decoding process died or hung (`decode.DecodePool`): an error row with
+    its sha256, so that running again counts it done rather than crashing on it again."""
+    try:
+        digest: str | None = hashlib.sha256(item.read()).hexdigest()
+    except Blip2Error:
+        digest = None
+    return _NotRun(digest, ImageError(item.name, reason))
 
 
 def _run_with(run: Run) -> Callable[[list], list[tuple[str, dict[str, Any]]]]:
