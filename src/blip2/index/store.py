@@ -83,6 +83,9 @@ _MIGRATION_V2 = (
     "ALTER TABLE images ADD COLUMN key TEXT",
     "ALTER TABLE images ADD COLUMN locator TEXT",
     "CREATE INDEX images_source ON images(source)",
+    # The shards and bytes tables read completely (every member indexed, none failed) at this size and mtime:
+    # one found so again is not read at all.
+    "CREATE TABLE sources(source TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime REAL NOT NULL) STRICT",
 )
 _FORMATS = {OLD_FORMAT: _SCHEMA_V1, FORMAT: _SCHEMA_V1 + _MIGRATION_V2}
 # A Row's fields in order, per format (format 1 has no locating columns: NULL).
@@ -259,6 +262,24 @@ class Store:
         if self._meta["format"] != FORMAT:
             return []  # format 1 has no sources (read as is until a writer migrates it)
         return self._select("WHERE source = ? ORDER BY slot", (source,))
+
+    def source_read(self, source: str) -> tuple[int, float] | None:
+        """(size, mtime) of the shard or bytes table `source` when it was last read completely, or None."""
+        if self._meta["format"] != FORMAT:
+            return None
+        with self._guard():
+            found = self._db.execute("SELECT size, mtime FROM sources WHERE source = ?", (source,)).fetchone()
+        if found is not None and tuple(map(type, found)) != (int, float):
+            raise self._corrupt(f"a malformed sources row ({str(found)[:200]})")
+        return found
+
+    def set_source_read(self, source: str, size: int | None, mtime: float = 0.0) -> None:
+        """Record that `source` was read completely at `size` and `mtime` (None: forget it, to be read again)."""
+        self._require_writable()
+        with self._transaction() as db:
+            db.execute("DELETE FROM sources WHERE source = ?", (source,))
+            if size is not None:
+                db.execute("INSERT INTO sources(source, size, mtime) VALUES (?, ?, ?)", (source, size, mtime))
 
     def by_hash(self, hash: str) -> list[Row]:
         """The rows whose content hash is `hash` (copies of one file), by slot."""
