@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import Blip2Error, CheckpointError, ImageError, IndexMismatchError, InputError
-from ..sources import Skipped, find_images
 from . import adding
-from .adding import AddReport, Progress
+from .adding import AddReport, Progress, storable
 from .ann import BRUTE_FORCE_BELOW, AnnIndex
 from .ann import search as ranked
 from .store import ANN_FILES, Meta, NewRow, Row, Store, Where, open_store
@@ -129,34 +128,36 @@ class Index:
         batch_size: int | None = None,
         caption_model=None,
         progress: Progress | None = None,
+        column: str | None = None,
     ) -> AddReport:
-        """Index image files: `paths` are files, folders (recursive), globs or @lists (see
-        `blip2.sources.find_images`). Unchanged files are skipped, changed ones re-embedded, moved and copied
-        ones take their stored vector (see `blip2.index.adding`); the rest is embedded `batch_size` at a time
-        (default: the model's), each batch committed on its own. Files that cannot be read or decoded are
-        in the report's `skipped` with their reason. With `caption_model` (a captioning checkpoint), each
-        embedded image is captioned too, and so are the files given that are indexed without a caption, for
-        `search(where=Where(caption=...))`.
+        """Index images: `paths` are what a job takes (`blip2.jobs.inputs.expand_inputs`): image files,
+        folders (recursive), globs, @lists, WebDataset tar shards (brace patterns too) and parquet / CSV
+        tables (their image `column`: paths or bytes; default: found by name). Unchanged images are skipped
+        (an unchanged shard is not even opened), changed ones re-embedded, moved and copied ones take their
+        stored vector (see `blip2.index.adding`); the rest is embedded `batch_size` at a time (default: the
+        model's), each batch committed on its own. Inputs that cannot be read or decoded (files, shard
+        members, table rows) are in the report's `skipped` with their reason. With `caption_model` (a
+        captioning checkpoint), each embedded image is captioned too, and so are the images given that are
+        indexed without a caption, for `search(where=Where(caption=...))`. A table without `column` is an
+        InputError before anything changes.
 
-        `progress(done, total)` is called as files are settled."""
-        found = find_images([paths] if isinstance(paths, (str, os.PathLike)) else list(paths))
-        report = AddReport(skipped=list(found.skipped))
-        files = []
-        for path in dict.fromkeys(os.path.abspath(f) for f in found.files):
-            if _storable(path):
-                files.append(path)
-            else:
-                report.skipped.append(
-                    Skipped(path, "the file name is not valid UTF-8, which the index cannot store")
-                )
+        `progress(done, total)` is called as inputs are settled."""
+        from ..jobs.inputs import Failed, expand_inputs
+
+        names = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        report = AddReport()
         tell = progress or (lambda done, total: None)
         with self._writer() as store:
             if self.model is not None:
                 self._bind(store)  # another checkpoint fails before anything changes
-            pending = adding.plan(store, files, report, tell)
-            if pending:
+            skip = adding.unchanged_source(store, report)
+            expanded = [*expand_inputs([os.fspath(n) for n in names], column=column, skip=skip)]
+            failed = {os.path.abspath(x.source) for x in expanded if isinstance(x, Failed)}
+            inputs = adding.inputs_of(expanded, report)
+            if inputs:
                 self._bind(store)  # (without a model: the error that says one is needed)
-                self._embed(store, pending, batch_size, caption_model, report, tell, len(files))
+                self._embed(store, inputs, batch_size, caption_model, report, tell)
+            adding.record_sources(store, inputs, failed, report)
             if caption_model is not None:
                 kept = [*report.unchanged, *(new for _, new in report.moved), *report.copied]
                 adding.caption_missing(
@@ -168,30 +169,29 @@ class Index:
     def _embed(
         self,
         store: Store,
-        pending: list[adding.Pending],
+        inputs: list[adding.Input],
         batch_size: int | None,
         caption_model,
         report: AddReport,
         tell: Progress,
-        total: int,
     ) -> None:
-        """Embed (and caption) the pending files, decoding the next batch while the model runs."""
+        """Settle or embed (and caption) the inputs, reading and decoding the next batch while the model runs."""
         from ..tasks.batch import DECODE_WORKERS, each_input
 
         size = batch_size or self.model.batch_size
         results = each_input(
-            pending,
+            inputs,
             size,
-            adding.decoder(self.model, caption_model),
+            adding.preparer(store, self.model, caption_model),
             adding.embedder(self.model, caption_model),
             workers=DECODE_WORKERS,
         )
-        done = total - len(pending)
+        done = 0
 
         def advance(n: int) -> None:
             nonlocal done
             done += n
-            tell(done, total)
+            tell(done, len(inputs))
 
         adding.commit_batches(store, results, size, report, advance)
 
@@ -207,7 +207,7 @@ class Index:
         the number added."""
         vectors = _as_vectors(embeddings, len(keys)).astype("<f2")  # as stored: converted once, hashed as is
         for key in keys:
-            if not isinstance(key, str) or not _storable(key):
+            if not isinstance(key, str) or not storable(key):
                 raise InputError(
                     f"{key!r}: a key must be text (a file name that is not UTF-8 cannot be stored)"
                 )
@@ -263,7 +263,7 @@ class Index:
         if not self.path.exists():
             return 0
         with self._writer() as store:
-            return store.remove([key for key in dict.fromkeys(keys) if _storable(key)])
+            return store.remove([key for key in dict.fromkeys(keys) if storable(key)])
 
     def prune(self) -> list[str]:
         """Drop the rows whose file no longer exists; returns their paths."""
@@ -451,15 +451,6 @@ def _hit(rank: int, row: Row, score: float) -> Hit:
     return Hit(
         rank, row.path, score, None, None, row.hash, row.size, row.mtime, row.width, row.height, row.caption
     )
-
-
-def _storable(path: str) -> bool:
-    """Whether `path` is text SQLite can store: a name that is not UTF-8 reaches Python with lone surrogates."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _check_count(name: str, value: int) -> None:

@@ -88,7 +88,9 @@ def _parsed(row: Row) -> Any:
 def _where(row: Row, locator: Any) -> MemberAt | CellAt | FileAt:
     """The reader a parsed locator names, checked (see the module docstring)."""
     assert row.source is not None
-    kind, value = next(iter(locator.items())) if isinstance(locator, dict) and len(locator) == 1 else ("", None)
+    kind, value = (
+        next(iter(locator.items())) if isinstance(locator, dict) and len(locator) == 1 else ("", None)
+    )
     if kind == "member" and _counts(value, 2) and 0 < value[1] <= images.MAX_FILE_BYTES:
         return MemberAt(row.source, value[0], value[1])
     if kind == "cell" and isinstance(value, list) and len(value) == 3 and isinstance(value[0], str):
