@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import Blip2Error, ImageError
-from ..jobs.inputs import Failed, Item
+from ..jobs.inputs import TABLE_SUFFIXES, Failed, Item, expand_inputs
 from ..sources import Skipped
 from . import locating
 from .store import NewRow, Store
@@ -329,7 +329,35 @@ def record_sources(store: Store, inputs: Sequence[Input], failed: set[str], repo
         if row.source is None or not (row.locator or "").startswith(('{"member"', '{"cell"')):
             continue  # an image file, or a table's path cell: its own file's size and mtime decide
         good = row.source not in failed and row.path not in skipped
-        state = (row.size, row.mtime)
+        state: tuple[int, float] | None = (row.size, row.mtime)
         states[row.source] = state if good and states.get(row.source, state) is not None else None
     for source, state in states.items():
         store.set_source_read(source, *(state or (None,)))
+
+
+def member_rows(members: Sequence[tuple[str, str, str]]) -> list[NewRow]:
+    """The rows of images inside tar shards or tables whose vectors were made elsewhere, given as (source, key,
+    hash) (an embed job's rows): located as `Index.add` locates them, each source read again (a shard's
+    headers, a table's key column) when it is here, so that the rows equal those `add` would store but for
+    the image sizes (unknown: 0). A source not here, or a key no longer in it, gets a row without locator
+    (`add` of the source later completes it)."""
+    found: dict[str, dict[str, Item]] = {}
+    for source in dict.fromkeys(source for source, _, _ in members):
+        found[source] = {}
+        if source.lower().endswith((".tar", *TABLE_SUFFIXES)) and os.path.isfile(source):
+            try:
+                found[source] = {x.key: x for x in expand_inputs([source]) if isinstance(x, Item)}
+            except Blip2Error:
+                pass  # a table whose image column is not found by name: rows without locator
+    return [_member_row(found[source].get(key), source, key, digest) for source, key, digest in members]
+
+
+def _member_row(item: Item | None, source: str, key: str, digest: str) -> NewRow:
+    """`member_rows`' row of one image (`item`: found in its source)."""
+    if item is not None:
+        try:
+            return replace(Input.of(item).row, hash=digest)
+        except OSError:
+            pass  # its source went away meanwhile
+    stored = os.path.abspath(source) if os.path.exists(source) else source
+    return NewRow(locating.display_name(stored, key), digest, 0, 0.0, 0, 0, None, stored, key, None)

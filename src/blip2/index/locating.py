@@ -15,14 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from .. import images
 from ..errors import Blip2Error, ImageError
-from ..jobs.inputs import TABLE_SUFFIXES, CellAt, FileAt, Item, MemberAt, expand_inputs
+from ..jobs.inputs import TABLE_SUFFIXES, CellAt, Failed, FileAt, Item, MemberAt, expand_inputs
 from .store import MAX_LOCATOR_CHARS, Row
 
-__all__ = ["display_name", "holder", "is_gone", "item_of", "locator_of", "read_row"]
+__all__ = ["display_name", "holder", "is_gone", "item_of", "left_their_shards", "locator_of", "read_row"]
 
 
 def display_name(source: str, key: str) -> str:
@@ -88,9 +89,9 @@ def _parsed(row: Row) -> Any:
 def _where(row: Row, locator: Any) -> MemberAt | CellAt | FileAt:
     """The reader a parsed locator names, checked (see the module docstring)."""
     assert row.source is not None
-    kind, value = (
-        next(iter(locator.items())) if isinstance(locator, dict) and len(locator) == 1 else ("", None)
-    )
+    kind, value = "", None  # type: tuple[str, Any]
+    if isinstance(locator, dict) and len(locator) == 1:
+        kind, value = next(iter(locator.items()))
     if kind == "member" and _counts(value, 2) and 0 < value[1] <= images.MAX_FILE_BYTES:
         return MemberAt(row.source, value[0], value[1])
     if kind == "cell" and isinstance(value, list) and len(value) == 3 and isinstance(value[0], str):
@@ -138,3 +139,20 @@ def _found_again(row: Row) -> Item:
     except Blip2Error as e:
         raise ImageError(row.path, f"its source cannot be read ({e})") from None
     raise ImageError(row.path, "no longer in its source")
+
+
+def left_their_shards(rows: Sequence[Row]) -> list[str]:
+    """The paths of the rows of images no longer in their tar shard (its headers read again; a shard that
+    cannot be read at all keeps its rows). Tables are not read again: their rows go with the table."""
+    by_source: dict[str, list[Row]] = {}
+    for row in rows:
+        if row.source is not None and row.source.lower().endswith(".tar"):
+            by_source.setdefault(row.source, []).append(row)
+    gone = []
+    for source, members in by_source.items():
+        expanded = [*expand_inputs([source])]
+        if any(isinstance(x, Failed) and x.key == x.source for x in expanded):
+            continue
+        keys = {x.key for x in expanded}
+        gone += [row.path for row in members if row.key not in keys]
+    return gone

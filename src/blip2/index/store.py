@@ -423,9 +423,13 @@ class Store:
                 raise InputError(f"{path}: not in the index {self.path}")
 
     def remove(self, paths: Sequence[str]) -> int:
-        """Remove the rows at `paths` (absent ones are ignored); returns how many were removed."""
+        """Remove the rows at `paths` (absent ones are ignored), and forget that their shards or tables were
+        read completely; returns how many were removed."""
         self._require_writable()
         with self._transaction() as db:
+            # a shard or table that loses a row is read again by the next add (see `source_read`)
+            forget = "DELETE FROM sources WHERE source IN (SELECT source FROM images WHERE path = ?)"
+            db.executemany(forget, [(p,) for p in paths])
             return _delete_paths(db, paths)
 
     def compact(self) -> None:
