@@ -9,7 +9,10 @@ import hashlib
 import io
 import json
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -355,3 +358,44 @@ def test_stored_rows_and_hits_as_json_lines(capsys, tmp_path, variants, retrieva
     (tmp_path / "t.csv").write_text("path\nx.jpg\n")
     code, _, err = run(capsys, "index", "add", tmp_path / "t.csv", "--index", index, "--column", "nope")
     assert code == 2 and "no column 'nope'" in err and "Traceback" not in err
+
+
+# -- crash safety ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kill_at", [3, 6])
+def test_add_of_a_shard_killed_mid_run_then_rerun_completes_without_duplicates(
+    tmp_path, retrieval_checkpoints, itm, photos, kill_at
+):
+    """`kill -9` right after an fsync of the store: the rerun reads the shard again (it was not recorded as
+    read completely), finds the committed members unchanged and adds the rest, each member once."""
+    from test_index import KILL_AFTER_FSYNC
+
+    data = {}
+    for i in range(12):  # 12 distinct members: each photo saved at several qualities
+        out = io.BytesIO()
+        Image.open(photos[i % 4]).save(out, format="JPEG", quality=60 + i)
+        data[f"{i:02d}"] = out.getvalue()
+    shard = tmp_path / "s.tar"
+    write_shard(shard, data)
+    index = tmp_path / "p.idx"
+    command = ["index", "add", str(shard), "--index", str(index), "-m", str(retrieval_checkpoints["plain"])]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_FSYNC, str(kill_at), *command, "--batch-size", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    before = len(Index(index)) if (index / "index.sqlite").exists() else 0
+    assert before < 12
+    rerun = subprocess.run(
+        [sys.executable, "-m", "blip2", *command], capture_output=True, text=True, timeout=300
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{12 - before} added" in rerun.stderr and f"{before} unchanged" in rerun.stderr
+    named = {f"{shard}#{key}": image for key, image in data.items()}
+    with open_store(index) as store:
+        rows = store.rows()
+        assert sorted(r.path for r in rows) == sorted(named)  # each once
+        assert all(locating.read_row(r) == named[r.path] for r in rows)
+    hits = Index(index, model=itm).search(text=TEXT, k=12)
+    assert [h.image for h in hits] == ranked(brute_force(itm, named, TEXT))
