@@ -9,46 +9,23 @@ import hashlib
 import io
 import json
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_index import killed_then_rerun
+from test_index_cli import run
 
 from blip2 import ImageError
-from blip2.cli import main
 from blip2.index import Index, locating
 from blip2.index.store import Row, open_store
 from blip2.jobs import inputs as inputs_module
 
 TEXT = "a cat on a red couch"
 FP16_ATOL = 2e-3  # fp16 storage moves a cosine by at most ~1e-3
-
-
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
-
-@pytest.fixture
-def counted(itm, monkeypatch):
-    """The model, its image embeddings counted (images run through it)."""
-    calls = []
-    embed = itm.embed_images
-
-    def counting(images):
-        calls.extend(images)
-        return embed(images)
-
-    monkeypatch.setattr(itm, "embed_images", counting)
-    return itm, calls
 
 
 @pytest.fixture
@@ -64,13 +41,14 @@ def variants(tmp_path, photos):
     return paths
 
 
-def member(tar: tarfile.TarFile, name: str, data: bytes, kind: bytes = tarfile.REGTYPE) -> None:
+def member(tar: tarfile.TarFile, name: str, data: bytes | None) -> None:
+    """A regular member holding `data`, or (None) a symbolic link to /etc/passwd."""
     info = tarfile.TarInfo(name)
-    info.size = len(data) if kind == tarfile.REGTYPE else 0
-    info.type = kind
-    if kind == tarfile.SYMTYPE:
-        info.linkname = "/etc/passwd"
-    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    if data is None:
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    else:
+        info.size = len(data)
+    tar.addfile(info, None if data is None else io.BytesIO(data))
 
 
 def write_shard(path, images: dict[str, bytes]) -> None:
@@ -189,7 +167,7 @@ def test_hostile_members_are_skipped_with_exit_1_and_the_rest_indexed(
     with tarfile.open(shard, "w") as tar:
         member(tar, "good.jpg", variants[0].read_bytes())
         member(tar, "../escape.jpg", variants[1].read_bytes())
-        member(tar, "link.jpg", b"", tarfile.SYMTYPE)
+        member(tar, "link.jpg", None)
         member(tar, "junk.jpg", b"not an image at all")
         member(tar, "text-only.txt", b"no image in this sample")
     command = ["index", "add", shard, "--index", tmp_path / "b.idx", "-m", retrieval_checkpoints["plain"]]
@@ -367,8 +345,6 @@ def test_add_of_a_shard_killed_mid_run_then_rerun_completes_without_duplicates(
 ):
     """`kill -9` right after an fsync of the store: the rerun reads the shard again (it was not recorded as
     read completely), finds the committed members unchanged and adds the rest, each member once."""
-    from test_index import KILL_AFTER_FSYNC
-
     data = {}
     for i in range(12):  # 12 distinct members: each photo saved at several qualities
         out = io.BytesIO()
@@ -378,19 +354,7 @@ def test_add_of_a_shard_killed_mid_run_then_rerun_completes_without_duplicates(
     write_shard(shard, data)
     index = tmp_path / "p.idx"
     command = ["index", "add", str(shard), "--index", str(index), "-m", str(retrieval_checkpoints["plain"])]
-    killed = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER_FSYNC, str(kill_at), *command, "--batch-size", "2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    before = len(Index(index)) if (index / "index.sqlite").exists() else 0
-    assert before < 12
-    rerun = subprocess.run(
-        [sys.executable, "-m", "blip2", *command], capture_output=True, text=True, timeout=300
-    )
-    assert rerun.returncode == 0, rerun.stderr
+    before, rerun = killed_then_rerun(command, kill_at, 12)
     assert f"{12 - before} added" in rerun.stderr and f"{before} unchanged" in rerun.stderr
     named = {f"{shard}#{key}": image for key, image in data.items()}
     with open_store(index) as store:
