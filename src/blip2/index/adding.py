@@ -164,14 +164,14 @@ def preparer(store: Store, model, caption_model) -> Callable[[Input], Decoded]:
     return prepare
 
 
-def settle(store: Store, settled: Settled, report: AddReport) -> None:
-    """Carry out the decision for an input that needs no model: unchanged (its size, mtime and locator
-    refreshed), moved or copied."""
+def settle(store: Store, settled: Settled, report: AddReport, touched: list[NewRow]) -> None:
+    """Carry out the decision for an input that needs no model: unchanged (its new size, mtime and locator
+    left in `touched`, for `Store.touch`), moved or copied."""
     new, digest = settled.row, settled.hash
     row = store.get(new.path)
     if digest is None or (row is not None and row.hash == digest):
         if digest is not None:
-            store.relocate(new.path, new)  # the same content touched, or its shard rewritten around it
+            touched.append(new)  # the same content touched, or its shard rewritten around it
         report.unchanged.append(new.path)
         return
     twins = [r for r in store.by_hash(digest) if r.path != new.path]
@@ -226,9 +226,10 @@ def commit_batches(
     batch in flight. Another Blip2Error (a damaged index) stops the add."""
     while chunk := list(islice(results, batch_size)):
         rows, vectors = [], []
+        touched: list[NewRow] = []
         for given, result in chunk:
             if isinstance(result, Settled):
-                settle(store, result, report)
+                settle(store, result, report, touched)
             elif isinstance(result, ImageError):
                 report.skipped.append(Skipped(given.row.path, result.reason))
             elif isinstance(result, Blip2Error):
@@ -237,6 +238,7 @@ def commit_batches(
                 rows.append(result.row)
                 vectors.append(result.vectors)
                 (report.reembedded if result.changed else report.added).append(result.row.path)
+        store.touch(touched)  # one transaction for the chunk's, not one (and its fsync) each
         if rows:
             store.add(rows, np.stack(vectors))
             report.embedded += len(rows)

@@ -306,11 +306,7 @@ class Store:
     def rows_for_slots(self, slots: Sequence[int] | np.ndarray) -> list[Row]:
         """The live rows at `slots`, in the order given; a slot without a live row is left out."""
         wanted = [int(s) for s in slots]
-        found: dict[int, Row] = {}
-        for start in range(0, len(wanted), _SQL_VARIABLES):
-            part = wanted[start : start + _SQL_VARIABLES]
-            marks = ",".join("?" * len(part))
-            found.update((r.slot, r) for r in self._select(f"WHERE slot IN ({marks})", part))
+        found = {r.slot: r for r in self._select_in("slot", wanted)}
         return [found[s] for s in wanted if s in found]
 
     def vectors(self) -> np.ndarray:
@@ -414,6 +410,23 @@ class Store:
                 "UPDATE images SET path = ?, size = ?, mtime = ?, source = ?, key = ?, locator = ? WHERE path = ?",
                 (*located, old_path),
             )
+
+    def touch(self, rows: Sequence[NewRow]) -> None:
+        """Refresh the size, mtime and locating columns (source, key, locator) of rows stored at the same paths
+        with the same content, in one transaction (unchanged files touched, the members of a shard rewritten
+        around them); rows absent, or already so, are left alone (no transaction when none changes)."""
+        self._require_writable()
+        _check_new_rows(rows)
+        fresh = [(r.size, r.mtime, r.source, r.key, r.locator, r.path) for r in rows]
+        at = self._select_in("path", [r.path for r in rows])
+        stored = {r.path: (r.size, r.mtime, r.source, r.key, r.locator, r.path) for r in at}
+        changed = [values for values in fresh if values[-1] in stored and stored[values[-1]] != values]
+        if changed:
+            with self._transaction() as db:
+                update = (
+                    "UPDATE images SET size = ?, mtime = ?, source = ?, key = ?, locator = ? WHERE path = ?"
+                )
+                db.executemany(update, changed)
 
     def set_caption(self, path: str, caption: str) -> None:
         """Store `caption` for the row at `path`."""
@@ -681,6 +694,14 @@ class Store:
             if _VECTORS_NAME.fullmatch(entry.name) and entry.name != self._meta["vectors"]:
                 if entry.is_file(follow_symlinks=False):
                     _unlink(Path(entry.path))
+
+    def _select_in(self, column: str, values: Sequence[Any]) -> list[Row]:
+        """The rows whose `column` (a constant name) is one of `values`, a chunk of them per query."""
+        found = []
+        for start in range(0, len(values), _SQL_VARIABLES):
+            part = values[start : start + _SQL_VARIABLES]
+            found += self._select(f"WHERE {column} IN ({','.join('?' * len(part))})", part)
+        return found
 
     def _select(self, clause: str, params: Sequence[Any]) -> list[Row]:
         with self._guard():
