@@ -20,6 +20,7 @@ from test_index import killed_then_rerun
 from test_index_cli import run
 
 from blip2 import ImageError
+from blip2.errors import IndexFileError
 from blip2.index import Index, locating
 from blip2.index.store import Row, open_store
 from blip2.jobs import inputs as inputs_module
@@ -289,6 +290,16 @@ def test_an_index_of_format_1_is_read_then_migrated_by_a_writer(tmp_path, itm, v
     hits = Index(folder, model=itm).search(text=TEXT, k=10)
     assert [h.image for h in hits] == ranked(brute_force(itm, named, TEXT))
     assert Index(folder).remove([str(variants[0])]) == 1 and len(Index(folder)) == 3
+
+
+def test_a_format_1_database_that_claims_format_2_is_refused_not_migrated(tmp_path, itm, variants):
+    folder = tmp_path / "old.idx"
+    write_format_1(folder, itm, variants[:1])
+    with sqlite3.connect(folder / "index.sqlite") as db:
+        db.execute("UPDATE meta SET value = 'blip2-index/2' WHERE key = 'format'")
+    for writable in (False, True):
+        with pytest.raises(IndexFileError, match="expected 'blip2-index/1'"):
+            open_store(folder, writable=writable)
 
 
 # -- locators -------------------------------------------------------------------------------------------------------

@@ -276,7 +276,8 @@ def inputs_of(expanded: Sequence[Item | Failed], report: AddReport) -> list[Inpu
     found: dict[str, Input] = {}
     for item in expanded:
         if isinstance(item, Failed):
-            name = item.source if item.key == item.source else locating.display_name(item.source, item.key)
+            source = os.path.abspath(item.source)
+            name = item.source if item.key == item.source else locating.display_name(source, item.key)
             report.skipped.append(Skipped(name, item.reason))
             continue
         try:

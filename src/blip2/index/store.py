@@ -847,8 +847,9 @@ def _create_or_check_schema(db: sqlite3.Connection, file: Path) -> None:
         initial |= {"created": now, "updated": now, "slots": "0", "vectors": FIRST_VECTORS}
         db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", initial.items())
         db.execute("COMMIT")
-    stated = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
-    if _check_schema(db, file) == OLD_FORMAT and stated == (OLD_FORMAT,):
+    if _check_schema(db, file) != OLD_FORMAT:
+        return
+    if db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone() == (OLD_FORMAT,):
         db.execute("BEGIN IMMEDIATE")
         for statement in _MIGRATION_V2:
             db.execute(statement)
