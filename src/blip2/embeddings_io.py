@@ -33,6 +33,7 @@ import secrets
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -349,37 +350,56 @@ def _sync(path: Path) -> None:
 
 
 # -- reading ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EmbeddingRows:
+    """Embeddings read back: `names[i]` names row i of `array`; from a job's output, also each row's `sources`
+    and `keys` (equal for an image file) and `hashes` (the sha256 of the image's bytes), else None."""
+
+    names: list[str]
+    array: np.ndarray
+    sources: list[str] | None = None
+    keys: list[str] | None = None
+    hashes: list[str] | None = None
+
+
 def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
     """Read back what the writer wrote: (paths, float32 array), row i belonging to paths[i]. A file that is
     not such a pair (hostile or damaged: bad header or metadata, fewer names than rows) is an InputError
     naming the file."""
+    rows = read_embedding_rows(path)
+    return rows.names, rows.array
+
+
+def read_embedding_rows(path: str | Path) -> EmbeddingRows:
+    """`read_embeddings`, with the sources, keys and hashes of a job's rows (see `EmbeddingRows`)."""
     path = Path(path)
     if path.is_dir() or path.suffix.lower() == ".jsonl":
         return _read_job(path)
     if path.suffix.lower() == ".npy":
         array = _read_npy(path)
-        return _read_sidecar(sidecar_path(path), len(array)), array
+        return EmbeddingRows(_read_sidecar(sidecar_path(path), len(array)), array)
     if path.suffix.lower() == ".parquet":
-        return _read_parquet(path)
+        return EmbeddingRows(*_read_parquet(path))
     raise InputError(f"{valid_text(str(path))}: not a .npy or .parquet embeddings file")
 
 
-def _read_job(path: Path) -> tuple[list[str], np.ndarray]:
+def _read_job(path: Path) -> EmbeddingRows:
     """The rows of a `blip2 embed --out` job (a .parquet folder of parts, or .jsonl) that have an embedding,
-    in input order: (names, (N, Q, D) float32). An image file is named by its path, an image inside a tar
-    shard or a table by `SOURCE#KEY`."""
+    in input order, (N, Q, D) float32. An image file is named by its path, an image inside a tar shard or a
+    table by `SOURCE#KEY`."""
     where = valid_text(str(path))
     read = _job_rows_jsonl if path.suffix.lower() == ".jsonl" else _job_rows_parquet
-    sources, keys, array = read(path, where)
+    sources, keys, hashes, array = read(path, where)
     if not len(array):
         raise InputError(f"{where}: no embeddings in this job's output")
-    if not all(isinstance(name, str) for name in [*sources, *keys]):
-        raise InputError(f"{where}: some rows have no source or key")
-    return [source if key == source else f"{source}#{key}" for source, key in zip(sources, keys)], array
+    if not all(isinstance(name, str) for name in [*sources, *keys, *hashes]):
+        raise InputError(f"{where}: some rows have no source, key or sha256")
+    names = [source if key == source else f"{source}#{key}" for source, key in zip(sources, keys)]
+    return EmbeddingRows(names, array, sources, keys, hashes)
 
 
-def _job_rows_parquet(path: Path, where: str) -> tuple[list, list, np.ndarray]:
-    """(sources, keys, (N, Q, D) embeddings) of the parts' rows without an error, by index; vectorised: a
+def _job_rows_parquet(path: Path, where: str) -> tuple[list, list, list, np.ndarray]:
+    """(sources, keys, sha256s, (N, Q, D) embeddings) of the parts' rows without an error, by index; vectorised: a
     job of a million images is read without a Python float per value."""
     pa, _ = _pyarrow()
     import pyarrow.compute as pc
@@ -387,7 +407,8 @@ def _job_rows_parquet(path: Path, where: str) -> tuple[list, list, np.ndarray]:
 
     try:  # parts only: the manifest and unfinished parts start with '_' or '.', which the dataset skips
         table = ds.dataset(path, format="parquet").to_table(
-            columns=["source", "key", "index", "image_embeds_proj"], filter=pc.field("error").is_null()
+            columns=["source", "key", "sha256", "index", "image_embeds_proj"],
+            filter=pc.field("error").is_null(),
         )
         table = table.sort_by("index")
         outer = table.column("image_embeds_proj").combine_chunks()
@@ -399,10 +420,11 @@ def _job_rows_parquet(path: Path, where: str) -> tuple[list, list, np.ndarray]:
     if outer.null_count or inner.null_count or len(pc.unique(queries)) > 1 or len(pc.unique(size)) > 1:
         raise InputError(f"{where}: embeddings missing or of different shapes")
     shape = (len(table), queries[0].as_py() if len(table) else 0, size[0].as_py() if len(inner) else 0)
-    return table.column("source").to_pylist(), table.column("key").to_pylist(), values.reshape(shape)
+    names = [table.column(name).to_pylist() for name in ("source", "key", "sha256")]
+    return names[0], names[1], names[2], values.reshape(shape)
 
 
-def _job_rows_jsonl(path: Path, where: str) -> tuple[list, list, np.ndarray]:
+def _job_rows_jsonl(path: Path, where: str) -> tuple[list, list, list, np.ndarray]:
     rows = []
     try:
         with path.open(encoding="utf-8") as lines:
@@ -410,19 +432,27 @@ def _job_rows_jsonl(path: Path, where: str) -> tuple[list, list, np.ndarray]:
                 try:
                     row = json.loads(line)
                     if row["error"] is None:
-                        rows.append((int(row["index"]), row["source"], row["key"], row["image_embeds_proj"]))
+                        rows.append(
+                            (
+                                int(row["index"]),
+                                row["source"],
+                                row["key"],
+                                row["sha256"],
+                                row["image_embeds_proj"],
+                            )
+                        )
                 except (ValueError, KeyError, TypeError) as e:
                     raise InputError(f"{where}:{number}: not a row of a blip2 embed job ({e})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{where}: cannot read ({e})") from None
     rows.sort(key=lambda row: row[0])
     try:
-        array = np.array([row[3] for row in rows], dtype=np.float32)
+        array = np.array([row[4] for row in rows], dtype=np.float32)
     except (ValueError, TypeError) as e:  # ragged or not numbers
         raise InputError(f"{where}: embeddings of different shapes or not numbers ({e})") from None
     if rows and array.ndim != 3:
         raise InputError(f"{where}: expected (N, Q, D) embeddings, found shape {array.shape}")
-    return [row[1] for row in rows], [row[2] for row in rows], array
+    return [row[1] for row in rows], [row[2] for row in rows], [row[3] for row in rows], array
 
 
 def _read_npy(path: Path) -> np.ndarray:

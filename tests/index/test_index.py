@@ -39,20 +39,6 @@ def images_in(folder):
     return sorted(str(p) for p in folder.iterdir())
 
 
-@pytest.fixture
-def counted(itm, monkeypatch):
-    """The model, its image embeddings counted (images run through it)."""
-    calls = []
-    embed = itm.embed_images
-
-    def counting(images):
-        calls.extend(images)
-        return embed(images)
-
-    monkeypatch.setattr(itm, "embed_images", counting)
-    return itm, calls
-
-
 def brute_force(model, paths, text):
     """(paths, scores) ordered by `Blip2.similarity`, ties by input order: the reference ranking."""
     scores = model.similarity(paths, text)[:, 0]
@@ -348,6 +334,28 @@ main(sys.argv[2:])
 """
 
 
+def killed_then_rerun(
+    command: list[str], kill_at: int, total: int
+) -> tuple[int, subprocess.CompletedProcess]:
+    """`blip2 COMMAND` (an `index add ... --index INDEX`) killed at its `kill_at`-th fsync, then run again:
+    (the images the index held after the kill, fewer than `total`; the rerun)."""
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_FSYNC, str(kill_at), *command, "--batch-size", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    index = command[command.index("--index") + 1]
+    before = len(Index(index)) if os.path.exists(os.path.join(index, "index.sqlite")) else 0
+    assert before < total
+    rerun = subprocess.run(
+        [sys.executable, "-m", "blip2", *command], capture_output=True, text=True, timeout=300
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    return before, rerun
+
+
 @pytest.mark.parametrize("kill_at", [2, 5])
 def test_add_killed_mid_run_then_rerun_completes_without_duplicates(
     tmp_path, retrieval_checkpoints, itm, photos, kill_at
@@ -367,20 +375,8 @@ def test_add_killed_mid_run_then_rerun_completes_without_duplicates(
         "-m",
         str(retrieval_checkpoints["plain"]),
     ]
-    killed = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER_FSYNC, str(kill_at), *command, "--batch-size", "2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
     index = Index(tmp_path / "p.idx", model=itm)
-    before = len(index) if (tmp_path / "p.idx" / "index.sqlite").exists() else 0
-    assert before < 12
-    rerun = subprocess.run(
-        [sys.executable, "-m", "blip2", *command], capture_output=True, text=True, timeout=300
-    )
-    assert rerun.returncode == 0, rerun.stderr
+    before, rerun = killed_then_rerun(command, kill_at, 12)
     assert f"{12 - before} added" in rerun.stderr and f"{before} unchanged" in rerun.stderr
     paths = images_in(folder)
     with open_store(tmp_path / "p.idx") as store:

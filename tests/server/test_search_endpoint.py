@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import shutil
+import sqlite3
+import tarfile
 import urllib.parse
 
 import pytest
@@ -120,6 +122,35 @@ def test_thumbnails_only_of_indexed_files(serve, indexed):
         got = client.get("/v1/thumbnail", params={"path": path})
         assert got.status_code == 404, path
         assert got.json()["error"]["type"] == "not_found"
+
+
+def test_thumbnails_of_shard_members_through_their_locator(serve, direct, tmp_path, photos):
+    """A member of a tar shard: its hit carries source and key, its thumbnail is read from the shard; a
+    locator crafted to point at other bytes of the shard, or a key not indexed, is a 404."""
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, photo in (("cat", photos[2]), ("rocket", photos[3])):
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = len(photo.read_bytes())
+            tar.addfile(info, io.BytesIO(photo.read_bytes()))
+    with blip2.Index(tmp_path / "idx", model=direct[1]) as index:
+        index.add(str(shard))
+    client = serve(index=str(tmp_path / "idx"))
+    hits = client.post("/v1/search", json={"text": "a rocket", "k": 2}).json()["hits"]
+    assert {(h["image"], h["source"], h["key"]) for h in hits} == {
+        (f"{shard}#{key}", str(shard), key) for key in ("cat", "rocket")
+    }
+    for hit in hits:
+        got = client.get(hit["thumbnail"])
+        assert got.status_code == 200 and got.headers["content-type"] == "image/jpeg"
+        original = Image.open(photos[2] if hit["key"] == "cat" else photos[3])
+        assert max(Image.open(io.BytesIO(got.content)).size) == min(256, max(original.size))
+    assert client.get("/v1/thumbnail", params={"path": f"{shard}#dog"}).status_code == 404
+    with sqlite3.connect(tmp_path / "idx" / "index.sqlite") as db:
+        db.execute("UPDATE images SET locator = '{\"member\": [0, 4096]}'")  # the tar headers, not an image
+    for hit in hits:
+        got = client.get(hit["thumbnail"])
+        assert got.status_code == 404 and got.json()["error"]["type"] == "not_found"
 
 
 def test_info_names_the_models_index_and_tasks(serve, indexed):

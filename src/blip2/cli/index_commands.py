@@ -41,20 +41,32 @@ def index_group():
     default=None,
     help="A captioning checkpoint: caption each image that has no caption yet, for search --where-caption.",
 )
+@click.option(
+    "--column", default=None, help="A table's image column (paths or bytes; default: found by its name)."
+)
 @index_model_options
-def add_command(paths, index_path, caption_model, model, device, dtype, quantize, batch_size, as_json):
-    """Add PATHS (image files, folders searched recursively, globs, @LIST files of paths) to the index.
+def add_command(
+    paths, index_path, caption_model, column, model, device, dtype, quantize, batch_size, as_json
+):
+    """Add PATHS to the index: image files, folders searched recursively, globs, @LIST files of paths,
+    WebDataset tar shards (brace patterns such as "shards/{000..099}.tar" too) and parquet / CSV tables of
+    image paths or bytes, as the job commands take them.
 
-    Images are recognised by their content, hidden files and folders are passed over. Files already indexed
-    and unchanged are skipped, changed ones re-embedded, moved or copied ones keep their vectors. Each batch
-    is committed as it is done: an interrupted add loses at most one batch, and running it again completes
-    it. --model defaults to the index's checkpoint, Salesforce/blip2-itm-vit-g for a new index."""
+    Images are recognised by their content, hidden files and folders are passed over. Images already indexed
+    and unchanged are skipped (an unchanged shard is not read), changed ones re-embedded, moved or copied
+    ones keep their vectors. An image inside a shard or table is named SOURCE#KEY. Each batch is committed
+    as it is done: an interrupted add loses at most one batch, and running it again completes it. --model
+    defaults to the index's checkpoint, Salesforce/blip2-itm-vit-g for a new index."""
     from ..index import Index
+    from ..jobs.inputs import TABLE_SUFFIXES, expand_inputs
 
+    tables = [path for path in paths if path.lower().endswith(TABLE_SUFFIXES)]
+    for _ in expand_inputs(tables, column=column) if tables else ():
+        break  # a table without its image column: said before a model is loaded
     pipe = _load(_model_name(index_path, model), device, dtype, quantize, batch_size)
     captioner = _load(caption_model, device, dtype, quantize, batch_size) if caption_model else None
     with Index(index_path, model=pipe) as index, _ProgressBar() as progress:
-        report = index.add(list(paths), caption_model=captioner, progress=progress)
+        report = index.add(list(paths), caption_model=captioner, progress=progress, column=column)
         total = len(index)
     for skipped in report.skipped:
         if as_json:
@@ -86,14 +98,16 @@ def add_command(paths, index_path, caption_model, model, device, dtype, quantize
     help="The checkpoint the embeddings were made with, recorded as the index's model (not loaded).",
 )
 def add_embeddings_command(file, index_path, model):
-    """Add the embeddings in FILE, written by `blip2 embed --out FILE` (.npy + its .paths.jsonl, or
-    .parquet) with a retrieval checkpoint: the projected query embeddings (N, 32, 256). No model is run."""
-    from ..embeddings_io import read_embeddings
+    """Add the embeddings in FILE, written by `blip2 embed --out FILE` (.npy + its .paths.jsonl, .parquet, or
+    a job's output) with a retrieval checkpoint: the projected query embeddings (N, 32, 256). No model is
+    run. Images inside tar shards or tables are stored as `index add` stores them (SOURCE#KEY)."""
+    from ..embeddings_io import read_embedding_rows
     from ..index import Index
 
-    keys, embeddings = read_embeddings(file)
+    rows = read_embedding_rows(file)
+    keys = rows.keys if rows.keys is not None else rows.names
     index = Index(index_path)
-    added = index.add_embeddings(keys, embeddings, model_name=model)
+    added = index.add_embeddings(keys, rows.array, model_name=model, sources=rows.sources, hashes=rows.hashes)
     click.echo(
         f"blip2: {message(index_path)}: {added} embeddings added; {len(index)} images in all", err=True
     )
@@ -104,7 +118,8 @@ def add_embeddings_command(file, index_path, model):
 @click.argument("paths", nargs=-1, required=True)
 @INDEX_OPTION
 def remove_command(paths, index_path):
-    """Drop PATHS from the index (as given or as absolute paths); the files are not touched."""
+    """Drop PATHS from the index (as given or as absolute paths): image files, SOURCE#KEY (an image inside a
+    shard or table), or a shard or table (all its images); the files are not touched."""
     from ..index import Index
 
     index = Index(index_path)
@@ -117,7 +132,8 @@ def remove_command(paths, index_path):
 @INDEX_OPTION
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per dropped image on stdout.")
 def prune_command(index_path, as_json):
-    """Drop the images whose file no longer exists."""
+    """Drop the images whose file no longer exists, and those of shards or tables that no longer exist or
+    (tar shards) no longer hold them."""
     from ..index import Index
 
     index = Index(index_path)

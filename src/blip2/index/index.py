@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import Blip2Error, CheckpointError, ImageError, IndexMismatchError, InputError
-from ..sources import Skipped, find_images
-from . import adding
-from .adding import AddReport, Progress
+from . import adding, locating
+from .adding import AddReport, Progress, storable
 from .ann import BRUTE_FORCE_BELOW, AnnIndex
 from .ann import search as ranked
 from .store import ANN_FILES, Meta, NewRow, Row, Store, Where, open_store
@@ -40,8 +39,9 @@ FINGERPRINT_PARAMETERS = (
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: its rank (1-based), the image's path, its ITC score; `match` (the ITM probability)
-    when re-ranked, or `error` when the image could not be read again for it; and the stored row's fields."""
+    """One search result: its rank (1-based), the image's path (`SOURCE#KEY` for one inside a tar shard or
+    table), its ITC score; `match` (the ITM probability) when re-ranked, or `error` when the image could not be
+    read again for it; and the stored row's fields (`source`, `key`, `locator`: see `blip2.index.locating`)."""
 
     rank: int
     image: str
@@ -54,10 +54,16 @@ class Hit:
     width: int = 0
     height: int = 0
     caption: str | None = None
+    source: str | None = None
+    key: str | None = None
+    locator: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """`{"rank", "image", "score"}`, plus `"match"` (or `"error"`) when re-ranked."""
+        """`{"rank", "image", "score"}`, plus `"source"` and `"key"` for an image inside a tar shard or table,
+        and `"match"` (or `"error"`) when re-ranked."""
         record: dict[str, Any] = {"rank": self.rank, "image": self.image, "score": self.score}
+        if self.source is not None:
+            record |= {"source": self.source, "key": self.key}
         if self.match is not None:
             record["match"] = self.match
         if self.error is not None:
@@ -129,34 +135,36 @@ class Index:
         batch_size: int | None = None,
         caption_model=None,
         progress: Progress | None = None,
+        column: str | None = None,
     ) -> AddReport:
-        """Index image files: `paths` are files, folders (recursive), globs or @lists (see
-        `blip2.sources.find_images`). Unchanged files are skipped, changed ones re-embedded, moved and copied
-        ones take their stored vector (see `blip2.index.adding`); the rest is embedded `batch_size` at a time
-        (default: the model's), each batch committed on its own. Files that cannot be read or decoded are
-        in the report's `skipped` with their reason. With `caption_model` (a captioning checkpoint), each
-        embedded image is captioned too, and so are the files given that are indexed without a caption, for
-        `search(where=Where(caption=...))`.
+        """Index images: `paths` are what a job takes (`blip2.jobs.inputs.expand_inputs`): image files,
+        folders (recursive), globs, @lists, WebDataset tar shards (brace patterns too) and parquet / CSV
+        tables (their image `column`: paths or bytes; default: found by name). Unchanged images are skipped
+        (an unchanged shard is not even opened), changed ones re-embedded, moved and copied ones take their
+        stored vector (see `blip2.index.adding`); the rest is embedded `batch_size` at a time (default: the
+        model's), each batch committed on its own. Inputs that cannot be read or decoded (files, shard
+        members, table rows) are in the report's `skipped` with their reason. With `caption_model` (a
+        captioning checkpoint), each embedded image is captioned too, and so are the images given that are
+        indexed without a caption, for `search(where=Where(caption=...))`. A table without `column` is an
+        InputError before anything changes.
 
-        `progress(done, total)` is called as files are settled."""
-        found = find_images([paths] if isinstance(paths, (str, os.PathLike)) else list(paths))
-        report = AddReport(skipped=list(found.skipped))
-        files = []
-        for path in dict.fromkeys(os.path.abspath(f) for f in found.files):
-            if _storable(path):
-                files.append(path)
-            else:
-                report.skipped.append(
-                    Skipped(path, "the file name is not valid UTF-8, which the index cannot store")
-                )
+        `progress(done, total)` is called as inputs are settled."""
+        from ..jobs.inputs import Failed, expand_inputs
+
+        names = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        report = AddReport()
         tell = progress or (lambda done, total: None)
         with self._writer() as store:
             if self.model is not None:
                 self._bind(store)  # another checkpoint fails before anything changes
-            pending = adding.plan(store, files, report, tell)
-            if pending:
+            skip = adding.unchanged_source(store, report)
+            expanded = [*expand_inputs([os.fspath(n) for n in names], column=column, skip=skip)]
+            failed = {os.path.abspath(x.source) for x in expanded if isinstance(x, Failed)}
+            inputs = adding.inputs_of(expanded, report)
+            if inputs:
                 self._bind(store)  # (without a model: the error that says one is needed)
-                self._embed(store, pending, batch_size, caption_model, report, tell, len(files))
+                self._embed(store, inputs, batch_size, caption_model, report, tell)
+            adding.record_sources(store, inputs, failed, report)
             if caption_model is not None:
                 kept = [*report.unchanged, *(new for _, new in report.moved), *report.copied]
                 adding.caption_missing(
@@ -168,50 +176,68 @@ class Index:
     def _embed(
         self,
         store: Store,
-        pending: list[adding.Pending],
+        inputs: list[adding.Input],
         batch_size: int | None,
         caption_model,
         report: AddReport,
         tell: Progress,
-        total: int,
     ) -> None:
-        """Embed (and caption) the pending files, decoding the next batch while the model runs."""
+        """Settle or embed (and caption) the inputs, reading and decoding the next batch while the model runs."""
         from ..tasks.batch import DECODE_WORKERS, each_input
 
         size = batch_size or self.model.batch_size
         results = each_input(
-            pending,
+            inputs,
             size,
-            adding.decoder(self.model, caption_model),
+            adding.preparer(store, self.model, caption_model),
             adding.embedder(self.model, caption_model),
             workers=DECODE_WORKERS,
         )
-        done = total - len(pending)
+        done = 0
 
         def advance(n: int) -> None:
             nonlocal done
             done += n
-            tell(done, total)
+            tell(done, len(inputs))
 
         adding.commit_batches(store, results, size, report, advance)
 
     def add_embeddings(
-        self, keys: Sequence[str], embeddings: np.ndarray, model_name: str | None = None
+        self,
+        keys: Sequence[str],
+        embeddings: np.ndarray,
+        model_name: str | None = None,
+        sources: Sequence[str] | None = None,
+        hashes: Sequence[str] | None = None,
     ) -> int:
         """Add vectors made elsewhere (e.g. by `blip2 embed`): `embeddings` (N, Q, D), the projected query
         embeddings (`image_embeds_proj`) of the images named by `keys`, which must fit the index's (Q, D).
         No model is run. A key that names an existing file is stored as its absolute path with its size
         and mtime, so that a later `add` of that file finds it unchanged; other keys are stored as given.
-        Vectors are L2-normalised here (a no-op for `blip2 embed`'s). Without a model, `model_name` is recorded
-        as the index's model when it has none (the checkpoint `blip2 search` then loads by default). Returns
-        the number added."""
+        With `sources` (an embed job's rows), an image whose source is not its key is one inside that tar
+        shard or table, stored as `add` stores it (`SOURCE#KEY`, located in its source when that is here);
+        `hashes`, the sha256 of each image's bytes (a job's `sha256`), are stored as their content hashes
+        (else a hash of the vectors, which never passes for a file's). Vectors are L2-normalised here (a no-op
+        for `blip2 embed`'s). Without a model, `model_name` is recorded as the index's model when it has none
+        (the checkpoint `blip2 search` then loads by default). Returns the number added."""
         vectors = _as_vectors(embeddings, len(keys)).astype("<f2")  # as stored: converted once, hashed as is
-        for key in keys:
-            if not isinstance(key, str) or not _storable(key):
+        for given in (sources, hashes):
+            if given is not None and len(given) != len(keys):
+                raise InputError(f"{len(keys)} keys, but {len(given)} sources or hashes")
+        for key in [*keys, *(sources or ())]:
+            if not isinstance(key, str) or not storable(key):
                 raise InputError(
                     f"{key!r}: a key must be text (a file name that is not UTF-8 cannot be stored)"
                 )
-        rows = [_embedding_row(key, v) for key, v in zip(keys, vectors)]
+        rows = [
+            _embedding_row(key, v, hashes[i] if hashes else None)
+            for i, (key, v) in enumerate(zip(keys, vectors))
+        ]
+        if sources is not None:
+            members = [i for i, (source, key) in enumerate(zip(sources, keys)) if source != key]
+            located = adding.member_rows([(sources[i], keys[i], rows[i].hash) for i in members])
+            for i, row in zip(members, located):
+                rows[i] = row
         with self._writer() as store:
             if self.model is not None:
                 self._bind(store)
@@ -255,22 +281,30 @@ class Index:
 
     # -- removing -------------------------------------------------------------------------------------------
     def remove(self, paths: Iterable[str | os.PathLike]) -> int:
-        """Drop the rows of `paths` (as given, or as absolute paths); returns how many were dropped."""
+        """Drop the rows of `paths` (as given, or as absolute paths): image files, `SOURCE#KEY` (one image
+        inside a tar shard or table), or a shard or table (all its images); returns how many were dropped."""
         keys = []
         for path in paths:
             given = os.fsdecode(path)
             keys += [given, os.path.abspath(given)]
+            # SOURCE#KEY with a relative source: the key may hold '#' too, so each split is tried
+            keys += [os.path.abspath(given[:i]) + given[i:] for i, c in enumerate(given) if c == "#" and i]
+        keys = [key for key in dict.fromkeys(keys) if storable(key)]
         if not self.path.exists():
             return 0
         with self._writer() as store:
-            return store.remove([key for key in dict.fromkeys(keys) if _storable(key)])
+            members = [row.path for key in keys for row in store.by_source(key)]
+            return store.remove([*keys, *members])
 
     def prune(self) -> list[str]:
-        """Drop the rows whose file no longer exists; returns their paths."""
+        """Drop the rows whose file no longer exists, and those of images inside a tar shard or table that no
+        longer exists, or that are no longer in their tar shard; returns their paths."""
         if not self.path.exists():
             return []
         with self._writer() as store:
-            gone = [row.path for row in store.rows() if not os.path.exists(row.path)]
+            rows = store.rows()
+            gone = [row.path for row in rows if locating.is_gone(row)]
+            gone += locating.left_their_shards([row for row in rows if not locating.is_gone(row)])
             store.remove(gone)
         return gone
 
@@ -376,9 +410,9 @@ class Index:
 
         model = self.model
         results = each_input(
-            [hit.image for hit in hits],
+            hits,
             model.batch_size,
-            lambda path: load_resized(path, model.image_config),
+            lambda hit: load_resized(locating.read_row(_row_of(hit)), model.image_config),
             lambda good: model.match(good, text),
             workers=DECODE_WORKERS,
         )
@@ -448,18 +482,34 @@ class Index:
 
 
 def _hit(rank: int, row: Row, score: float) -> Hit:
-    return Hit(
-        rank, row.path, score, None, None, row.hash, row.size, row.mtime, row.width, row.height, row.caption
+    facts = (
+        row.hash,
+        row.size,
+        row.mtime,
+        row.width,
+        row.height,
+        row.caption,
+        row.source,
+        row.key,
+        row.locator,
     )
+    return Hit(rank, row.path, score, None, None, *facts)
 
 
-def _storable(path: str) -> bool:
-    """Whether `path` is text SQLite can store: a name that is not UTF-8 reaches Python with lone surrogates."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+def _row_of(hit: Hit) -> Row:
+    """The stored row a hit was made from (its slot aside), to read its image again (`locating.read_row`)."""
+    facts = (
+        hit.hash,
+        hit.size,
+        hit.mtime,
+        hit.width,
+        hit.height,
+        hit.caption,
+        hit.source,
+        hit.key,
+        hit.locator,
+    )
+    return Row(hit.image, *facts, slot=-1, added=0.0)
 
 
 def _check_count(name: str, value: int) -> None:
@@ -489,10 +539,11 @@ def _as_vectors(embeddings: np.ndarray, count: int) -> np.ndarray:
     return _unit_rows(vectors, "embeddings")
 
 
-def _embedding_row(key: str, vectors: np.ndarray) -> NewRow:  # vectors (Q, D) float16
-    """The row of a vector made elsewhere: its hash is that of the vectors (so it never passes for a copy of
-    a file), its size and mtime those of the file when the key names one here."""
-    digest = "embedding:" + hashlib.sha256(vectors.tobytes()).hexdigest()
+def _embedding_row(key: str, vectors: np.ndarray, digest: str | None) -> NewRow:  # vectors (Q, D) float16
+    """The row of a vector made elsewhere: its hash is the image's `digest` when known, else that of the
+    vectors (so it never passes for a copy of a file), its size and mtime those of the file when the key
+    names one here."""
+    digest = digest or "embedding:" + hashlib.sha256(vectors.tobytes()).hexdigest()
     if os.path.isfile(key):
         info = os.stat(key)
         return NewRow(os.path.abspath(key), digest, info.st_size, info.st_mtime, 0, 0)

@@ -25,6 +25,7 @@ are refused, readers open the database read-only, and SQL takes its values as pa
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import mmap
 import os
@@ -44,7 +45,8 @@ import numpy as np
 
 from ..errors import IndexBusyError, IndexFileError, IndexMismatchError, InputError
 
-FORMAT = "blip2-index/1"
+FORMAT = "blip2-index/2"
+OLD_FORMAT = "blip2-index/1"  # before source/key/locator: read as is, migrated by the first writer
 DATABASE = "index.sqlite"
 LOCK = "LOCK"
 FIRST_VECTORS = "vectors.f16"
@@ -63,7 +65,7 @@ _SQL_VARIABLES = 900  # per `IN (...)` list: under every SQLite's variable limit
 # 13.9k at 4,096. Both are far above what the model embeds (and the 1,500/s build target), so FULL.
 SYNCHRONOUS = "FULL"
 
-_SCHEMA = (
+_SCHEMA_V1 = (
     "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT",
     "CREATE TABLE images(id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, hash TEXT NOT NULL, "
     "size INTEGER NOT NULL, mtime REAL NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL, "
@@ -73,12 +75,30 @@ _SCHEMA = (
     # them per snapshot: reading 1M slots out of `images` takes ~0.5 s, this a few ms).
     "CREATE TABLE dead(slot INTEGER PRIMARY KEY) STRICT",
 )
-_ROW_COLUMNS = "path, hash, size, mtime, width, height, caption, slot, added"  # a Row's fields in order
+# Format 2: an image inside a tar shard or a table is located by its `source` file, its `key` there and a
+# `locator` (JSON: where its bytes are, see blip2.index.locating); all three NULL for an image file. A new
+# index is made as format 1 and migrated, so that new and migrated databases have one schema text.
+_MIGRATION_V2 = (
+    "ALTER TABLE images ADD COLUMN source TEXT",
+    "ALTER TABLE images ADD COLUMN key TEXT",
+    "ALTER TABLE images ADD COLUMN locator TEXT",
+    "CREATE INDEX images_source ON images(source)",
+    # The shards and bytes tables read completely (every member indexed, none failed) at this size and mtime:
+    # one found so again is not read at all.
+    "CREATE TABLE sources(source TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime REAL NOT NULL) STRICT",
+)
+_FORMATS = {OLD_FORMAT: _SCHEMA_V1, FORMAT: _SCHEMA_V1 + _MIGRATION_V2}
+# A Row's fields in order, per format (format 1 has no locating columns: NULL).
+_ROW_COLUMNS = "path, hash, size, mtime, width, height, caption, source, key, locator, slot, added"
+_OLD_ROW_COLUMNS = "path, hash, size, mtime, width, height, caption, NULL, NULL, NULL, slot, added"
+MAX_LOCATOR_CHARS = 4096  # a locator is a few numbers and names
 
 
 @dataclass(frozen=True)
 class NewRow:
-    """An image to add: its path (as the caller keys it), content hash and file facts."""
+    """An image to add: its path (as the caller keys it), content hash and file facts; for an image inside a
+    tar shard or a table, the `source` file, its `key` there and its `locator` (JSON text), and `path` its
+    display name `SOURCE#KEY`."""
 
     path: str
     hash: str
@@ -87,6 +107,9 @@ class NewRow:
     width: int
     height: int
     caption: str | None = None
+    source: str | None = None
+    key: str | None = None
+    locator: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -234,6 +257,30 @@ class Store:
         rows = self._select("WHERE path = ?", (path,))
         return rows[0] if rows else None
 
+    def by_source(self, source: str) -> list[Row]:
+        """The rows of the images inside the tar shard or table `source` (as stored: absolute), by slot."""
+        if self._meta["format"] != FORMAT:
+            return []  # format 1 has no sources (read as is until a writer migrates it)
+        return self._select("WHERE source = ? ORDER BY slot", (source,))
+
+    def source_read(self, source: str) -> tuple[int, float] | None:
+        """(size, mtime) of the shard or bytes table `source` when it was last read completely, or None."""
+        if self._meta["format"] != FORMAT:
+            return None
+        with self._guard():
+            found = self._db.execute("SELECT size, mtime FROM sources WHERE source = ?", (source,)).fetchone()
+        if found is not None and tuple(map(type, found)) != (int, float):
+            raise self._corrupt(f"a malformed sources row ({str(found)[:200]})")
+        return found
+
+    def set_source_read(self, source: str, size: int | None, mtime: float = 0.0) -> None:
+        """Record that `source` was read completely at `size` and `mtime` (None: forget it, to be read again)."""
+        self._require_writable()
+        with self._transaction() as db:
+            db.execute("DELETE FROM sources WHERE source = ?", (source,))
+            if size is not None:
+                db.execute("INSERT INTO sources(source, size, mtime) VALUES (?, ?, ?)", (source, size, mtime))
+
     def by_hash(self, hash: str) -> list[Row]:
         """The rows whose content hash is `hash` (copies of one file), by slot."""
         return self._select("WHERE hash = ? ORDER BY slot", (hash,))
@@ -259,11 +306,7 @@ class Store:
     def rows_for_slots(self, slots: Sequence[int] | np.ndarray) -> list[Row]:
         """The live rows at `slots`, in the order given; a slot without a live row is left out."""
         wanted = [int(s) for s in slots]
-        found: dict[int, Row] = {}
-        for start in range(0, len(wanted), _SQL_VARIABLES):
-            part = wanted[start : start + _SQL_VARIABLES]
-            marks = ",".join("?" * len(part))
-            found.update((r.slot, r) for r in self._select(f"WHERE slot IN ({marks})", part))
+        found = {r.slot: r for r in self._select_in("slot", wanted)}
         return [found[s] for s in wanted if s in found]
 
     def vectors(self) -> np.ndarray:
@@ -338,17 +381,52 @@ class Store:
     def move(self, old_path: str, new_path: str, mtime: float) -> None:
         """Re-key the row at `old_path` to `new_path` (a moved file keeps its vectors). A row already at
         `new_path` is replaced. Nothing is written when nothing changes (an unchanged file re-added)."""
-        self._require_writable()
         _check_new_rows([NewRow(new_path, "", 0, mtime, 0, 0)])
         row = self.get(old_path)
         if row is None:
             raise InputError(f"{old_path}: not in the index {self.path}")
-        if new_path == old_path and row.mtime == mtime:
+        self.relocate(
+            old_path,
+            NewRow(new_path, row.hash, row.size, mtime, 0, 0, None, row.source, row.key, row.locator),
+        )
+
+    def relocate(self, old_path: str, new: NewRow) -> None:
+        """Re-key the row at `old_path` to `new`'s path and locating columns (source, key, locator), with its
+        size and mtime; its hash, vectors, width, height and caption are kept (a moved file, an unchanged one
+        touched, a shard member whose shard changed around it). A row already at the new path is replaced.
+        Nothing is written when nothing changes."""
+        self._require_writable()
+        _check_new_rows([new])
+        row = self.get(old_path)
+        if row is None:
+            raise InputError(f"{old_path}: not in the index {self.path}")
+        located = (new.path, new.size, new.mtime, new.source, new.key, new.locator)
+        if located == (row.path, row.size, row.mtime, row.source, row.key, row.locator):
             return
         with self._transaction() as db:
-            if new_path != old_path:
-                _delete_paths(db, [new_path])
-            db.execute("UPDATE images SET path = ?, mtime = ? WHERE path = ?", (new_path, mtime, old_path))
+            if new.path != old_path:
+                _delete_paths(db, [new.path])
+            db.execute(
+                "UPDATE images SET path = ?, size = ?, mtime = ?, source = ?, key = ?, locator = ? WHERE path = ?",
+                (*located, old_path),
+            )
+
+    def touch(self, rows: Sequence[NewRow]) -> None:
+        """Refresh the size, mtime and locating columns (source, key, locator) of rows stored at the same paths
+        with the same content, in one transaction (unchanged files touched, the members of a shard rewritten
+        around them); rows absent, or already so, are left alone (no transaction when none changes)."""
+        self._require_writable()
+        _check_new_rows(rows)
+        fresh = [(r.size, r.mtime, r.source, r.key, r.locator, r.path) for r in rows]
+        at = self._select_in("path", [r.path for r in rows])
+        stored = {r.path: (r.size, r.mtime, r.source, r.key, r.locator, r.path) for r in at}
+        changed = [values for values in fresh if values[-1] in stored and stored[values[-1]] != values]
+        if changed:
+            with self._transaction() as db:
+                update = (
+                    "UPDATE images SET size = ?, mtime = ?, source = ?, key = ?, locator = ? WHERE path = ?"
+                )
+                db.executemany(update, changed)
 
     def set_caption(self, path: str, caption: str) -> None:
         """Store `caption` for the row at `path`."""
@@ -358,9 +436,13 @@ class Store:
                 raise InputError(f"{path}: not in the index {self.path}")
 
     def remove(self, paths: Sequence[str]) -> int:
-        """Remove the rows at `paths` (absent ones are ignored); returns how many were removed."""
+        """Remove the rows at `paths` (absent ones are ignored), and forget that their shards or tables were
+        read completely; returns how many were removed."""
         self._require_writable()
         with self._transaction() as db:
+            # a shard or table that loses a row is read again by the next add (see `source_read`)
+            forget = "DELETE FROM sources WHERE source IN (SELECT source FROM images WHERE path = ?)"
+            db.executemany(forget, [(p,) for p in paths])
             return _delete_paths(db, paths)
 
     def compact(self) -> None:
@@ -572,12 +654,26 @@ class Store:
         """The rows at their slots and the new slot count, in one transaction (the commit point of `add`)."""
         now = time.time()
         values = [
-            (r.path, r.hash, r.size, r.mtime, r.width, r.height, r.caption, s, now)
+            (
+                r.path,
+                r.hash,
+                r.size,
+                r.mtime,
+                r.width,
+                r.height,
+                r.caption,
+                r.source,
+                r.key,
+                r.locator,
+                s,
+                now,
+            )
             for r, s in zip(rows, slots)
         ]
+        marks = ", ".join("?" * len(values[0]))
         with self._transaction() as db:
             _delete_paths(db, [r.path for r in rows])
-            db.executemany(f"INSERT INTO images({_ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+            db.executemany(f"INSERT INTO images({_ROW_COLUMNS}) VALUES ({marks})", values)
             _write_meta(db, {"slots": str(slots[-1] + 1)})
 
     def _write_compacted(self, file: Path, live: np.ndarray) -> None:
@@ -599,9 +695,18 @@ class Store:
                 if entry.is_file(follow_symlinks=False):
                     _unlink(Path(entry.path))
 
+    def _select_in(self, column: str, values: Sequence[Any]) -> list[Row]:
+        """The rows whose `column` (a constant name) is one of `values`, a chunk of them per query."""
+        found = []
+        for start in range(0, len(values), _SQL_VARIABLES):
+            part = values[start : start + _SQL_VARIABLES]
+            found += self._select(f"WHERE {column} IN ({','.join('?' * len(part))})", part)
+        return found
+
     def _select(self, clause: str, params: Sequence[Any]) -> list[Row]:
         with self._guard():
-            found = self._db.execute(f"SELECT {_ROW_COLUMNS} FROM images {clause}", params).fetchall()
+            columns = _ROW_COLUMNS if self._meta["format"] == FORMAT else _OLD_ROW_COLUMNS
+            found = self._db.execute(f"SELECT {columns} FROM images {clause}", params).fetchall()
         return _rows(found, self._db_file)
 
 
@@ -724,42 +829,68 @@ def _unlink(file: Path) -> None:
 
 
 def _create_or_check_schema(db: sqlite3.Connection, file: Path) -> None:
-    """A new (or crashed-while-new, table-less) database gets our schema; any other must have exactly it.
-    Also the writer's settings: WAL (persistent in the file; set again in case a copy lost it), so that readers
-    never block the writer nor see its uncommitted rows, and SYNCHRONOUS (per connection)."""
+    """A new (or crashed-while-new, table-less) database gets our schema; a format 1 one is migrated (the
+    writer holds the lock: no other writer migrates it at once; readers see it before or after); any other
+    must have exactly our schema. Also the writer's settings: WAL (persistent in the file; set again in case a
+    copy lost it), so that readers never block the writer nor see its uncommitted rows, and SYNCHRONOUS (per
+    connection)."""
     db.execute("PRAGMA journal_mode = WAL")
     db.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
     if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
         if any(_VECTORS_NAME.fullmatch(name) for name in os.listdir(file.parent)):
             raise IndexFileError(str(file), "an empty database next to stored vectors, not an index")
         db.execute("BEGIN IMMEDIATE")
-        for statement in _SCHEMA:
+        for statement in _FORMATS[FORMAT]:
             db.execute(statement)
         now = repr(time.time())
         initial = {"format": FORMAT, "num_query": "", "dim": "", "model": "", "fingerprint": ""}
         initial |= {"created": now, "updated": now, "slots": "0", "vectors": FIRST_VECTORS}
         db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", initial.items())
         db.execute("COMMIT")
-    _check_schema(db, file)
+    if _check_schema(db, file) != OLD_FORMAT:
+        return
+    if db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone() == (OLD_FORMAT,):
+        db.execute("BEGIN IMMEDIATE")
+        for statement in _MIGRATION_V2:
+            db.execute(statement)
+        _write_meta(db, {"format": FORMAT})
+        db.execute("COMMIT")
 
 
-def _check_schema(db: sqlite3.Connection, file: Path) -> None:
-    """Exactly our tables and index: a crafted trigger or view would run on our reads and writes."""
+def _check_schema(db: sqlite3.Connection, file: Path) -> str:
+    """The format whose tables and indexes the database has exactly (a crafted trigger or view would run on
+    our reads and writes)."""
     found = db.execute("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL").fetchall()
-    expected = [("table", "meta"), ("table", "images"), ("index", "images_hash"), ("table", "dead")]
-    if sorted(found) != sorted((t, n, s) for (t, n), s in zip(expected, _SCHEMA)):
-        raise IndexFileError(str(file), "not a blip2 index database (unexpected tables or schema)")
+    for name in _FORMATS:
+        if sorted(found) == _schema_of(name):
+            return name
+    raise IndexFileError(str(file), "not a blip2 index database (unexpected tables or schema)")
+
+
+@functools.cache
+def _schema_of(format: str) -> list[tuple[str, str, str]]:
+    """The (type, name, sql) rows of sqlite_master that format's statements make (`ALTER TABLE` rewrites a
+    table's text: SQLite itself says what it becomes), sorted."""
+    db = sqlite3.connect(":memory:")
+    try:
+        for statement in _FORMATS[format]:
+            db.execute(statement)
+        return sorted(
+            db.execute("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL").fetchall()
+        )
+    finally:
+        db.close()
 
 
 def _read_meta(db: sqlite3.Connection, file: Path) -> dict[str, Any]:
     """The meta table, parsed and bounded (SQLite's own errors are left to `Store._guard`)."""
     if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
         raise IndexFileError(str(file), "an empty database, not an index")
-    _check_schema(db, file)
+    schema = _check_schema(db, file)
     raw = dict(db.execute("SELECT key, value FROM meta").fetchall())
-    if raw.get("format") != FORMAT:
-        raise IndexFileError(str(file), f"format {str(raw.get('format'))[:80]!r}, expected {FORMAT!r}")
-    meta: dict[str, Any] = {}
+    if raw.get("format") != schema:
+        raise IndexFileError(str(file), f"format {str(raw.get('format'))[:80]!r}, expected {schema!r}")
+    meta: dict[str, Any] = {"format": schema}
     for key, parse in _META_VALUES.items():
         if key not in raw:
             raise IndexFileError(str(file), f"meta has no {key!r}")
@@ -844,7 +975,18 @@ def _check_new_rows(rows: Sequence[NewRow]) -> None:
     for row in rows:
         if not isinstance(row.path, str) or not row.path or "\x00" in row.path:
             raise InputError(f"{row.path!r}: an index path must be a non-empty string without NUL")
-        for text in (row.path, row.hash, row.caption or ""):
+        if (row.source is None) != (row.key is None) or (row.source is None and row.locator is not None):
+            raise InputError(f"{row.path!r}: a source, its key and locator go together")
+        if len(row.locator or "") > MAX_LOCATOR_CHARS:
+            raise InputError(f"{row.path!r}: a locator of more than {MAX_LOCATOR_CHARS} characters")
+        for text in (
+            row.path,
+            row.hash,
+            row.caption or "",
+            row.source or "",
+            row.key or "",
+            row.locator or "",
+        ):
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
@@ -854,8 +996,16 @@ def _check_new_rows(rows: Sequence[NewRow]) -> None:
         paths.add(row.path)
 
 
-# The Python types of a row's columns as SQLite returns them (STRICT tables; the caption may be NULL).
-_ROW_TYPES = {(str, str, int, float, int, int, caption, int, float) for caption in (str, type(None))}
+# The Python types of a row's columns as SQLite returns them (STRICT tables; caption, source, key and
+# locator may be NULL).
+_TEXT_OR_NULL = (str, type(None))
+_ROW_TYPES = {
+    (str, str, int, float, int, int, caption, source, key, locator, int, float)
+    for caption in _TEXT_OR_NULL
+    for source in _TEXT_OR_NULL
+    for key in _TEXT_OR_NULL
+    for locator in _TEXT_OR_NULL
+}
 
 
 def _rows(found: list[tuple[Any, ...]], file: Path) -> list[Row]:
@@ -867,6 +1017,10 @@ def _rows(found: list[tuple[Any, ...]], file: Path) -> list[Row]:
         if "\x00" in values[0]:
             raise IndexFileError(str(file), f"a path with a NUL character ({values[0][:200]!r})")
         *new, slot, added = values
+        if (new[7] is None) != (new[8] is None):
+            raise IndexFileError(
+                str(file), f"a row with a source but no key, or a key but no source ({new[0][:200]!r})"
+            )
         rows.append(Row(*new, slot=slot, added=added))
     return rows
 

@@ -36,7 +36,7 @@ import os
 import re
 import tarfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,12 +158,15 @@ def expand_inputs(
     column: str | None = None,
     keep: Sequence[str] = (),
     notes: list[str] | None = None,
+    skip: Callable[[str], bool] | None = None,
 ) -> Iterator[Item | Failed]:
     """The items and failed inputs `inputs` name (see the module docstring), indexed in order. A table
     without the named column (or without any usable one), or without a `keep` column, is an InputError
     raised before anything is yielded for it: check it before loading a model. `notes` receives one line
-    per table saying which column was used."""
+    per table saying which column was used. A shard or table for which `skip(path)` is true is not opened
+    (an index that holds it unchanged)."""
     plain, named = _split(inputs)
+    named = [(kind, path) for kind, path in named if skip is None or not skip(path)]
     tables = [_Table.open(path, column, keep) for kind, path in named if kind == "table"]
     for table in tables:
         if notes is not None:

@@ -3,8 +3,10 @@
 A search runs on the match model's worker (it embeds the query with that model), never merged with another
 request. The index must have been made with the served match model: otherwise its scores would be
 meaningless, and the request is a 409 naming both. A thumbnail is served only for a path that is a row of
-the index, compared as stored (so no path the client makes up, `..` or not, is ever opened), re-read through
-the allow-listed decoder and resized to at most 256 px; anything else is a 404.
+the index, compared as stored (so no path the client makes up, `..` or not, is ever opened), its bytes read
+again as the row locates them (an image file; a tar member or table cell inside its recorded source, checked
+against the stored hash: see `blip2.index.locating`), decoded by the allow-listed decoder and resized to at
+most 256 px; anything else is a 404.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from starlette.responses import JSONResponse, Response
 
 from ..errors import Blip2Error, IndexMismatchError
 from ..index.index import Index
-from ..index.store import Where
+from ..index.locating import read_row
+from ..index.store import Row, Where
 from .errors import ServiceError, invalid
 from .schemas import Body
 from .settings import Settings
@@ -47,7 +50,11 @@ class SearchRequest(Body):
 
 class SearchHit(BaseModel):
     rank: int
-    image: str = Field(description="The image's path, as stored in the index.")
+    image: str = Field(
+        description="The image's path as stored in the index (SOURCE#KEY for one inside a shard or table)."
+    )
+    source: str | None = Field(None, description="The tar shard or table the image is in, if any.")
+    key: str | None = Field(None, description="Its key in that shard or table.")
     score: float = Field(description="ITC score.")
     match: float | None = Field(None, description="ITM probability, when re-ranked.")
     error: str | None = Field(None, description="Why the image could not be re-read for re-ranking.")
@@ -73,11 +80,10 @@ class SearchIndex:
             hits = self.index.search(**query)
         return [{**hit.to_dict(), "thumbnail": thumbnail_url(hit.image)} for hit in hits]
 
-    def row_path(self, path: str) -> str | None:
-        """`path` when it is stored as a row of the index, else None."""
+    def row(self, path: str) -> Row | None:
+        """The row stored at `path`, or None."""
         with self._lock:
-            row = self.index._store().get(path)
-        return None if row is None else row.path
+            return self.index._store().get(path)
 
     def info(self) -> dict[str, Any]:
         with self._lock:
@@ -109,13 +115,13 @@ def check_texts(body: SearchRequest, settings: Settings) -> None:
             )
 
 
-def thumbnail(path: str, max_pixels: int) -> bytes:
-    """The image at `path` as a JPEG at most THUMBNAIL_PX on its longest side; a 404 when it cannot be read
+def thumbnail(row: Row, max_pixels: int) -> bytes:
+    """The image of `row` as a JPEG at most THUMBNAIL_PX on its longest side; a 404 when it cannot be read
     (removed or changed since it was indexed)."""
     from ..images import load_image
 
     try:
-        image = load_image(path, max_pixels=max_pixels)
+        image = load_image(read_row(row), max_pixels=max_pixels)
     except Blip2Error:
         raise not_found() from None
     image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
@@ -186,7 +192,7 @@ def add_routes(app: FastAPI, index: SearchIndex | None) -> None:
         authorize(request, settings)
         if index is None:
             raise no_index()
-        stored = await run_in_threadpool(index.row_path, path)
+        stored = await run_in_threadpool(index.row, path)
         if stored is None:
             raise not_found()
         data = await run_in_threadpool(thumbnail, stored, settings.max_pixels)
