@@ -286,3 +286,37 @@ def test_nlist_for_counts(n):
     nlist = AnnParams().nlist_for(n)
     assert nlist & (nlist - 1) == 0 and 16 <= nlist <= 8192
     assert AnnParams(nlist=100).nlist_for(n) == 100
+
+
+# -- an index's stale or unreadable ANN file ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: rewrite_meta(d, format="blip2-ann/0"),  # another version's file
+        lambda d: rewrite_params(d, nlist=8),  # parameters that do not describe ann.faiss
+        corrupt_bytes,
+    ],
+)
+def test_an_index_searches_exactly_past_a_stale_ann_and_the_next_add_rebuilds_it(
+    tmp_path, monkeypatch, damage
+):
+    """An ANN file the code cannot trust is never used: the index ranks by brute force (the same top k),
+    `info` says the ANN is absent, and the next add rebuilds it."""
+    from blip2.index import Index
+    from blip2.index import index as index_module
+
+    monkeypatch.setattr(index_module, "BRUTE_FORCE_BELOW", 100)
+    vectors = clustered(260, seed=3)
+    index = Index(tmp_path / "v.idx")
+    index.add_embeddings([f"v{i}" for i in range(250)], vectors[:250], model_name="tiny")
+    assert index.info()["ann"] == {"present": True, "covered": 250}
+    query = vectors[17, 2].astype(np.float32)
+    expected = [f"v{slot}" for slot in brute_force(vectors, np.arange(250), query, 10)]
+    assert [hit.image for hit in index.search(embedding=query, k=10)] == expected
+    damage(tmp_path / "v.idx")
+    assert index.info()["ann"]["present"] is False
+    assert [hit.image for hit in index.search(embedding=query, k=10)] == expected
+    index.add_embeddings([f"v{i}" for i in range(250, 260)], vectors[250:])
+    assert index.info()["ann"] == {"present": True, "covered": 260}
+    expected = [f"v{slot}" for slot in brute_force(vectors, np.arange(260), query, 10)]
+    assert [hit.image for hit in index.search(embedding=query, k=10)] == expected
