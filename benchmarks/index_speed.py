@@ -40,7 +40,7 @@ import faiss
 import numpy as np
 import torch
 
-from blip2.index.ann import AnnIndex, AnnParams, search
+from blip2.index.ann import VECTOR_HITS, AnnIndex, AnnParams, search
 from blip2.index.exact import CHUNK_BYTES, maxsim, top_k
 
 Q, D, K = 32, 256, 10
@@ -396,7 +396,9 @@ def main() -> None:
         "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override Data fields (calibration)"
     )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--candidates", type=int, default=1000, help="vector hits per query (n_candidates)")
+    parser.add_argument(
+        "--candidates", type=int, default=VECTOR_HITS, help="vector hits per query (n_candidates)"
+    )
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--nprobe", type=int, nargs="*", default=[], help="also search each config at these")
     parser.add_argument(

@@ -29,6 +29,10 @@ from .exact import maxsim, top_k
 
 # Below this many images the index is exact brute force, without an ANN.
 BRUTE_FORCE_BELOW = 10_000
+# Vector hits per query row: their images are the candidates. With every candidate re-scored, recall@10 on
+# the benchmark's anisotropic ("blip2") vectors at 100k was 0.978 / 0.989 / 0.996 with 500 / 1,000 / 2,000
+# hits at a quarter of the lists (RESULTS.md, session 5); 2,000 costs ~2x the candidates to re-score.
+VECTOR_HITS = 2000
 
 ANN_FILE, ANN_META = "ann.faiss", "ann.json"
 FORMAT = "blip2-ann/1"
@@ -53,9 +57,10 @@ class AnnParams:
     bytes per vector) halves the scan, the RAM and the build cost, with the same recall at 100k but 1-1.5
     points less at 1M (0.982 against 0.994 at nprobe 512): 64 is the default, for recall.
 
-    Re-scoring every candidate (~1,000 images at most, ~4 ms) rather than the best 200 by their 4-bit score
-    is what recall@10 >= 0.99 needs on the anisotropic ("blip2") benchmark geometry (0.942 -> 0.989 at 300k):
-    there the codes' error is large against the small differences between images."""
+    Re-scoring every candidate (~4 µs per image: ~800-1,000 images with 1,000 hits at 100k) rather than the
+    best 200 by their 4-bit score is what recall@10 >= 0.99 needs on the anisotropic ("blip2") benchmark
+    geometry (0.942 -> 0.989 at 300k): there the codes' error is large against the small differences between
+    images. PQ32 loses most of the recall there (0.40 at 100k, session 5): not an option for such data."""
 
     nlist: int | None = None
     m: int = 64
@@ -138,11 +143,13 @@ class AnnIndex:
             self.index.add_with_ids(block, (part[:, None] * num_query + offsets).reshape(-1))
         self.covered = max(self.covered, n_slots)
 
-    def candidates(self, query: np.ndarray, n_vectors: int = 1000) -> np.ndarray:
+    def candidates(self, query: np.ndarray, n_vectors: int = VECTOR_HITS) -> np.ndarray:
         """Sorted unique slots (int64) of the best `n_vectors` vector hits of each query row, (m, D) or (D,)."""
         return self.scored_candidates(query, n_vectors)[0]
 
-    def scored_candidates(self, query: np.ndarray, n_vectors: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    def scored_candidates(
+        self, query: np.ndarray, n_vectors: int = VECTOR_HITS
+    ) -> tuple[np.ndarray, np.ndarray]:
         """`candidates` (u,) and each one's approximate score (u,) float32 from the 4-bit codes: per query row
         its best hit, or the row's worst hit where it has none (an optimistic guess), averaged over rows; for
         a text query simply its best hit. Good enough to choose which candidates to re-score, not to rank."""
@@ -222,7 +229,7 @@ def search(
     query: np.ndarray,
     k: int,
     ann: AnnIndex | None = None,
-    n_candidates: int = 1000,
+    n_candidates: int = VECTOR_HITS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The `k` best live images for `query` (D,) or (m, D) as (slots int64, scores float32), exact MaxSim
     order (score descending, ties by slot). Without `ann`: brute force over `live_slots` (sorted). With it: the images
