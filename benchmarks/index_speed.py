@@ -36,11 +36,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 
-from blip2.index.ann import RESCORE, AnnIndex, AnnParams, search
-from blip2.index.exact import maxsim, top_k
+from blip2.index.ann import VECTOR_HITS, AnnIndex, AnnParams, search
+from blip2.index.exact import CHUNK_BYTES, maxsim, top_k
 
 Q, D, K = 32, 256, 10
 CHUNK = 4096  # images per generation / scoring chunk: 4096 x 32 x 256 float32 = 128 MiB
@@ -189,6 +190,22 @@ def truth(scores: np.ndarray) -> tuple[list[np.ndarray], float]:
     return tops, float(np.median(gaps))
 
 
+def ground_truth(vectors, queries, saved: Path) -> tuple[list[np.ndarray], dict]:
+    """The exact top 10 of each query, the median 10th/11th gap and mean pooling's recall@10, computed once
+    per vectors file (an hour's pass at a million images on a busy machine) and kept in `saved` next to it."""
+    if saved.exists():
+        with np.load(saved) as f:
+            return list(f["tops"]), dict(
+                median_gap_10_11=float(f["gap"]), mean_pool_recall_at_10=float(f["pool"])
+            )
+    scores, pooled = exact_pass(vectors, queries)
+    tops, gap = truth(scores)
+    del scores
+    pool = round(mean_pool_recall(vectors, pooled, queries, tops), 4)
+    np.savez(saved, tops=np.array(tops), gap=gap, pool=pool)
+    return tops, dict(median_gap_10_11=round(gap, 5), mean_pool_recall_at_10=pool)
+
+
 def recall(found: list[np.ndarray], tops: list[np.ndarray]) -> float:
     return float(np.mean([len(np.intersect1d(f, t)) / K for f, t in zip(found, tops)]))
 
@@ -210,17 +227,15 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def latencies(
-    vectors, live, queries, ann, n_candidates, rescore=RESCORE, passes: int = 3
-) -> tuple[list[float], list]:
+def latencies(vectors, live, queries, ann, n_candidates, passes: int = 3) -> tuple[list[float], list]:
     """Milliseconds of each query of the best of `passes` passes (by p50), after one warm-up pass; results."""
-    found = [search(vectors, live, q, K, ann, n_candidates, rescore)[0] for q in queries]  # warm-up
+    found = [search(vectors, live, q, K, ann, n_candidates)[0] for q in queries]  # warm-up
     best: list[float] | None = None
     for _ in range(passes):
         times = []
         for q in queries:
             t = time.perf_counter()
-            search(vectors, live, q, K, ann, n_candidates, rescore)
+            search(vectors, live, q, K, ann, n_candidates)
             times.append((time.perf_counter() - t) * 1e3)
         if best is None or np.median(times) < np.median(best):
             best = times
@@ -260,21 +275,78 @@ def measure(name, params, vectors, queries, workdir, n_candidates) -> tuple[dict
 
 def variants(workdir, name, vectors, queries, n_candidates, nprobes, rescores) -> list[tuple[dict, list]]:
     """The saved ANN of configuration `name` searched at every pair of the nprobe values (none: its own) and
-    the rescore values (none: RESCORE; 0: all candidates)."""
-    ann = AnnIndex.load(workdir / f"ann-{name}", Q, D)
-    assert ann is not None
+    the rescore values (none: its own; 0: all candidates)."""
+    saved = AnnIndex.load(workdir / f"ann-{name}", Q, D)
+    assert saved is not None
     runs = []
     if not nprobes and not rescores:
         return runs
-    for nprobe, rescore in itertools.product(nprobes or [None], rescores or [RESCORE]):
-        ann.index.nprobe = nprobe or ann.params.nprobe
+    for nprobe, rescore in itertools.product(nprobes or [None], rescores or [saved.params.rescore]):
+        params = replace(saved.params, nprobe=nprobe or saved.params.nprobe, rescore=rescore or None)
+        ann = AnnIndex(saved.index, params, Q, D, saved.covered)
         live = np.arange(len(vectors))
-        times, found = latencies(vectors, live, queries, ann, n_candidates, rescore or None)
-        row = dict(config=name, nprobe=ann.index.nprobe, rescore=rescore or None)
+        times, found = latencies(vectors, live, queries, ann, n_candidates)
+        row = dict(config=name, nprobe=params.nprobe, rescore=params.rescore)
         row.update(p50_ms=round(float(np.median(times)), 2), p95_ms=round(float(np.percentile(times, 95)), 2))
         print(json.dumps(row), flush=True)
         runs.append((row, found))
     return runs
+
+
+def stage_times(vectors, queries, ann, n_candidates, passes: int = 3) -> dict:
+    """Median and p95 milliseconds of each stage of one text query, all candidates re-scored, the best of
+    `passes` passes (by total) after a warm-up: the coarse quantizer, the fast-scan list scan (the index's
+    search less the quantizer), grouping hits by image, then per block of images as `exact.maxsim` does it:
+    gathering their fp16 rows from the memmap, converting them to float32, the product and max, and the top k.
+    The `numpy_*` stages are the first version's (one gather, numpy's conversion of the whole block)."""
+    ivf = faiss.extract_index_ivf(ann.index)
+    step = max(1, CHUNK_BYTES // (Q * D * 4))
+
+    def one(q: np.ndarray) -> list[float]:
+        q2, qt = q[None, :], torch.from_numpy(q)
+        t = [time.perf_counter()]
+        ivf.quantizer.search(q2, ivf.nprobe)
+        t.append(time.perf_counter())
+        ann.index.search(q2, n_candidates)
+        t.append(time.perf_counter())
+        slots, _ = ann.scored_candidates(q, n_candidates)  # searches again: the grouping is the difference
+        t.append(time.perf_counter())
+        blocks, scores = np.zeros(3), np.empty(len(slots), np.float32)  # gather, convert, product seconds
+        for i in range(0, len(slots), step):
+            b0 = time.perf_counter()
+            block = np.take(vectors, slots[i : i + step], axis=0)
+            b1 = time.perf_counter()
+            block32 = torch.from_numpy(block).float()
+            b2 = time.perf_counter()
+            scores[i : i + len(block)] = (block32 @ qt).amax(dim=1).numpy()
+            blocks += np.diff([b0, b1, b2, time.perf_counter()])
+        t.append(time.perf_counter())
+        top_k(scores, K, slots)
+        t.append(time.perf_counter())
+        whole = vectors[slots]
+        t.append(time.perf_counter())
+        whole32 = whole.astype(np.float32)
+        t.append(time.perf_counter())
+        (whole32 @ q).max(axis=1)
+        t.append(time.perf_counter())
+        d = np.diff(t) * 1e3
+        scan, group = d[1] - d[0], d[2] - d[1]
+        return [d[0], scan, group, *(blocks * 1e3), *d[4:], len(slots)]
+
+    names = "coarse scan group gather convert product top_k numpy_gather numpy_convert numpy_product images"
+    for q in queries:
+        one(q)
+    best = None
+    for _ in range(passes):
+        rows = np.array([one(q) for q in queries])  # (queries, stages)
+        if best is None or np.median(rows[:, :7].sum(1)) < np.median(best[:, :7].sum(1)):
+            best = rows
+    assert best is not None
+    out = {
+        name: [round(float(np.median(best[:, i])), 3), round(float(np.percentile(best[:, i], 95)), 3)]
+        for i, name in enumerate(names.split())
+    }
+    return dict(out, nprobe=ivf.nprobe, nlist=ivf.nlist, load=os.getloadavg()[0])
 
 
 def cold(workdir: Path, name: str, query: list[float], drop: bool) -> dict:
@@ -324,7 +396,9 @@ def main() -> None:
         "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override Data fields (calibration)"
     )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--candidates", type=int, default=1000, help="vector hits per query (n_candidates)")
+    parser.add_argument(
+        "--candidates", type=int, default=VECTOR_HITS, help="vector hits per query (n_candidates)"
+    )
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--nprobe", type=int, nargs="*", default=[], help="also search each config at these")
     parser.add_argument(
@@ -338,6 +412,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/blip2-index-speed"))
     parser.add_argument("--keep", action="store_true", help="keep the vectors file for a later run")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--profile", action="store_true", help="time each stage of a query (stage_times)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     workdir = args.dir / f"{args.images}-{args.data}"
@@ -351,6 +426,8 @@ def main() -> None:
     made_by, made_by_file = dict(asdict(data), topics=topics, seed=args.seed), path.with_suffix(".json")
     if not path.exists() or not made_by_file.exists() or json.loads(made_by_file.read_text()) != made_by:
         t = time.perf_counter()
+        for stale in workdir.glob("truth-*.npz"):  # of the vectors being replaced
+            stale.unlink()
         generate(path, args.images, topics, args.seed, data)
         made_by_file.write_text(json.dumps(made_by))
         print(f"# generated {path} ({path.stat().st_size / 1e9:.1f} GB) in {time.perf_counter() - t:.0f} s")
@@ -362,6 +439,14 @@ def main() -> None:
     summary.update(data=args.data, **made_by)
     # Speed first, recall last: on a busy machine the exact pass over a million images takes the longest.
     runs = [measure(name, CONFIGS[name], vectors, queries, workdir, args.candidates) for name in args.configs]
+    if args.profile:
+        for name in args.configs + args.reuse:
+            ann = AnnIndex.load(workdir / f"ann-{name}", Q, D)
+            assert ann is not None
+            print(
+                json.dumps(dict(config=name, **stage_times(vectors, queries, ann, args.candidates))),
+                flush=True,
+            )
     for name in args.configs + args.reuse or ["default"]:  # built now, or by an earlier run
         if (workdir / f"ann-{name}").exists():
             runs += variants(workdir, name, vectors, queries, args.candidates, args.nprobe, args.rescore)
@@ -370,12 +455,8 @@ def main() -> None:
             summary[f"cold{'_dropped' if drop else ''}"] = cold(workdir, "default", queries[0].tolist(), drop)
         print(json.dumps(summary), flush=True)
     t = time.perf_counter()
-    scores, pooled = exact_pass(vectors, queries)
-    tops, gap = truth(scores)
-    del scores
-    summary.update(median_gap_10_11=round(gap, 5))
-    summary.update(mean_pool_recall_at_10=round(mean_pool_recall(vectors, pooled, queries, tops), 4))
-    del pooled
+    tops, figures = ground_truth(vectors, queries, workdir / f"truth-{args.queries}.npz")
+    summary.update(figures)
     print(json.dumps(summary), f"# exact pass {time.perf_counter() - t:.0f} s", flush=True)
     rows = []
     for row, found in runs:
@@ -387,6 +468,7 @@ def main() -> None:
     if not args.keep:
         path.unlink()
         made_by_file.unlink()
+        (workdir / f"truth-{args.queries}.npz").unlink()
 
 
 if __name__ == "__main__":

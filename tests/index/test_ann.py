@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -72,7 +73,7 @@ def test_search_with_exhaustive_ann_and_tail_is_brute_force(vectors, ann):
     assert ann.covered == 400 and ann.index.ntotal == 400 * Q
     live = np.setdiff1d(np.arange(600), np.arange(0, 600, 3))
     for query in queries(vectors):
-        slots, _ = search(vectors, live, query, 10, ann, n_candidates=400 * Q, rescore=None)
+        slots, _ = search(vectors, live, query, 10, ann, n_candidates=400 * Q)
         assert slots.tolist() == brute_force(vectors, live, query, 10)
 
 
@@ -94,11 +95,31 @@ def test_scored_candidates_approximate_the_exact_score(vectors, ann, row):
     assert np.corrcoef(approx, exact)[0, 1] > 0.8
 
 
+def with_rescore(ann: AnnIndex, rescore: int | None) -> AnnIndex:
+    """The same faiss index searched with another `rescore`."""
+    return AnnIndex(ann.index, replace(ann.params, rescore=rescore), ann.num_query, ann.dim, ann.covered)
+
+
 def test_rescore_keeps_the_best_approximate_candidates(vectors, ann):
     query = queries(vectors)[0]
     slots, approx = ann.scored_candidates(query, 400 * Q)
-    found, _ = search(vectors, np.arange(400), query, 10, ann, n_candidates=400 * Q, rescore=5)
+    found, _ = search(vectors, np.arange(400), query, 10, with_rescore(ann, 5), n_candidates=400 * Q)
     assert sorted(found.tolist()) == sorted(top_k(approx, 5, slots)[0].tolist())
+
+
+def test_rescore_all_is_the_default_and_reranks_every_candidate(vectors, ann):
+    """rescore None (the default) re-scores every candidate: with 60 vector hits the result is brute force
+    over the candidates' images; rescore N keeps only N of them, the best by approximate score."""
+    assert AnnParams().rescore is None and ann.params.rescore is None
+    live = np.arange(400)
+    for query in queries(vectors):
+        slots, approx = ann.scored_candidates(query, 60)
+        assert len(slots) > 10
+        found, _ = search(vectors, live, query, 10, ann, n_candidates=60)
+        assert found.tolist() == brute_force(vectors, slots, query, 10)
+        few, _ = search(vectors, live, query, 10, with_rescore(ann, 8), n_candidates=60)
+        kept = top_k(approx, 8, slots)[0]
+        assert few.tolist() == brute_force(vectors, np.sort(kept), query, 8)
 
 
 def test_default_params_find_near_duplicates(vectors):
@@ -142,10 +163,26 @@ def test_save_load_round_trip(tmp_path, vectors, ann):
     assert sorted(p.name for p in tmp_path.iterdir()) == [ANN_FILE, ANN_META]
 
 
+def test_an_ann_of_the_first_version_loads_and_rescores_all(tmp_path, vectors, ann):
+    """ann.json files written before `rescore` was a parameter have no such key: they still load, and
+    re-score every candidate (today's default)."""
+    with_rescore(ann, 7).save(tmp_path)
+    meta = json.loads((tmp_path / ANN_META).read_text())
+    assert meta["params"].pop("rescore") == 7
+    (tmp_path / ANN_META).write_text(json.dumps(meta))
+    loaded = AnnIndex.load(tmp_path, Q, D)
+    assert loaded is not None and loaded.params == replace(ann.params, rescore=None)
+
+
 def rewrite_meta(directory, **changes):
     meta = json.loads((directory / ANN_META).read_text())
     meta.update(changes)
     (directory / ANN_META).write_text(json.dumps(meta))
+
+
+def rewrite_params(directory, **changes):
+    params = json.loads((directory / ANN_META).read_text())["params"]
+    rewrite_meta(directory, params=dict(params, **changes))
 
 
 def corrupt_bytes(directory):
@@ -179,6 +216,8 @@ def padded_with_checksum(directory):
         lambda d: rewrite_meta(d, covered=-1),
         lambda d: rewrite_meta(d, covered="400"),
         lambda d: rewrite_meta(d, params={"nlist": 16, "unknown": 1}),
+        lambda d: rewrite_params(d, rescore=-1),
+        lambda d: rewrite_params(d, rescore="200"),
         lambda d: rewrite_meta(d, ntotal=3),
         lambda d: rewrite_meta(d, format="other/1"),
         garbage_with_checksum,
@@ -247,3 +286,37 @@ def test_nlist_for_counts(n):
     nlist = AnnParams().nlist_for(n)
     assert nlist & (nlist - 1) == 0 and 16 <= nlist <= 8192
     assert AnnParams(nlist=100).nlist_for(n) == 100
+
+
+# -- an index's stale or unreadable ANN file ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: rewrite_meta(d, format="blip2-ann/0"),  # another version's file
+        lambda d: rewrite_params(d, nlist=8),  # parameters that do not describe ann.faiss
+        corrupt_bytes,
+    ],
+)
+def test_an_index_searches_exactly_past_a_stale_ann_and_the_next_add_rebuilds_it(
+    tmp_path, monkeypatch, damage
+):
+    """An ANN file the code cannot trust is never used: the index ranks by brute force (the same top k),
+    `info` says the ANN is absent, and the next add rebuilds it."""
+    from blip2.index import Index
+    from blip2.index import index as index_module
+
+    monkeypatch.setattr(index_module, "BRUTE_FORCE_BELOW", 100)
+    vectors = clustered(260, seed=3)
+    index = Index(tmp_path / "v.idx")
+    index.add_embeddings([f"v{i}" for i in range(250)], vectors[:250], model_name="tiny")
+    assert index.info()["ann"] == {"present": True, "covered": 250}
+    query = vectors[17, 2].astype(np.float32)
+    expected = [f"v{slot}" for slot in brute_force(vectors, np.arange(250), query, 10)]
+    assert [hit.image for hit in index.search(embedding=query, k=10)] == expected
+    damage(tmp_path / "v.idx")
+    assert index.info()["ann"]["present"] is False
+    assert [hit.image for hit in index.search(embedding=query, k=10)] == expected
+    index.add_embeddings([f"v{i}" for i in range(250, 260)], vectors[250:])
+    assert index.info()["ann"] == {"present": True, "covered": 260}
+    expected = [f"v{slot}" for slot in brute_force(vectors, np.arange(260), query, 10)]
+    assert [hit.image for hit in index.search(embedding=query, k=10)] == expected

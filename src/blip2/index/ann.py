@@ -29,10 +29,10 @@ from .exact import maxsim, top_k
 
 # Below this many images the index is exact brute force, without an ANN.
 BRUTE_FORCE_BELOW = 10_000
-# ANN candidates re-scored exactly per query, the best by their approximate score: converting their fp16
-# vectors is most of a query's time. At 100k the best 100 found the true top 10 as often as all ~300 did,
-# the best 50 did not (RESULTS.md); 200 leaves a margin.
-RESCORE = 200
+# Vector hits per query row: their images are the candidates. With every candidate re-scored, recall@10 on
+# the benchmark's anisotropic ("blip2") vectors at 100k was 0.978 / 0.989 / 0.996 with 500 / 1,000 / 2,000
+# hits at a quarter of the lists (RESULTS.md, session 5); 2,000 costs ~2x the candidates to re-score.
+VECTOR_HITS = 2000
 
 ANN_FILE, ANN_META = "ann.faiss", "ann.json"
 FORMAT = "blip2-ann/1"
@@ -48,13 +48,19 @@ class AnnParams:
     recall@10 >= 0.99 needed on the benchmark's synthetic vectors); train_size: vectors sampled to
     train the coarse centroids and the PQ codebooks; hnsw: neighbours per node of an HNSW coarse quantizer (0:
     exact assignment by one matrix product, which is what the build spends its time on: ~nlist x D
-    multiply-adds per vector); seed: of the training sample.
+    multiply-adds per vector); seed: of the training sample; rescore: how many candidate images `search`
+    re-scores exactly, the best by approximate score (None: all of them, at most one per vector hit).
 
     Fewer, larger lists (2048 at a million images rather than the feasibility run's 8192) make the build ~4x
     cheaper; recall depends on the fraction of lists probed, which depends on the data: the feasibility run's
     vectors needed 64 of 8192, the benchmark's harder (isotropic) ones a quarter (RESULTS.md). m = 32 (16
     bytes per vector) halves the scan, the RAM and the build cost, with the same recall at 100k but 1-1.5
-    points less at 1M (0.982 against 0.994 at nprobe 512): 64 is the default, for recall."""
+    points less at 1M (0.982 against 0.994 at nprobe 512): 64 is the default, for recall.
+
+    Re-scoring every candidate (~4 µs per image: ~800-1,000 images with 1,000 hits at 100k) rather than the
+    best 200 by their 4-bit score is what recall@10 >= 0.99 needs on the anisotropic ("blip2") benchmark
+    geometry (0.942 -> 0.989 at 300k): there the codes' error is large against the small differences between
+    images. PQ32 loses most of the recall there (0.40 at 100k, session 5): not an option for such data."""
 
     nlist: int | None = None
     m: int = 64
@@ -62,6 +68,7 @@ class AnnParams:
     train_size: int = 131_072
     hnsw: int = 0
     seed: int = 0
+    rescore: int | None = None
 
     def nlist_for(self, n_vectors: int) -> int:
         """The number of lists for `n_vectors`: the power of two nearest sqrt(n) / 2 within [16, 2048], and
@@ -136,11 +143,13 @@ class AnnIndex:
             self.index.add_with_ids(block, (part[:, None] * num_query + offsets).reshape(-1))
         self.covered = max(self.covered, n_slots)
 
-    def candidates(self, query: np.ndarray, n_vectors: int = 1000) -> np.ndarray:
+    def candidates(self, query: np.ndarray, n_vectors: int = VECTOR_HITS) -> np.ndarray:
         """Sorted unique slots (int64) of the best `n_vectors` vector hits of each query row, (m, D) or (D,)."""
         return self.scored_candidates(query, n_vectors)[0]
 
-    def scored_candidates(self, query: np.ndarray, n_vectors: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    def scored_candidates(
+        self, query: np.ndarray, n_vectors: int = VECTOR_HITS
+    ) -> tuple[np.ndarray, np.ndarray]:
         """`candidates` (u,) and each one's approximate score (u,) float32 from the 4-bit codes: per query row
         its best hit, or the row's worst hit where it has none (an optimistic guess), averaged over rows; for
         a text query simply its best hit. Good enough to choose which candidates to re-score, not to rank."""
@@ -220,14 +229,13 @@ def search(
     query: np.ndarray,
     k: int,
     ann: AnnIndex | None = None,
-    n_candidates: int = 1000,
-    rescore: int | None = RESCORE,
+    n_candidates: int = VECTOR_HITS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The `k` best live images for `query` (D,) or (m, D) as (slots int64, scores float32), exact MaxSim
     order (score descending, ties by slot). Without `ann`: brute force over `live_slots` (sorted). With it: the images
     of its best `n_candidates` vector hits per query row that are live (a stale ANN may name removed slots),
-    at most `rescore` of them, the best by approximate score (None: all), plus the live slots it does not cover
-    yet, all re-scored exactly from `vectors` (N, Q, D)."""
+    at most `ann.params.rescore` of them, the best by approximate score (None: all), plus the live slots it
+    does not cover yet, all re-scored exactly from `vectors` (N, Q, D)."""
     live = np.asarray(live_slots, dtype=np.int64)
     if ann is not None:
         # live is sorted: binary searches, O(candidates log n) rather than a pass over a million slots.
@@ -236,6 +244,7 @@ def search(
         at = np.minimum(np.searchsorted(live, found), max(len(live) - 1, 0))
         keep = live[at] == found if len(live) else np.zeros(len(found), dtype=bool)
         found, approx = found[keep], approx[keep]
+        rescore = ann.params.rescore
         if rescore is not None and len(found) > rescore:
             found = np.sort(top_k(approx, rescore, found)[0])
         live = np.union1d(found, tail)
@@ -266,6 +275,8 @@ def _parse_meta(meta: dict[str, Any], num_query: int, dim: int) -> tuple[AnnPara
         params.seed,
         params.nlist,
     ]
+    if params.rescore is not None:  # absent (None) in the files of the first version: re-score all
+        numbers.append(params.rescore)
     if not all(type(x) is int and 0 <= x < 1 << 48 for x in numbers) or not isinstance(meta["sha256"], str):
         raise ValueError("bad numbers")
     return params, covered, ntotal
