@@ -37,7 +37,9 @@ def rows(split: str, start: int, count: int, questions: int) -> Iterator[tuple[i
         yield i, caption, qa, truth
 
 
-def pick_questions(candidates: list[texts.Question], k: int, rng: np.random.Generator) -> list[texts.Question]:
+def pick_questions(
+    candidates: list[texts.Question], k: int, rng: np.random.Generator
+) -> list[texts.Question]:
     """k questions of distinct kinds where possible (kinds in random order, then one question of each)."""
     by_kind: dict[str, list[texts.Question]] = {}
     for q in candidates:
@@ -67,7 +69,9 @@ def write(out: Path, split: str = "train", count: int = 1000, start: int = 0, qu
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m blip2.demo.make_data", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m blip2.demo.make_data", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("out", type=Path, help="the folder to write (created)")
     parser.add_argument("--count", type=int, default=1000, help="how many scenes (default 1000)")
     parser.add_argument("--start", type=int, default=0, help="the index of the first scene (default 0)")

@@ -20,7 +20,7 @@ QUESTION_KINDS = ("color", "shape", "count", "count_shape")
 
 
 def group_phrase(group: Group) -> str:
-    """"a red circle", "two blue stars"."""
+    """ "a red circle", "two blue stars"."""
     if group.count == 1:
         return f"{article(group.color)} {group.color} {group.shape}"
     return f"{NUMBERS[group.count]} {group.color} {PLURALS[group.shape]}"
@@ -31,7 +31,7 @@ def article(word: str) -> str:
 
 
 def objects_phrase(groups: tuple[Group, ...] | list[Group]) -> str:
-    """"a red circle", "a red circle and two blue stars", "a, b and c"."""
+    """ "a red circle", "a red circle and two blue stars", "a, b and c"."""
     phrases = [group_phrase(g) for g in groups]
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
