@@ -26,6 +26,8 @@ from . import make_data, model
 
 HERE = Path(__file__).parent
 WEIGHTS = HERE / "weights"
+SAMPLE_FOLDER = HERE / "samples"
+SAMPLES = (0, 1)  # held-out scenes shipped as PNGs for the quickstart: samples/scene-N.png
 STAGES = {1: HERE / "stage1.yaml", 2: HERE / "stage2.yaml"}
 # What a checkpoint directory ships (the training export may hold more, e.g. a training log).
 SHIPPED = ("*.json", "*.safetensors")
@@ -82,6 +84,17 @@ def install(export: Path, name: str) -> Path:
     return target
 
 
+def write_samples() -> list[Path]:
+    """blip2/demo/samples/scene-N.png: the held-out scenes of SAMPLES."""
+    from . import scenes
+
+    SAMPLE_FOLDER.mkdir(exist_ok=True)
+    paths = [SAMPLE_FOLDER / f"scene-{i}.png" for i in SAMPLES]
+    for i, path in zip(SAMPLES, paths):
+        scenes.render(scenes.scene("heldout", i)).save(path)
+    return paths
+
+
 def build(
     out: Path,
     count: int = 20000,
@@ -106,6 +119,7 @@ def build(
     if install_weights:
         for name, export in exports.items():
             install(export, name)
+        write_samples()
     (out / "build.json").write_text(json.dumps({"count": count, "seconds": times}, indent=2) + "\n")
     return times
 
