@@ -21,6 +21,9 @@ import click
 from ..errors import Blip2Error, InputError
 from .commands import cli
 from .output import message
+from .train_command import train_command
+
+cli.add_command(train_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,12 +31,15 @@ def activation(name: str):
 
 
 def padding_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """(B, S) 1/0 key mask -> additive (B, 1, 1, S) mask for scaled_dot_product_attention, or None."""
+    """(B, S) 1/0 key mask -> additive (B, 1, 1, S) mask for scaled_dot_product_attention, or None.
+
+    A (B, T, S) mask (one row of keys per query, e.g. training's image-grounded generation mask) gives
+    (B, 1, T, S)."""
     if mask is None or bool(mask.all()):
         return None
     additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
     additive = additive.masked_fill(mask == 0, torch.finfo(dtype).min)
-    return additive[:, None, None, :]
+    return additive[:, None] if mask.dim() == 3 else additive[:, None, None, :]
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:

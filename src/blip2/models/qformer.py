@@ -122,7 +122,8 @@ class QFormer(nn.Module):
     """(query tokens [+ text embeddings], image embeddings) -> hidden states (B, Q [+ L], 768).
 
     `embeddings` are the already-embedded inputs: the query tokens, optionally followed by word + position
-    embeddings of text. `attention_mask` (B, Q + L) of 1/0 covers both; None means attend everywhere.
+    embeddings of text. `attention_mask` (B, Q + L) of 1/0 covers both; None means attend everywhere. A
+    (B, Q + L, Q + L) mask says which keys each position sees (training's image-grounded generation).
     """
 
     def __init__(self, config: QFormerConfig, text_ffn: bool | None = None):
