@@ -1,7 +1,8 @@
 """The demo model's shape and its tokenizers: a tiny BLIP-2 whose words are the scenes' words.
 
-Vision tower: a ViT on 64x64 images in 8x8 patches (64 patches + CLS), hidden 128, 3 layers. Q-Former: hidden
-128, 3 layers, cross-attention in every layer, 8 query tokens. Language model: OPT-style, hidden 128, 2 layers.
+Vision tower: a ViT on 48x48 images in 16x16 patches, one per cell of the scenes' 3x3 grid (9 patches + CLS),
+hidden 96, 3 layers. Q-Former: hidden 96, 2 layers, cross-attention in every layer, 8 query tokens. Language
+model: OPT-style, hidden 128, 2 layers. Sized to train on 2 shared CPU cores in well under an hour.
 The language model ends its texts with "\\n" as the released OPT BLIP-2 checkpoints do (their eos_token_id is
 "\\n"'s id). The tokenizers are trained on the scenes' own texts, so every word of a caption, question or
 answer is one token: a byte-level BPE with OPT's special tokens for the language model and a lowercasing
@@ -19,17 +20,17 @@ from . import scenes, texts
 
 NUM_QUERY_TOKENS = 8
 VISION: dict[str, Any] = dict(
-    hidden_size=128,
-    intermediate_size=512,
+    hidden_size=96,
+    intermediate_size=384,
     num_hidden_layers=3,
     num_attention_heads=4,
     image_size=scenes.IMAGE_SIZE,
-    patch_size=8,
+    patch_size=scenes.IMAGE_SIZE // scenes.GRID,  # one patch per grid cell: 9 patches + CLS
 )
 QFORMER: dict[str, Any] = dict(
-    hidden_size=128,
-    intermediate_size=512,
-    num_hidden_layers=3,
+    hidden_size=96,
+    intermediate_size=384,
+    num_hidden_layers=2,
     num_attention_heads=4,
     cross_attention_frequency=1,
     encoder_hidden_size=VISION["hidden_size"],

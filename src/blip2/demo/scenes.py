@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 64
-SUPERSAMPLE = 4  # drawn at 4x and downsampled: smooth edges at 64x64
+IMAGE_SIZE = 48  # a 3x3 grid of 16x16 cells: one ViT patch each (patch size 16)
+SUPERSAMPLE = 4  # drawn at 4x and downsampled: smooth edges
 GRID = 3
 
 # Object colours, well apart in RGB; the background palette is disjoint from them.
@@ -114,7 +114,7 @@ def _partition(rng: np.random.Generator, total: int, parts: int) -> list[int]:
 
 # -- pixels ---------------------------------------------------------------------------------------------------
 def render(s: Scene) -> Image.Image:
-    """The scene as a 64x64 RGB image. Object positions jitter within their cells and colours by a few levels,
+    """The scene as a 48x48 RGB image. Object positions jitter within their cells and colours by a few levels,
     drawn from the scene's own seed, so the same scene always gives the same pixels."""
     rng = np.random.default_rng([*s.seed, 1])
     big = IMAGE_SIZE * SUPERSAMPLE
