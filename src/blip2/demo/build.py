@@ -1,6 +1,7 @@
 """`python -m blip2.demo.build OUT`: rebuild the demo checkpoints from nothing, with blip2's training code.
 
-1. `OUT/data`: `--count` training scenes (images + captions.jsonl + vqa.jsonl, see make_data);
+1. `OUT/data`: `--count` training scenes (images + captions.jsonl + vqa.jsonl, see make_data), unless it
+   holds them already;
 2. `OUT/tokenizers`: the two tokenizers, trained on the scenes' texts (see model.py);
 3. `OUT/init/demo-itm`, `OUT/init/demo`: fresh random checkpoints in the Hugging Face layout
    (`blip2.train.new_checkpoint`) of the shapes in model.py;
@@ -31,6 +32,17 @@ SAMPLES = (0, 1)  # held-out scenes shipped as PNGs for the quickstart: samples/
 STAGES = {1: HERE / "stage1.yaml", 2: HERE / "stage2.yaml"}
 # What a checkpoint directory ships (the training export may hold more, e.g. a training log).
 SHIPPED = ("*.json", "*.safetensors")
+
+
+def has_data(folder: Path, count: int) -> bool:
+    """Whether `folder` already holds the first `count` training scenes (a rebuild in the same OUT reuses them:
+    they are a pure function of the index)."""
+    truths = folder / "scenes.jsonl"
+    if not truths.is_file():
+        return False
+    with open(truths) as f:
+        rows = [json.loads(line) for line in f]
+    return [(r["split"], r["index"]) for r in rows] == [("train", i) for i in range(count)]
 
 
 def write_tokenizers(out: Path, scenes: int = 3000) -> dict[str, Path]:
@@ -107,7 +119,8 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, Any] = {}
     start = time.perf_counter()
-    make_data.write(out / "data", "train", count, questions=2)
+    if not has_data(out / "data", count):
+        make_data.write(out / "data", "train", count, questions=2)
     tokenizers = write_tokenizers(out / "tokenizers")
     fresh_checkpoints(out / "init", tokenizers)
     times["prepare"] = time.perf_counter() - start
