@@ -5,8 +5,8 @@
 2. `OUT/tokenizers`: the two tokenizers, trained on the scenes' texts (see model.py);
 3. `OUT/init/demo-itm`, `OUT/init/demo`: fresh random checkpoints in the Hugging Face layout
    (`blip2.train.new_checkpoint`) of the shapes in model.py;
-4. stage 1 (`stage1.yaml`: ITC + ITM + ITG, vision tower trained too), then stage 2 (`stage2.yaml`: the
-   language-model loss, starting from stage 1), each copied into OUT with the overrides given here, so that
+4. stage 2 (`stage2.yaml`: the language-model loss, every part trained from scratch), then stage 1
+   (`stage1.yaml`: ITC + ITM + ITG, starting from stage 2's vision tower and Q-Former), each copied into OUT with the overrides given here, so that
    OUT holds the exact configs of the run; runs in `OUT/runs/stage{1,2}`;
 5. unless `--no-install`, the two exports are copied into the package (blip2/demo/weights/demo-itm and
    demo), where `blip2.load("demo")` and `blip2.load("demo-itm")` find them.
@@ -30,6 +30,8 @@ WEIGHTS = HERE / "weights"
 SAMPLE_FOLDER = HERE / "samples"
 SAMPLES = (0, 1)  # held-out scenes shipped as PNGs for the quickstart: samples/scene-N.png
 STAGES = {1: HERE / "stage1.yaml", 2: HERE / "stage2.yaml"}
+# Stage 2 first: stage 1 starts from its vision tower and Q-Former (why: stage1.yaml's comment).
+STAGE_ORDER = (2, 1)
 # What a checkpoint directory ships (the training export may hold more, e.g. a training log).
 SHIPPED = ("*.json", "*.safetensors")
 
@@ -63,10 +65,14 @@ def fresh_checkpoints(out: Path, tokenizers: dict[str, Path], seed: int = 0) -> 
     from ..train import new_checkpoint
 
     opt = Tokenizer.from_file(str(tokenizers["opt"] / "tokenizer.json"))
+    newline = opt.token_to_id(
+        "Ċ"
+    )  # "\n", the language model's end of text (byte-level: every byte is a token)
+    assert newline is not None
     qformer = Tokenizer.from_file(str(tokenizers["qformer"] / "tokenizer.json"))
     configs = {
         "demo-itm": (model.retrieval_config(qformer.get_vocab_size()), tokenizers["qformer"]),
-        "demo": (model.caption_config(opt.get_vocab_size(), opt.token_to_id("Ċ")), tokenizers["opt"]),
+        "demo": (model.caption_config(opt.get_vocab_size(), newline), tokenizers["opt"]),
     }
     for name, (config, tokenizer) in configs.items():
         new_checkpoint(out / name, config, tokenizer, model.IMAGE_PROCESSOR, seed=seed)
@@ -75,7 +81,7 @@ def fresh_checkpoints(out: Path, tokenizers: dict[str, Path], seed: int = 0) -> 
 
 def stage_config(stage: int, out: Path, overrides: dict[str, Any]) -> Path:
     """Copy stage `stage`'s YAML into OUT with `overrides` applied; return the copy's path."""
-    import yaml
+    import yaml  # type: ignore[import-untyped]
 
     config = yaml.safe_load(STAGES[stage].read_text())
     config.update(overrides)
@@ -124,7 +130,7 @@ def build(
     tokenizers = write_tokenizers(out / "tokenizers")
     fresh_checkpoints(out / "init", tokenizers)
     times["prepare"] = time.perf_counter() - start
-    for stage in (1, 2):
+    for stage in STAGE_ORDER:
         start = time.perf_counter()
         train(stage_config(stage, out, (overrides or {}).get(stage, {})))
         times[f"stage{stage}"] = time.perf_counter() - start
