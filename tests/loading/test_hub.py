@@ -17,6 +17,7 @@ from released_layouts import copy_checkpoint, to_bin_shards
 
 import blip2
 from blip2.errors import CheckpointError
+from blip2.loading import hub as hub_module
 from blip2.loading.hub import ALLOW_PATTERNS, PICKLE_PATTERNS, is_repo_id, resolve
 
 REPO = "Salesforce/blip2-opt-2.7b"
@@ -145,3 +146,28 @@ def test_resolve_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(CheckpointError, match="hf download Salesforce/blip2-flan-t5-xl"):
         resolve("Salesforce/blip2-flan-t5-xl")
+
+
+# -- the packaged demo checkpoints ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["demo", "demo-itm"])
+def test_demo_names_resolve_to_the_packaged_folders_without_the_hub(monkeypatch, tmp_path, name):
+    hub = _hub(monkeypatch, tmp_path, {}, missing=True)
+    monkeypatch.chdir(tmp_path)
+    path = resolve(name)
+    assert path == Path(hub_module.__file__).parent.parent / "demo" / "weights" / name
+    assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    assert hub.calls == []
+
+
+def test_a_local_folder_named_demo_wins(monkeypatch, tmp_path):
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert resolve("demo") == Path("demo")
+
+
+def test_missing_demo_weights_say_how_to_rebuild(monkeypatch, tmp_path):
+    monkeypatch.setitem(hub_module.PACKAGED_CHECKPOINTS, "demo", "no-such-folder")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"demo.*not in this installation.*blip2\.demo\.build"):
+        resolve("demo")

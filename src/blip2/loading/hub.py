@@ -1,6 +1,7 @@
 """Resolve a model name to a local directory in the Hugging Face layout.
 
-A local directory is used as it is. A repo id ("Salesforce/blip2-opt-2.7b") is looked up in the local
+A local directory is used as it is. "demo" and "demo-itm" name the tiny demo checkpoints shipped inside the
+package (blip2/demo/weights/), unless a local directory of that name exists: a path always wins. A repo id ("Salesforce/blip2-opt-2.7b") is looked up in the local
 Hugging Face cache first, then downloaded through huggingface_hub. Offline, or with nothing on disk, the
 error says what is missing and how to get it.
 """
@@ -24,6 +25,10 @@ KNOWN_CHECKPOINTS = (
     "Salesforce/blip2-flan-t5-xl-coco",
 )
 
+# The demo checkpoints shipped in the package (built by `python -m blip2.demo.build`): name -> folder under
+# blip2/demo/weights/. The captioning model (stage 2) and the retrieval model (stage 1).
+PACKAGED_CHECKPOINTS = {"demo": "demo", "demo-itm": "demo-itm"}
+
 # Only what loading needs: no pickles, no other frameworks' weights ...
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 # ... unless a repo has no safetensors weights (older copies and mirrors): then its .bin shards, which are
@@ -43,12 +48,27 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint's directory (with config.json in it)")
     name = str(name_or_path)
+    if name in PACKAGED_CHECKPOINTS:
+        return packaged(name)
     if not is_repo_id(name):
         raise CheckpointError(
             f"no such directory: {name!r} (and not a valid Hub repo id either: owner/name, with letters, "
             "digits, '-', '_' and '.')"
         )
     return _download(name)
+
+
+def packaged(name: str) -> Path:
+    """The folder of the packaged demo checkpoint `name` (a key of PACKAGED_CHECKPOINTS)."""
+    from importlib.resources import files
+
+    path = Path(str(files("blip2.demo") / "weights" / PACKAGED_CHECKPOINTS[name]))
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"the demo checkpoint {name!r} is not in this installation ({path} has no config.json); "
+            "rebuild it with `python -m blip2.demo.build OUT` (see blip2/demo/build.py)"
+        )
+    return path
 
 
 def is_repo_id(name: str) -> bool:

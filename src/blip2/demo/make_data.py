@@ -1,0 +1,86 @@
+"""`python -m blip2.demo.make_data OUT --count N [--split train|heldout] [--questions K]`: write N scenes as an
+image folder and the JSONL files the training code reads.
+
+OUT/images/NNNNNN.png (64x64 RGB) and, one row per line, paths relative to OUT:
+- captions.jsonl: {"image", "caption"}, one row per image, its phrasing drawn per image (stage 1, and stage 2's
+  captioning);
+- vqa.jsonl: {"image", "question", "answer"}, K questions per image, their kinds (colour, shape, count, count
+  of a shape) drawn evenly, so that no kind is rare (stage 2);
+- scenes.jsonl: the ground truth of each image (its objects, background, style), for evaluation scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from . import scenes, texts
+
+
+def rows(split: str, start: int, count: int, questions: int) -> Iterator[tuple[int, dict, list[dict], dict]]:
+    """For each scene: (index, caption row, question rows, ground-truth row); image paths are
+    images/NNNNNN.png. The text choices are drawn from the scene's own seed: a pure function of (split, i)."""
+    for i in range(start, start + count):
+        s = scenes.scene(split, i)
+        rng = np.random.default_rng([*s.seed, 2])
+        image = f"images/{i:06d}.png"
+        phrasings = texts.captions(s)
+        caption = {"image": image, "caption": phrasings[int(rng.integers(len(phrasings)))]}
+        asked = pick_questions(texts.questions(s), questions, rng)
+        qa = [{"image": image, "question": q.question, "answer": q.answer} for q in asked]
+        truth = {"image": image, "index": i, "split": split, **asdict(s)}
+        yield i, caption, qa, truth
+
+
+def pick_questions(
+    candidates: list[texts.Question], k: int, rng: np.random.Generator
+) -> list[texts.Question]:
+    """k questions of distinct kinds where possible (kinds in random order, then one question of each)."""
+    by_kind: dict[str, list[texts.Question]] = {}
+    for q in candidates:
+        by_kind.setdefault(q.kind, []).append(q)
+    kinds = [list(by_kind)[j] for j in rng.permutation(len(by_kind))]
+    picked = []
+    for j in range(k):
+        pool = by_kind[kinds[j % len(kinds)]]
+        picked.append(pool[int(rng.integers(len(pool)))])
+    return picked
+
+
+def write(out: Path, split: str = "train", count: int = 1000, start: int = 0, questions: int = 2) -> Path:
+    """Write the scenes [start, start + count) of `split` to `out` (see the module docstring); return `out`."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    with (
+        open(out / "captions.jsonl", "w") as captions,
+        open(out / "vqa.jsonl", "w") as vqa,
+        open(out / "scenes.jsonl", "w") as truths,
+    ):
+        for i, caption, qa, truth in rows(split, start, count, questions):
+            scenes.render(scenes.scene(split, i)).save(out / caption["image"])
+            captions.write(json.dumps(caption) + "\n")
+            vqa.writelines(json.dumps(row) + "\n" for row in qa)
+            truths.write(json.dumps(truth) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m blip2.demo.make_data", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("out", type=Path, help="the folder to write (created)")
+    parser.add_argument("--count", type=int, default=1000, help="how many scenes (default 1000)")
+    parser.add_argument("--start", type=int, default=0, help="the index of the first scene (default 0)")
+    parser.add_argument("--split", choices=sorted(scenes.SPLITS), default="train")
+    parser.add_argument("--questions", type=int, default=2, help="questions per image (default 2)")
+    args = parser.parse_args(argv)
+    write(args.out, args.split, args.count, args.start, args.questions)
+    print(f"wrote {args.count} {args.split} scenes to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
