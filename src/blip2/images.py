@@ -65,7 +65,7 @@ ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image |
 # Reading files
 
 
-class _Unreadable(Exception):
+class Unreadable(Exception):
     """Why a file was not read; callers turn it into their own named error."""
 
 
@@ -91,39 +91,39 @@ _OPEN_FLAGS = (
 )
 
 
-def _read_file(path: str | os.PathLike, limit: int) -> bytes:
+def read_file(path: str | os.PathLike, limit: int) -> bytes:
     """The bytes of the regular file at `path`, refusing special files and files over `limit` bytes.
 
     The file is opened once and checked through its descriptor, so a file swapped or grown after the first
-    check is still refused. Raises `_Unreadable` with a short reason.
+    check is still refused. Raises `Unreadable` with a short reason.
     """
     raw = os.fspath(path)
     if not raw:
-        raise _Unreadable("empty path")
+        raise Unreadable("empty path")
     if ("\0" if isinstance(raw, str) else b"\0") in raw:
-        raise _Unreadable("path contains a NUL byte")
+        raise Unreadable("path contains a NUL byte")
     try:
         _check_regular(os.stat(raw), limit)  # before opening: open() itself blocks on a FIFO
         with open(os.open(raw, _OPEN_FLAGS), "rb") as f:
             _check_regular(os.fstat(f.fileno()), limit)  # the file actually opened
             data = f.read(limit + 1)  # at most one byte past the limit, however much the file grows
     except OSError as e:
-        raise _Unreadable(_OS_ERRORS.get(e.errno, f"cannot read file: {e.strerror or e}")) from e
+        raise Unreadable(_OS_ERRORS.get(e.errno, f"cannot read file: {e.strerror or e}")) from e
     if len(data) > limit:
-        raise _Unreadable(f"file grew past the limit of {limit} bytes while being read")
+        raise Unreadable(f"file grew past the limit of {limit} bytes while being read")
     if not data:
-        raise _Unreadable("empty file")
+        raise Unreadable("empty file")
     return data
 
 
 def _check_regular(info: os.stat_result, limit: int) -> None:
     for is_kind, reason in _SPECIAL_FILES:
         if is_kind(info.st_mode):
-            raise _Unreadable(reason)
+            raise Unreadable(reason)
     if not stat.S_ISREG(info.st_mode):
-        raise _Unreadable("not a regular file")
+        raise Unreadable("not a regular file")
     if info.st_size > limit:
-        raise _Unreadable(f"file is {info.st_size} bytes, more than the limit of {limit} bytes")
+        raise Unreadable(f"file is {info.st_size} bytes, more than the limit of {limit} bytes")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,8 +177,8 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
         return _decode(data, name, limit)
     if isinstance(source, (str, os.PathLike)):
         try:
-            data = _read_file(source, MAX_FILE_BYTES)
-        except _Unreadable as e:
+            data = read_file(source, MAX_FILE_BYTES)
+        except Unreadable as e:
             raise ImageError(name, str(e)) from e
         return _decode(data, name, limit)
     raise ImageError(
@@ -417,8 +417,12 @@ def load_resized(
 ) -> Image.Image:
     """Decode `source` and resize it at once to the model's input size (when `config` resizes), so that a
     batch holds model-size images rather than full-size ones. `to_tensor` of it is `preprocess_one`."""
-    rgb = load_image(source, max_pixels=max_pixels)
-    return resize(rgb, config) if config.do_resize else rgb
+    return fit(load_image(source, max_pixels=max_pixels), config)
+
+
+def fit(image: Image.Image, config: ImageProcessorConfig) -> Image.Image:
+    """A decoded RGB image at the model's input size: resized when `config` resizes, else as it is."""
+    return resize(image, config) if config.do_resize else image
 
 
 def preprocess_one(image: ImageSource, config: ImageProcessorConfig) -> torch.Tensor:

@@ -4,7 +4,6 @@ models, bad files, the ANN path, and a crash in a real process."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -22,7 +21,6 @@ from blip2.errors import IndexBusyError, IndexFileError, IndexMismatchError
 from blip2.images import load_image
 from blip2.index import Index, Where, fingerprint
 from blip2.index import index as index_module
-from blip2.index.adding import file_hash
 from blip2.index.store import open_store
 
 TEXT = "a cat on a red couch"
@@ -188,15 +186,6 @@ def test_remove_and_prune(tmp_path, itm, folder):
     assert [(h.image, h.score) for h in index.search(text=TEXT, k=10)] == [(h.image, h.score) for h in before]
 
 
-def test_file_hash(tmp_path, folder):
-    photo = folder / "coffee.jpg"
-    assert file_hash(str(photo)) == hashlib.sha256(photo.read_bytes()).hexdigest()
-    os.mkfifo(tmp_path / "pipe")
-    with pytest.raises(OSError, match="not a regular file"):
-        file_hash(str(tmp_path / "pipe"))  # opened without blocking, refused
-
-
-# -- errors -----------------------------------------------------------------------------------------------------
 def test_another_checkpoint_is_a_mismatch(tmp_path, itm, other, folder):
     Index(tmp_path / "photos.idx", model=itm).add(folder)
     wrong = Index(tmp_path / "photos.idx", model=other)

@@ -23,10 +23,8 @@ that changed keep their rows (as files gone from a folder do) until `prune`.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
-import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import islice
@@ -39,8 +37,6 @@ from ..jobs.inputs import TABLE_SUFFIXES, Failed, Item, expand_inputs
 from ..sources import Skipped
 from . import locating
 from .store import NewRow, Store
-
-HASH_CHUNK = 1 << 20  # bytes read at a time when hashing
 
 Progress = Callable[[int, int], None]  # (inputs done, inputs in all)
 
@@ -119,26 +115,11 @@ class Decoded:
     height: int
 
 
-def file_hash(path: str) -> str:
-    """sha256 of the file's content, read a chunk at a time (hex). Only a regular file is read (a FIFO
-    swapped in since it was found would block the read: an OSError)."""
-    digest = hashlib.sha256()
-    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def preparer(store: Store, model, caption_model) -> Callable[[Input], Decoded]:
     """What the decode threads do with an input: settle it by size and mtime without reading it, or read it
     once, hash it, and either leave it to `settle` (a row with that content exists) or decode it for the
     models (raising Settled, or an ImageError naming it)."""
-    from ..images import load_image, resize
-
-    def sized(image, engine):
-        return resize(image, engine.image_config) if engine.image_config.do_resize else image
+    from ..images import fit, load_image
 
     def prepare(given: Input) -> Decoded:
         new = given.row
@@ -157,9 +138,9 @@ def preparer(store: Store, model, caption_model) -> Callable[[Input], Decoded]:
             image = load_image(data)
         except ImageError as e:
             raise ImageError(new.path, e.reason) from None
-        extra = sized(image, caption_model) if caption_model is not None else None
+        extra = fit(image, caption_model.image_config) if caption_model is not None else None
         pending = Pending(replace(new, width=image.width, height=image.height), changed=row is not None)
-        return Decoded(pending, sized(image, model), extra, image.width, image.height)
+        return Decoded(pending, fit(image, model.image_config), extra, image.width, image.height)
 
     return prepare
 

@@ -68,8 +68,8 @@ class FileAt:
 
     def read(self, name: str) -> bytes:
         try:
-            return images._read_file(self.path, images.MAX_FILE_BYTES)
-        except images._Unreadable as e:
+            return images.read_file(self.path, images.MAX_FILE_BYTES)
+        except images.Unreadable as e:
             raise ImageError(name, str(e)) from None
 
 
