@@ -232,6 +232,27 @@ def test_options_of_the_other_engine_are_usage_errors(capsys, photos, tmp_path, 
     assert code == 2 and said in err and not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("command", "options", "said"),
+    [
+        (["caption"], ["--workers", "2"], "--workers is a job option: it has no effect without --out"),
+        (["caption"], ["--engine", "ray"], "--engine is a job option"),
+        (["ask", "what?"], ["--chunk-size", "8"], "--chunk-size is a job option"),
+        (["classify", "--labels", "a,b"], ["--keep", "x"], "--keep is a job option"),
+        (
+            ["embed", "--out", "E.npy"],
+            ["--column", "c"],
+            "--column is a job option: it has no effect with an",
+        ),
+    ],
+)
+def test_job_options_without_a_job_are_usage_errors(capsys, photos, command, options, said):
+    # Without --out (or with the .npy writer) nothing runs as a job: the options would be silently ignored.
+    name, *rest = command
+    code, out, err = run(capsys, name, str(photos[0]), *rest, "--model", "unused", *options)
+    assert code == 2 and said in err and not out
+
+
 def _stat(pid: int | str) -> list[str] | None:
     """The fields of /proc/PID/stat after the command name (state, ppid, ...), None when it is gone."""
     try:

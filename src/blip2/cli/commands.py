@@ -12,6 +12,7 @@ import click
 
 from ..embeddings_io import path_fields
 from ..errors import Blip2Error
+from .job_commands import JobArgs, refuse_job_options
 from .options import TEXT, generation_options, job_options, match_options, model_options
 from .output import cell, emit, json_line, message
 from .serve_command import serve
@@ -79,11 +80,13 @@ def caption(
     ("shards/{00000..00099}.tar") or .parquet/.csv tables, and running the same command again finishes
     what a killed run left."""
     options = _task_options("caption", generation)
-    if out is not None:
-        from .job_commands import JobArgs, caption_job
+    args = JobArgs(out, overwrite, chunk_size, column, keep, workers, engine, actors)
+    if out is None:
+        refuse_job_options(args, "without --out")
+    else:
+        from .job_commands import caption_job
 
         load = partial(_load, model, device, dtype, quantize, batch_size)
-        args = JobArgs(out, overwrite, chunk_size, column, keep, workers, engine, actors)
         caption_job(load, images, args, model, prompt, options)
     pipe = _load(model, device, dtype, quantize, batch_size)
 
@@ -140,11 +143,13 @@ def ask(
         if not q.strip():
             raise click.BadParameter("a question is empty", param_hint=hint)
     options = _task_options("ask", generation)
-    if out is not None:
-        from .job_commands import JobArgs, ask_job
+    args = JobArgs(out, overwrite, chunk_size, column, keep, workers, engine, actors)
+    if out is None:
+        refuse_job_options(args, "without --out")
+    else:
+        from .job_commands import ask_job
 
         load = partial(_load, model, device, dtype, quantize, batch_size)
-        args = JobArgs(out, overwrite, chunk_size, column, keep, workers, engine, actors)
         ask_job(load, images, args, model, questions, template, options)
     pipe = _load(model, device, dtype, quantize, batch_size)
     answers = _one_image(
@@ -238,12 +243,13 @@ def embed(
     written as they are computed, and an interrupted run keeps the rows printed with --json."""
     if out is None:
         raise click.BadParameter("an output file is needed (.parquet, .jsonl or .npy)", param_hint="--out")
+    args = JobArgs(out, overwrite, chunk_size, column, keep, workers, engine, actors)
     if out.lower().endswith((".parquet", ".jsonl")):
-        from .job_commands import JobArgs, embed_job
+        from .job_commands import embed_job
 
         load = partial(_load, model, device, dtype, quantize, batch_size)
-        args = JobArgs(out, overwrite, chunk_size, column, keep, workers, engine, actors)
         embed_job(load, images, args, model)
+    refuse_job_options(args, "with an .npy output (not a job)")
     _embed_to_file(images, out, model, device, dtype, quantize, batch_size, as_json)
 
 
@@ -329,11 +335,13 @@ def classify(
     names = [label.strip() for label in labels.split(",") if label.strip()]
     if not names:
         raise click.BadParameter("no labels given", param_hint="--labels")
-    if out is not None:
-        from .job_commands import JobArgs, classify_job
+    args = JobArgs(out, overwrite, chunk_size, column, keep, workers, engine, actors)
+    if out is None:
+        refuse_job_options(args, "without --out")
+    else:
+        from .job_commands import classify_job
 
         load = partial(_load, model, device, dtype, quantize, batch_size)
-        args = JobArgs(out, overwrite, chunk_size, column, keep, workers, engine, actors)
         classify_job(load, (image, *more_images), args, model, names, template, top_k, rerank)
     if more_images:
         raise click.BadParameter("one image, or give --out to classify many", param_hint="IMAGES")

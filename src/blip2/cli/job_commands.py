@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import click
 
@@ -25,6 +25,15 @@ class JobArgs:
     workers: int | None = None  # decode processes ahead of the model (None: threads; blip2.jobs.decode)
     engine: str = "local"  # or "ray": a Ray Data pipeline (blip2.jobs.ray_engine)
     actors: int | None = None  # with the ray engine: model actors (default: one per GPU, or 1)
+
+
+def refuse_job_options(args: JobArgs, where: str) -> None:
+    """A usage error naming the first job option given (`args` differs from its default) where the command
+    does not run as a job (`where`): silently ignoring --workers or --engine ray would mislead."""
+    for field in fields(JobArgs):
+        if field.name != "out" and getattr(args, field.name) != field.default:
+            option = "--" + field.name.replace("_", "-")
+            raise click.UsageError(f"{option} is a job option: it has no effect {where}")
 
 
 def caption_job(load: Callable, images, args: JobArgs, model: str, prompt: str | None, options):
