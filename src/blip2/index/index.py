@@ -95,13 +95,23 @@ class Index:
 
     `model`: a retrieval checkpoint (`blip2.load("Salesforce/blip2-itm-vit-g")`), needed to add images and
     to search by text or image; not for `add_embeddings`, searching by embedding, remove, prune or info.
-    `lock_timeout`: seconds a writer waits for another writer before an IndexBusyError.
+    `lock_timeout`: seconds a writer waits for another writer before an IndexBusyError. `resident`: fault
+    the whole vector file into memory in a background thread when searching starts (`blip2.index.resident`):
+    for a long-lived searcher such as the HTTP service, whose queries then read no page from disk; it costs
+    page cache the size of the vectors (16 KB per image), never an out-of-memory kill.
     """
 
-    def __init__(self, path: str | os.PathLike, model=None, lock_timeout: float = DEFAULT_LOCK_TIMEOUT):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        model=None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        resident: bool = False,
+    ):
         self.path = Path(path)
         self.model = model
         self.lock_timeout = lock_timeout
+        self.resident = resident
         self._fingerprint: str | None = None
         self._reader: Store | None = None
         self._ann: tuple[tuple, AnnIndex | None] | None = None  # (ann files' identity, loaded index)
@@ -463,7 +473,7 @@ class Index:
         """The reader, opened at first use and kept (searches take no lock), moved to the latest committed
         state at each use (cheap when nothing changed)."""
         if self._reader is None:
-            self._reader = open_store(self.path)
+            self._reader = open_store(self.path, resident=self.resident)
             return self._reader
         try:
             self._reader.refresh()

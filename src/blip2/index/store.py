@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import IndexBusyError, IndexFileError, IndexMismatchError, InputError
+from .resident import populate_in_background
 
 FORMAT = "blip2-index/2"
 OLD_FORMAT = "blip2-index/1"  # before source/key/locator: read as is, migrated by the first writer
@@ -144,13 +145,16 @@ class Where:
     path: str | None = None
 
 
-def open_store(path: str | os.PathLike[str], writable: bool = False, lock_timeout: float = 0.0) -> Store:
+def open_store(
+    path: str | os.PathLike[str], writable: bool = False, lock_timeout: float = 0.0, resident: bool = False
+) -> Store:
     """Open the index directory `path`.
 
     writable=True creates the directory when missing (or adopts an empty one) and takes the writer lock,
     waiting up to `lock_timeout` seconds for another writer before an `IndexBusyError`. writable=False opens
     an existing index read-only, on a snapshot (see `Store.refresh`). Anything that is not a sound index is an
-    `IndexFileError` naming the file at fault."""
+    `IndexFileError` naming the file at fault. resident=True: each mapping of the vectors is faulted in by a
+    background thread (`blip2.index.resident`), for a long-lived searcher."""
     directory = Path(os.fspath(path))
     if "\x00" in str(directory):
         raise InputError(f"{str(directory)!r}: an index path cannot contain a NUL character")
@@ -165,16 +169,18 @@ def open_store(path: str | os.PathLike[str], writable: bool = False, lock_timeou
         if lock is not None:
             os.close(lock)
         raise
-    return Store(directory, db, lock)
+    return Store(directory, db, lock, resident)
 
 
 class Store:
     """An open index directory; see the module docstring. A context manager: `close()` releases the lock."""
 
-    def __init__(self, path: Path, connection: sqlite3.Connection, lock: int | None):
-        """Take over an open connection and, for a writer, the locked LOCK descriptor (closed on failure)."""
+    def __init__(self, path: Path, connection: sqlite3.Connection, lock: int | None, resident: bool = False):
+        """Take over an open connection and, for a writer, the locked LOCK descriptor (closed on failure);
+        `resident`: see `open_store`."""
         self.path = path
         self.writable = lock is not None
+        self.resident = resident
         self._db = connection
         self._lock_fd = lock
         self._mutex = threading.RLock()  # one statement at a time on the shared connection
@@ -208,7 +214,7 @@ class Store:
         """Close the database and the vector file and release the writer lock. Arrays from `vectors()` stay
         valid (they hold their own mapping)."""
         with self._mutex:
-            self._cache.clear()
+            self._drop_cache()
             if self._vectors_fd is not None:
                 os.close(self._vectors_fd)
                 self._vectors_fd = None
@@ -315,7 +321,15 @@ class Store:
         if "vectors" not in self._cache:
             with self._guard():
                 self._cache["vectors"] = self._map_vectors()
+                if self.resident and len(self._cache["vectors"]):
+                    self._cache["resident"] = populate_in_background(self._cache["vectors"])
         return self._cache["vectors"]
+
+    def _drop_cache(self) -> None:
+        """Forget this snapshot's live slots and mapping, stopping the thread that faults the mapping in."""
+        if "resident" in self._cache:
+            self._cache["resident"][1].set()
+        self._cache.clear()
 
     def disk_bytes(self) -> int:
         """The bytes the index directory's files take (database, its journal, vectors, ANN cache)."""
@@ -510,7 +524,7 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
             finally:
-                self._cache.clear()
+                self._drop_cache()
             self._meta = _read_meta(self._db, self._db_file)
 
     def _require_writable(self) -> None:
@@ -529,7 +543,7 @@ class Store:
             meta = _read_meta(self._db, self._db_file)
             if meta == self._meta:
                 return
-            self._cache.clear()
+            self._drop_cache()
             if self._vectors_fd is not None:
                 os.close(self._vectors_fd)
                 self._vectors_fd = None

@@ -70,7 +70,7 @@ class SearchIndex:
     match model's worker, thumbnail look-ups in the thread pool)."""
 
     def __init__(self, path: str | Path):
-        self.index = Index(path)
+        self.index = Index(path, resident=True)  # a long-lived searcher: its vectors kept in memory
         self._lock = threading.Lock()
         self.index.meta()  # an IndexFileError now, at startup, when `path` is not an index
 
