@@ -4,14 +4,19 @@ exact MaxSim, and mean pooling for comparison, on synthetic clustered vectors in
     python benchmarks/index_speed.py --images 100000 --configs default --nprobe 64 128 256
     python benchmarks/index_speed.py --images 100000 --data blip2 --configs default ivf4096-flat-np64 --nprobe 32 64
     python benchmarks/index_speed.py --images 1000000 --configs default --rescore 0 100
+    python benchmarks/index_speed.py --images 1000000 --data lowrank --threads 1 --configs default --nprobe 128 256 \
+        --candidates 2000 8000 --profile --keep
 
 Vectors: `--images` x 32 x 256 unit vectors, float16, written once (in chunks) as `vectors.f16` under
 `--dir`/IMAGES-DATA exactly as the index stores them, and memory-mapped from there (`--keep` keeps the file for
 a later run, whose `--configs` with no name reuses the saved default ANN). `--data` chooses the geometry (`Data`):
 "topics" (isotropic: each image shows 12 of `--topics` topics, each of its 32 vectors one of them plus noise)
 or "blip2" (anisotropic like BLIP-2's Q-Former outputs: a mean direction per query slot shared by every image,
-4 topics per image on top). Text queries are a topic's centre plus noise. We do not know which of the two real
-embeddings resemble more: both are reported. The script reports the median gap between the 10th and 11th exact
+6 topics per image on top) or "lowrank" (blip2's slot directions, 2 topics per image, and topic centres and
+noises drawn with a power-law spectrum: low effective rank, as CLIP-style embeddings are). Text queries are a
+topic's centre plus noise. We do not know which of them real embeddings resemble most (no BLIP-2 weights on
+this machine): all are reported. `--candidates` with several values searches the variants at each (vector hits
+per query). The script reports the median gap between the 10th and 11th exact
 score (near-ties are what makes quantised scores alone lose recall). Exact ground truth: MaxSim over every image,
 float32, one pass over the file for all queries, done last (it is the slowest part at a million images).
 
@@ -40,7 +45,7 @@ import faiss
 import numpy as np
 import torch
 
-from blip2.index.ann import VECTOR_HITS, AnnIndex, AnnParams, choose_nprobe, search
+from blip2.index.ann import VECTOR_HITS, AnnIndex, AnnParams, search
 from blip2.index.exact import CHUNK_BYTES, maxsim, top_k
 
 Q, D, K = 32, 256, 10
@@ -49,7 +54,6 @@ CHUNK = 4096  # images per generation / scoring chunk: 4096 x 32 x 256 float32 =
 # The alternatives measured against the defaults: what each choice costs in build time, recall and latency.
 CONFIGS = {
     "default": AnnParams(),
-    "tuned": AnnParams(tune=64),  # nprobe chosen at build time by 64 pseudo-queries (ann.choose_nprobe)
     "ivf8192-flat-np64": AnnParams(nlist=8192, nprobe=64, train_size=327_680),  # the feasibility run's
     "ivf8192-hnsw-np64": AnnParams(nlist=8192, nprobe=64, train_size=327_680, hnsw=32),
     "ivf2048-flat-np32": AnnParams(nlist=2048, nprobe=32),
@@ -284,18 +288,12 @@ def latencies(vectors, live, queries, ann, n_candidates, passes: int = 3) -> tup
 
 def measure(name, params, vectors, queries, workdir, n_candidates) -> tuple[dict, list]:
     """Build, save and query one configuration: its row (recall is added once the exact pass is done) and
-    the top 10 of each query. A tuned configuration's build includes its `choose_nprobe`, also timed alone."""
+    the top 10 of each query."""
     live = np.arange(len(vectors), dtype=np.int64)
     rss = rss_mib()
     t, cpu = time.perf_counter(), time.process_time()
-    ann = AnnIndex.build(vectors, live, replace(params, tune=0) if params.nprobe is None else params)
-    tune_s = time.perf_counter()
-    if params.tune and params.nprobe is None:  # what `build` does, timed on its own
-        nprobe = choose_nprobe(ann, vectors, live, params.tune, params.seed)
-        ann.params = replace(ann.params, nprobe=nprobe, tune=params.tune)
-        ann.set_nprobe(nprobe)
+    ann = AnnIndex.build(vectors, live, params)
     build_s, build_cpu_s = time.perf_counter() - t, time.process_time() - cpu
-    tune_s = time.perf_counter() - tune_s
     ann_dir = workdir / f"ann-{name}"
     ann_dir.mkdir(exist_ok=True)
     ann.save(ann_dir)
@@ -307,7 +305,6 @@ def measure(name, params, vectors, queries, workdir, n_candidates) -> tuple[dict
         build_s=round(build_s, 1),
         images_per_s=round(len(vectors) / build_s),
         build_cpu_s=round(build_cpu_s, 1),  # CPU seconds, all threads: less sensitive to a shared machine
-        tune_s=round(tune_s, 1),  # of build_s: choosing nprobe (tuned configurations)
         ann_mib=round(file_bytes / 2**20, 1),
         rss_growth_mib=round(rss_mib() - rss),
         p50_ms=round(float(np.percentile(times, 50)), 2),

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import Blip2Error, InputError
 from ..files import read_json
-from .exact import maxsim, maxsim_each, top_k
+from .exact import maxsim, top_k
 
 # Below this many images the index is exact brute force, without an ANN.
 BRUTE_FORCE_BELOW = 10_000
@@ -33,11 +33,6 @@ BRUTE_FORCE_BELOW = 10_000
 # the benchmark's anisotropic ("blip2") vectors at 100k was 0.978 / 0.989 / 0.996 with 500 / 1,000 / 2,000
 # hits at a quarter of the lists (RESULTS.md, session 5); 2,000 costs ~2x the candidates to re-score.
 VECTOR_HITS = 2000
-
-# Choosing nprobe by measurement (`AnnParams.tune`): the recall@TUNE_K that the pseudo-queries must reach.
-TUNE_RECALL, TUNE_K = 0.99, 10
-# Images scored per block of the exact pass over the vectors that finds the pseudo-queries' true top k.
-TUNE_BLOCK = 8192
 
 ANN_FILE, ANN_META = "ann.faiss", "ann.json"
 FORMAT = "blip2-ann/1"
@@ -74,7 +69,6 @@ class AnnParams:
     hnsw: int = 0
     seed: int = 0
     rescore: int | None = None
-    tune: int = 0
 
     def nlist_for(self, n_vectors: int) -> int:
         """The number of lists for `n_vectors`: the power of two nearest sqrt(n) / 2 within [16, 2048], and
@@ -114,11 +108,7 @@ class AnnIndex:
     def __init__(self, index: Any, params: AnnParams, num_query: int, dim: int, covered: int):
         self.index, self.params = index, params
         self.num_query, self.dim, self.covered = num_query, dim, covered
-        self.set_nprobe(params.nprobe or 1)
-
-    def set_nprobe(self, nprobe: int) -> None:
-        """Scan `nprobe` lists per query vector from now on (not saved unless `params` says so too)."""
-        _faiss().extract_index_ivf(self.index).nprobe = nprobe
+        _faiss().extract_index_ivf(index).nprobe = params.nprobe or 1
 
     @classmethod
     def build(cls, vectors: np.ndarray, slots: np.ndarray, params: AnnParams | None = None) -> AnnIndex:
@@ -131,16 +121,12 @@ class AnnIndex:
             raise InputError("cannot build an ANN over no images")
         # Saved as chosen: PQ needs m to divide D (the tiny test checkpoints have small D).
         nlist = params.nlist_for(len(slots) * num_query)
-        explicit, nprobe = params.nprobe is not None, params.nprobe or max(1, nlist // 4)
+        nprobe = params.nprobe or max(1, nlist // 4)
         params = replace(params, nlist=nlist, m=math.gcd(params.m, dim), nprobe=nprobe)
         index = faiss.index_factory(dim, params.factory(params.nlist), faiss.METRIC_INNER_PRODUCT)
         index.train(_training_sample(vectors, slots, params))
         ann = cls(index, params, num_query, dim, covered=0)
         ann.add(vectors, slots)
-        if params.tune and not explicit:
-            nprobe = choose_nprobe(ann, vectors, slots, params.tune, params.seed)
-            ann.params = replace(params, nprobe=nprobe)
-            ann.set_nprobe(nprobe)
         return ann
 
     def add(self, vectors: np.ndarray, slots: np.ndarray, chunk: int = 4096) -> None:
@@ -265,68 +251,6 @@ def search(
     return top_k(maxsim(vectors, query, live), k, live)
 
 
-def choose_nprobe(
-    ann: AnnIndex,
-    vectors: np.ndarray,
-    slots: np.ndarray,
-    queries: int,
-    seed: int = 0,
-    target: float = TUNE_RECALL,
-) -> int:
-    """The smallest power of two (at most nlist) of lists to probe at which `search` finds `target` of the
-    exact top TUNE_K images of `queries` pseudo-queries, each a stored vector of a random image of `slots`
-    (its own image left out of both rankings: finding a stored vector's own image is easy at any nprobe).
-
-    Costs one exact pass over the images' vectors (the pseudo-queries' truth, every image scored against all
-    of them at once) and the pseudo-queries' searches at nprobe 1, 2, 4, ... up to the chosen one."""
-    own, pseudo = _pseudo_queries(vectors, slots, queries, seed)
-    truth = _exact_top_k(vectors, slots, pseudo, own, TUNE_K)  # (m, k)
-    nlist, nprobe = int(ann.params.nlist or 1), 1
-    try:
-        while nprobe < nlist:
-            ann.set_nprobe(nprobe)
-            hits = 0
-            for query, image, best in zip(pseudo, own, truth):
-                found, _ = search(vectors, slots, query, TUNE_K + 1, ann)
-                hits += len(np.intersect1d(found[found != image][:TUNE_K], best))
-            if hits >= target * truth.size:
-                return nprobe
-            nprobe *= 2
-        return nlist
-    finally:
-        ann.set_nprobe(ann.params.nprobe or 1)
-
-
-def _pseudo_queries(
-    vectors: np.ndarray, slots: np.ndarray, count: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(own (m,) int64 sorted, queries (m, D) float32): one stored vector, of a random slot q, of each of
-    `count` random images of `slots` (all of them when there are fewer)."""
-    rng = np.random.default_rng([seed, 1])  # not the training sample's stream
-    own = np.sort(rng.choice(slots, size=min(count, len(slots)), replace=False))
-    rows = rng.integers(0, vectors.shape[1], len(own))
-    return own, np.asarray(vectors[own, rows], dtype=np.float32)
-
-
-def _exact_top_k(
-    vectors: np.ndarray, slots: np.ndarray, queries: np.ndarray, own: np.ndarray, k: int
-) -> np.ndarray:
-    """(m, k') slots (k' = min(k, len(slots) - 1)) of the exact top k of each query among `slots` (sorted), the
-    image own[j] left out for query j; ties in any order. One pass over `vectors`, a block at a time."""
-    k = min(k, len(slots) - 1)
-    best = np.full((0, len(queries)), -np.inf, dtype=np.float32)  # (<= k, m), a running top k
-    names = np.zeros((0, len(queries)), dtype=np.int64)
-    for start in range(0, len(slots), TUNE_BLOCK):
-        part = slots[start : start + TUNE_BLOCK]
-        scores = maxsim_each(vectors, queries, part)  # (c, m)
-        scores[part[:, None] == own[None, :]] = -np.inf
-        best = np.concatenate([best, scores])
-        names = np.concatenate([names, np.broadcast_to(part[:, None], scores.shape)])
-        keep = np.argpartition(-best, k - 1, axis=0)[:k] if len(best) > k else np.argsort(-best, axis=0)
-        best, names = np.take_along_axis(best, keep, 0), np.take_along_axis(names, keep, 0)
-    return names[:k].T
-
-
 def max_file_bytes(params: AnnParams, ntotal: int, dim: int) -> int:
     """An upper bound on the size of a genuine ann.faiss: codes and ids per vector (fast-scan pads each list
     to blocks of 32), the coarse centroids and their HNSW graph, the PQ codebooks, with slack."""
@@ -350,7 +274,6 @@ def _parse_meta(meta: dict[str, Any], num_query: int, dim: int) -> tuple[AnnPara
         params.hnsw,
         params.seed,
         params.nlist,
-        params.tune,
     ]
     if params.rescore is not None:  # absent (None) in the files of the first version: re-score all
         numbers.append(params.rescore)

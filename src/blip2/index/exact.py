@@ -12,8 +12,6 @@ similarity, so an identical image scores its maximum.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 
@@ -38,50 +36,22 @@ def maxsim(
 
     The fp16 -> float32 conversion is torch's (vectorised: numpy's takes ~10x longer and was most of a
     query's time), of one small block at a time; the products are float32 either way."""
-    q = _checked(vectors, query)
-    scores = np.empty(len(vectors) if rows is None else len(rows), dtype=np.float32)
-    for start, best in _best_per_row(vectors, q, rows, chunk_bytes):
-        scores[start : start + len(best)] = best.mean(dim=1).numpy()
-    return scores
-
-
-def maxsim_each(
-    vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray | None = None, chunk_bytes: int = CHUNK_BYTES
-) -> np.ndarray:
-    """Scores (n, m) float32 of each image against each of `queries` (m, D) on its own (m text queries at
-    once): column j is `maxsim(vectors, queries[j], rows)`. Arguments as `maxsim`'s."""
-    q = _checked(vectors, queries)
-    scores = np.empty((len(vectors) if rows is None else len(rows), len(q)), dtype=np.float32)
-    for start, best in _best_per_row(vectors, q, rows, chunk_bytes):
-        scores[start : start + len(best)] = best.numpy()
-    return scores
-
-
-def _checked(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """`query` as (m, D) float32, after checking that `vectors` is (N, Q, D) and the query of the same D."""
     if vectors.ndim != 3 or 0 in vectors.shape[1:]:
         raise InputError(f"vectors must be (n, Q, D) with Q, D > 0, got shape {vectors.shape}")
-    dim = vectors.shape[2]
+    _, num_query, dim = vectors.shape
+    n = len(vectors) if rows is None else len(rows)
     q = np.asarray(query, dtype=np.float32)
     q = q[None, :] if q.ndim == 1 else q
     if q.ndim != 2 or q.shape[1] != dim or q.shape[0] == 0:
         raise InputError(f"query must be (D,) or (m, D) with D = {dim}, got shape {np.shape(query)}")
-    return q
-
-
-def _best_per_row(
-    vectors: np.ndarray, q: np.ndarray, rows: np.ndarray | None, chunk_bytes: int
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """(start, (c, m) float32): for each block of the images (or of `rows`) from `start`, the max over each
-    image's Q vectors of the inner product with each row of `q` (m, D) float32 (`_checked`)."""
-    _, num_query, dim = vectors.shape
-    n = len(vectors) if rows is None else len(rows)
     query_t = torch.from_numpy(np.ascontiguousarray(q.T))  # (D, m)
+    scores = np.empty(n, dtype=np.float32)
     step = max(1, chunk_bytes // (num_query * dim * 4))
     for start in range(0, n, step):
         block = _block(vectors, start, step, rows)  # (c, Q, D), a fresh array torch may wrap
         sims = torch.from_numpy(block).float() @ query_t  # (c, Q, m) float32
-        yield start, sims.amax(dim=1)
+        scores[start : start + len(block)] = sims.amax(dim=1).mean(dim=1).numpy()
+    return scores
 
 
 def _block(vectors: np.ndarray, start: int, step: int, rows: np.ndarray | None) -> np.ndarray:
