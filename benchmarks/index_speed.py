@@ -45,8 +45,9 @@ import faiss
 import numpy as np
 import torch
 
-from blip2.index.ann import VECTOR_HITS, AnnIndex, AnnParams, search
+from blip2.index.ann import AnnIndex, AnnParams, search, vector_hits
 from blip2.index.exact import CHUNK_BYTES, maxsim, top_k
+from blip2.index.resident import populate
 
 Q, D, K = 32, 256, 10
 CHUNK = 4096  # images per generation / scoring chunk: 4096 x 32 x 256 float32 = 128 MiB
@@ -445,8 +446,8 @@ def main() -> None:
         "--candidates",
         type=int,
         nargs="+",
-        default=[VECTOR_HITS],
-        help="vector hits per query (n_candidates); more than one: the variants are searched at each",
+        default=None,
+        help="vector hits per query (n_candidates; default: ann.vector_hits of --images); more than one: the variants are searched at each",
     )
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--nprobe", type=int, nargs="*", default=[], help="also search each config at these")
@@ -462,7 +463,13 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the vectors file for a later run")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--profile", action="store_true", help="time each stage of a query (stage_times)")
+    parser.add_argument(
+        "--resident",
+        action="store_true",
+        help="map the whole vectors file in first, as Index(resident=True) does (blip2.index.resident)",
+    )
     args = parser.parse_args()
+    args.candidates = args.candidates or [vector_hits(args.images)]
     torch.set_num_threads(args.threads)
     workdir = args.dir / f"{args.images}-{args.data}"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -483,6 +490,12 @@ def main() -> None:
     if args.generate_only:
         return
     vectors = vectors_at(path)
+    if args.resident:
+        t = time.perf_counter()
+        advice = populate(vectors)
+        print(
+            f"# resident: madvise({advice}) over {path.name} in {time.perf_counter() - t:.1f} s", flush=True
+        )
     queries = text_queries(args.queries, topics, args.seed, data)
     summary: dict = dict(images=args.images, queries=args.queries, disk_bytes_per_image=Q * D * 2)
     summary.update(data=args.data, **made_by)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from blip2.errors import Blip2Error, InputError
-from blip2.index.ann import ANN_FILE, ANN_META, AnnIndex, AnnParams, search
+from blip2.index import ann as ann_module
+from blip2.index.ann import ANN_FILE, ANN_META, VECTOR_HITS, AnnIndex, AnnParams, search, vector_hits
 from blip2.index.exact import maxsim, top_k
 
 Q, D = 4, 32
@@ -120,6 +121,20 @@ def test_rescore_all_is_the_default_and_reranks_every_candidate(vectors, ann):
         few, _ = search(vectors, live, query, 10, with_rescore(ann, 8), n_candidates=60)
         kept = top_k(approx, 8, slots)[0]
         assert few.tolist() == brute_force(vectors, np.sort(kept), query, 8)
+
+
+def test_vector_hits_grow_with_the_index_past_a_quarter_million_images():
+    assert vector_hits(0) == vector_hits(250_000) == VECTOR_HITS == 2000
+    assert vector_hits(500_000) == 4000 and vector_hits(1_000_000) == 8000
+
+
+def test_search_takes_the_vector_hits_of_its_live_images_by_default(vectors, ann, monkeypatch):
+    asked = []
+    monkeypatch.setattr(ann_module, "vector_hits", lambda n: asked.append(n) or 60)
+    live, query = np.arange(0, 400, 2), queries(vectors)[0]
+    found, _ = search(vectors, live, query, 10, ann)
+    assert asked == [200]
+    assert found.tolist() == search(vectors, live, query, 10, ann, n_candidates=60)[0].tolist()
 
 
 def test_default_params_find_near_duplicates(vectors):

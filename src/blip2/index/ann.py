@@ -33,6 +33,17 @@ BRUTE_FORCE_BELOW = 10_000
 # the benchmark's anisotropic ("blip2") vectors at 100k was 0.978 / 0.989 / 0.996 with 500 / 1,000 / 2,000
 # hits at a quarter of the lists (RESULTS.md, session 5); 2,000 costs ~2x the candidates to re-score.
 VECTOR_HITS = 2000
+# ... and more in larger indexes: with ten times the images, ten times as many lie within the 4-bit codes'
+# error of the 10th best score. At 1M, 2,000 hits gave recall@10 0.952 / 0.967 (lowrank / blip2 geometry),
+# 8,000 gave 0.996 / 0.989 (RESULTS.md, session 6): one hit per IMAGES_PER_HIT images, at least VECTOR_HITS.
+IMAGES_PER_HIT = 125
+
+
+def vector_hits(n_images: int) -> int:
+    """The default vector hits per query row for an index of `n_images`: VECTOR_HITS up to 250,000 images,
+    then one per IMAGES_PER_HIT (8,000 at a million)."""
+    return max(VECTOR_HITS, n_images // IMAGES_PER_HIT)
+
 
 ANN_FILE, ANN_META = "ann.faiss", "ann.json"
 FORMAT = "blip2-ann/1"
@@ -229,18 +240,19 @@ def search(
     query: np.ndarray,
     k: int,
     ann: AnnIndex | None = None,
-    n_candidates: int = VECTOR_HITS,
+    n_candidates: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The `k` best live images for `query` (D,) or (m, D) as (slots int64, scores float32), exact MaxSim
     order (score descending, ties by slot). Without `ann`: brute force over `live_slots` (sorted). With it: the images
-    of its best `n_candidates` vector hits per query row that are live (a stale ANN may name removed slots),
+    of its best `n_candidates` vector hits per query row (None: `vector_hits` of the live images) that are live (a stale ANN may name removed slots),
     at most `ann.params.rescore` of them, the best by approximate score (None: all), plus the live slots it
     does not cover yet, all re-scored exactly from `vectors` (N, Q, D)."""
     live = np.asarray(live_slots, dtype=np.int64)
     if ann is not None:
         # live is sorted: binary searches, O(candidates log n) rather than a pass over a million slots.
         tail = live[np.searchsorted(live, ann.covered) :]
-        found, approx = ann.scored_candidates(query, n_candidates)
+        hits = vector_hits(len(live)) if n_candidates is None else n_candidates
+        found, approx = ann.scored_candidates(query, hits)
         at = np.minimum(np.searchsorted(live, found), max(len(live) - 1, 0))
         keep = live[at] == found if len(live) else np.zeros(len(found), dtype=bool)
         found, approx = found[keep], approx[keep]
