@@ -6,6 +6,8 @@ OUT/images/NNNNNN.png (64x64 RGB) and, one row per line, paths relative to OUT:
   captioning);
 - vqa.jsonl: {"image", "question", "answer"}, K questions per image, their kinds (colour, shape, count, count
   of a shape) drawn evenly, so that no kind is rare (stage 2);
+- shapes.jsonl: {"image", "question", "answer"}, every "what shape is the <colour> one?" of each image: the
+  warm-up that teaches the vision tower shapes (warmup.yaml);
 - scenes.jsonl: the ground truth of each image (its objects, background, style), for evaluation scripts.
 """
 
@@ -22,19 +24,29 @@ import numpy as np
 from . import scenes, texts
 
 
-def rows(split: str, start: int, count: int, questions: int) -> Iterator[tuple[int, dict, list[dict], dict]]:
-    """For each scene: (index, caption row, question rows, ground-truth row); image paths are
-    images/NNNNNN.png. The text choices are drawn from the scene's own seed: a pure function of (split, i)."""
+WARMUP_KINDS = ("shape",)  # the question kinds of shapes.jsonl
+
+
+def rows(
+    split: str, start: int, count: int, questions: int
+) -> Iterator[tuple[int, dict, list[dict], list[dict], dict]]:
+    """For each scene: (index, caption row, question rows, warm-up question rows, ground-truth row); image paths
+    are images/NNNNNN.png. The text choices are drawn from the scene's own seed: a pure function of (split, i)."""
     for i in range(start, start + count):
         s = scenes.scene(split, i)
         rng = np.random.default_rng([*s.seed, 2])
         image = f"images/{i:06d}.png"
         phrasings = texts.captions(s)
         caption = {"image": image, "caption": phrasings[int(rng.integers(len(phrasings)))]}
-        asked = pick_questions(texts.questions(s), questions, rng)
-        qa = [{"image": image, "question": q.question, "answer": q.answer} for q in asked]
+        every = texts.questions(s)
+        qa = [_qa_row(image, q) for q in pick_questions(every, questions, rng)]
+        warmup = [_qa_row(image, q) for q in every if q.kind in WARMUP_KINDS]
         truth = {"image": image, "index": i, "split": split, **asdict(s)}
-        yield i, caption, qa, truth
+        yield i, caption, qa, warmup, truth
+
+
+def _qa_row(image: str, q: texts.Question) -> dict:
+    return {"image": image, "question": q.question, "answer": q.answer}
 
 
 def pick_questions(
@@ -58,12 +70,14 @@ def write(out: Path, split: str = "train", count: int = 1000, start: int = 0, qu
     with (
         open(out / "captions.jsonl", "w") as captions,
         open(out / "vqa.jsonl", "w") as vqa,
+        open(out / "shapes.jsonl", "w") as shapes,
         open(out / "scenes.jsonl", "w") as truths,
     ):
-        for i, caption, qa, truth in rows(split, start, count, questions):
+        for i, caption, qa, warmup, truth in rows(split, start, count, questions):
             scenes.render(scenes.scene(split, i)).save(out / caption["image"])
             captions.write(json.dumps(caption) + "\n")
             vqa.writelines(json.dumps(row) + "\n" for row in qa)
+            shapes.writelines(json.dumps(row) + "\n" for row in warmup)
             truths.write(json.dumps(truth) + "\n")
     return out
 
