@@ -23,7 +23,6 @@ import numpy as np
 
 from . import scenes, texts
 
-
 WARMUP_KINDS = ("shape",)  # the question kinds of shapes.jsonl
 
 
