@@ -32,10 +32,11 @@ def test_every_run_starts_from_what_exists_before_it(configs):
     }
 
 
-def test_the_warmup_trains_the_vision_tower_and_the_later_runs_keep_it(configs):
+def test_the_warmup_runs_train_the_vision_tower_and_the_later_runs_keep_it(configs):
     _, runs = configs
-    assert "vision" in runs["warmup"].trainable
     assert [d.name for d in runs["warmup"].data] == ["shapes.jsonl"]
+    assert [d.name for d in runs["counting"].data] == ["shapes.jsonl", "counts.jsonl"]
+    assert all("vision" in runs[run].trainable for run in ("warmup", "counting"))
     assert all("vision" not in runs[run].trainable for run in ("stage2", "stage1"))
 
 

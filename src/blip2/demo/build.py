@@ -1,15 +1,16 @@
 """`python -m blip2.demo.build OUT`: rebuild the demo checkpoints from nothing, with blip2's training code.
 
-1. `OUT/data`: `--count` training scenes (images + captions.jsonl + vqa.jsonl + shapes.jsonl, see make_data),
-   unless it holds them already;
+1. `OUT/data`: `--count` training scenes (images, captions.jsonl, vqa.jsonl, shapes.jsonl, counts.jsonl: see
+   make_data), unless it holds them already;
 2. `OUT/tokenizers`: the two tokenizers, trained on the scenes' texts (see model.py);
 3. `OUT/init/demo-itm`, `OUT/init/demo`: fresh random checkpoints in the Hugging Face layout
    (`blip2.train.new_checkpoint`) of the shapes in model.py;
-4. three training runs, each from the one before (why: the YAMLs' comments): `warmup.yaml` (stage 2 on shape
-   questions alone, every part from scratch: it teaches the vision tower shapes), `stage2.yaml` (the
-   language-model loss on captions and questions, the vision tower frozen) and `stage1.yaml` (ITC + ITM + ITG
-   on stage 2's vision tower and Q-Former). Each YAML is copied into OUT with the overrides given here, so
-   that OUT holds the exact configs of the build; the runs are in `OUT/runs/{warmup,stage2,stage1}`;
+4. four training runs, each from the one before (why: the YAMLs' comments): `warmup.yaml` (stage 2 on shape
+   questions alone, every part from scratch: it teaches the vision tower shapes), `counting.yaml` (shape and
+   count questions: it teaches it to count), `stage2.yaml` (the language-model loss on captions and
+   questions, the vision tower frozen) and `stage1.yaml` (ITC + ITM + ITG on stage 2's vision tower and
+   Q-Former). Each YAML is copied into OUT with the overrides given here, so that OUT holds the exact configs
+   of the build; the runs are in `OUT/runs/{warmup,counting,stage2,stage1}`;
 5. unless `--no-install`, the two exports are copied into the package (blip2/demo/weights/demo-itm and
    demo), where `blip2.load("demo")` and `blip2.load("demo-itm")` find them.
 
@@ -33,7 +34,7 @@ SAMPLE_FOLDER = HERE / "samples"
 SAMPLES = (0, 1)  # held-out scenes shipped as PNGs for the quickstart: samples/scene-N.png
 # The training runs in the order they run, each starting from the output of the one before (the YAMLs say
 # why); a run's name is its YAML's stem and its folder under OUT/runs.
-RUNS = ("warmup", "stage2", "stage1")
+RUNS = ("warmup", "counting", "stage2", "stage1")
 # The checkpoints the build ships, by the run that exports them.
 EXPORTS = {"demo": "stage2", "demo-itm": "stage1"}
 # What a checkpoint directory ships (the training export may hold more, e.g. a training log).
@@ -48,7 +49,8 @@ def has_data(folder: Path, count: int) -> bool:
         return False
     with open(truths) as f:
         rows = [json.loads(line) for line in f]
-    complete = all((folder / name).is_file() for name in ("captions.jsonl", "vqa.jsonl", "shapes.jsonl"))
+    files = ("captions.jsonl", "vqa.jsonl", *make_data.EVERY_QUESTION)
+    complete = all((folder / name).is_file() for name in files)
     return complete and [(r["split"], r["index"]) for r in rows] == [("train", i) for i in range(count)]
 
 
@@ -154,11 +156,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, help="the work folder (data, checkpoints, runs)")
     parser.add_argument("--count", type=int, default=20000, help="training scenes (default 20000)")
     parser.add_argument("--steps-warmup", type=int, help="warm-up steps (default: warmup.yaml's)")
+    parser.add_argument("--steps-counting", type=int, help="counting steps (default: counting.yaml's)")
     parser.add_argument("--steps2", type=int, help="stage 2 steps (default: stage2.yaml's)")
     parser.add_argument("--steps1", type=int, help="stage 1 steps (default: stage1.yaml's)")
     parser.add_argument("--no-install", action="store_true", help="leave the package's weights as they are")
     args = parser.parse_args(argv)
-    steps = {"warmup": args.steps_warmup, "stage2": args.steps2, "stage1": args.steps1}
+    steps = {
+        "warmup": args.steps_warmup,
+        "counting": args.steps_counting,
+        "stage2": args.steps2,
+        "stage1": args.steps1,
+    }
     overrides = {run: {"steps": n} for run, n in steps.items() if n is not None}
     times = build(args.out, args.count, overrides, install_weights=not args.no_install)
     print(json.dumps({"seconds": times}, indent=2))

@@ -8,6 +8,8 @@ OUT/images/NNNNNN.png (64x64 RGB) and, one row per line, paths relative to OUT:
   of a shape) drawn evenly, so that no kind is rare (stage 2);
 - shapes.jsonl: {"image", "question", "answer"}, every "what shape is the <colour> one?" of each image: the
   warm-up that teaches the vision tower shapes (warmup.yaml);
+- counts.jsonl: the same with every count question of each image (how many shapes, how many of a shape):
+  with shapes.jsonl, the run that teaches it to count (counting.yaml);
 - scenes.jsonl: the ground truth of each image (its objects, background, style), for evaluation scripts.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,14 +26,16 @@ import numpy as np
 
 from . import scenes, texts
 
-WARMUP_KINDS = ("shape",)  # the question kinds of shapes.jsonl
+# The files of every question of some kinds (the vision tower's warm-up runs), and their kinds.
+EVERY_QUESTION = {"shapes.jsonl": ("shape",), "counts.jsonl": ("count", "count_shape")}
 
 
 def rows(
     split: str, start: int, count: int, questions: int
-) -> Iterator[tuple[int, dict, list[dict], list[dict], dict]]:
-    """For each scene: (index, caption row, question rows, warm-up question rows, ground-truth row); image paths
-    are images/NNNNNN.png. The text choices are drawn from the scene's own seed: a pure function of (split, i)."""
+) -> Iterator[tuple[int, dict, list[dict], dict[str, list[dict]], dict]]:
+    """For each scene: (index, caption row, question rows, {file of EVERY_QUESTION: its question rows},
+    ground-truth row); image paths are images/NNNNNN.png. The text choices are drawn from the scene's own seed:
+    a pure function of (split, i)."""
     for i in range(start, start + count):
         s = scenes.scene(split, i)
         rng = np.random.default_rng([*s.seed, 2])
@@ -39,7 +44,10 @@ def rows(
         caption = {"image": image, "caption": phrasings[int(rng.integers(len(phrasings)))]}
         every = texts.questions(s)
         qa = [_qa_row(image, q) for q in pick_questions(every, questions, rng)]
-        warmup = [_qa_row(image, q) for q in every if q.kind in WARMUP_KINDS]
+        warmup = {
+            name: [_qa_row(image, q) for q in every if q.kind in kinds]
+            for name, kinds in EVERY_QUESTION.items()
+        }
         truth = {"image": image, "index": i, "split": split, **asdict(s)}
         yield i, caption, qa, warmup, truth
 
@@ -69,14 +77,16 @@ def write(out: Path, split: str = "train", count: int = 1000, start: int = 0, qu
     with (
         open(out / "captions.jsonl", "w") as captions,
         open(out / "vqa.jsonl", "w") as vqa,
-        open(out / "shapes.jsonl", "w") as shapes,
         open(out / "scenes.jsonl", "w") as truths,
+        ExitStack() as stack,
     ):
+        every = {name: stack.enter_context(open(out / name, "w")) for name in EVERY_QUESTION}
         for i, caption, qa, warmup, truth in rows(split, start, count, questions):
             scenes.render(scenes.scene(split, i)).save(out / caption["image"])
             captions.write(json.dumps(caption) + "\n")
             vqa.writelines(json.dumps(row) + "\n" for row in qa)
-            shapes.writelines(json.dumps(row) + "\n" for row in warmup)
+            for name, rows_of_kind in warmup.items():
+                every[name].writelines(json.dumps(row) + "\n" for row in rows_of_kind)
             truths.write(json.dumps(truth) + "\n")
     return out
 
