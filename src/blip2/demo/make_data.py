@@ -1,7 +1,7 @@
 """`python -m blip2.demo.make_data OUT --count N [--split train|heldout] [--questions K]`: write N scenes as an
 image folder and the JSONL files the training code reads.
 
-OUT/images/NNNNNN.png (64x64 RGB) and, one row per line, paths relative to OUT:
+OUT/images/NNNNNN.png (48x48 RGB, scenes.IMAGE_SIZE) and, one row per line, paths relative to OUT:
 - captions.jsonl: {"image", "caption"}, one row per image, its phrasing drawn per image (stage 1, and stage 2's
   captioning);
 - vqa.jsonl: {"image", "question", "answer"}, K questions per image, their kinds (colour, shape, count, count
