@@ -130,6 +130,8 @@ def test_make_data_writes_images_and_rows(tmp_path):
     out = make_data.write(tmp_path / "data", "train", count=12, start=5, questions=3)
     captions = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     vqa = [json.loads(line) for line in (out / "vqa.jsonl").read_text().splitlines()]
+    shapes = [json.loads(line) for line in (out / "shapes.jsonl").read_text().splitlines()]
+    counts = [json.loads(line) for line in (out / "counts.jsonl").read_text().splitlines()]
     truths = [json.loads(line) for line in (out / "scenes.jsonl").read_text().splitlines()]
     assert len(captions) == 12 and len(vqa) == 36 and len(truths) == 12
     assert captions[0]["image"] == "images/000005.png"
@@ -142,6 +144,20 @@ def test_make_data_writes_images_and_rows(tmp_path):
     for row in vqa:
         s = scenes.scene("train", int(row["image"][7:13]))
         assert (row["question"], row["answer"]) in {(q.question, q.answer) for q in texts.questions(s)}
+    # the warm-up rows: one "what shape is the <colour> one?" per group of every scene, answered by its shape;
+    # "how many <shape plural> are there?" per group and "how many shapes are there?" per scene
+    written = [scenes.scene("train", i) for i in range(5, 17)]
+    assert [(r["image"], r["question"], r["answer"]) for r in shapes] == [
+        (f"images/{s.seed[1]:06d}.png", f"what shape is the {g.color} one?", g.shape)
+        for s in written
+        for g in s.groups
+    ]
+    for s in written:
+        image = f"images/{s.seed[1]:06d}.png"
+        asked = {(r["question"], r["answer"]) for r in counts if r["image"] == image}
+        assert asked == {
+            (f"how many {scenes.PLURALS[g.shape]} are there?", scenes.NUMBERS[g.count]) for g in s.groups
+        } | {("how many shapes are there?", scenes.NUMBERS[len(s.things)])}
 
 
 def test_questions_are_balanced_by_kind():

@@ -1,17 +1,20 @@
 """`python -m blip2.demo.build OUT`: rebuild the demo checkpoints from nothing, with blip2's training code.
 
-1. `OUT/data`: `--count` training scenes (images + captions.jsonl + vqa.jsonl, see make_data), unless it
-   holds them already;
+1. `OUT/data`: `--count` training scenes (images, captions.jsonl, vqa.jsonl, shapes.jsonl, counts.jsonl: see
+   make_data), unless it holds them already;
 2. `OUT/tokenizers`: the two tokenizers, trained on the scenes' texts (see model.py);
 3. `OUT/init/demo-itm`, `OUT/init/demo`: fresh random checkpoints in the Hugging Face layout
    (`blip2.train.new_checkpoint`) of the shapes in model.py;
-4. stage 2 (`stage2.yaml`: the language-model loss, every part trained from scratch), then stage 1
-   (`stage1.yaml`: ITC + ITM + ITG, starting from stage 2's vision tower and Q-Former), each copied into OUT with the overrides given here, so that
-   OUT holds the exact configs of the run; runs in `OUT/runs/stage{1,2}`;
+4. four training runs, each from the one before (why: the YAMLs' comments): `warmup.yaml` (stage 2 on shape
+   questions alone, every part from scratch: it teaches the vision tower shapes), `counting.yaml` (shape and
+   count questions: it teaches it to count), `stage2.yaml` (the language-model loss on captions and
+   questions, the vision tower frozen) and `stage1.yaml` (ITC + ITM + ITG on stage 2's vision tower and
+   Q-Former). Each YAML is copied into OUT with the overrides given here, so that OUT holds the exact configs
+   of the build; the runs are in `OUT/runs/{warmup,counting,stage2,stage1}`;
 5. unless `--no-install`, the two exports are copied into the package (blip2/demo/weights/demo-itm and
    demo), where `blip2.load("demo")` and `blip2.load("demo-itm")` find them.
 
-Needs the `train` extra (pyyaml). On 2 CPU cores the defaults take about 25 minutes.
+Needs the `train` extra (pyyaml). On one quiet CPU core the defaults take about 30 minutes.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ HERE = Path(__file__).parent
 WEIGHTS = HERE / "weights"
 SAMPLE_FOLDER = HERE / "samples"
 SAMPLES = (0, 1)  # held-out scenes shipped as PNGs for the quickstart: samples/scene-N.png
-STAGES = {1: HERE / "stage1.yaml", 2: HERE / "stage2.yaml"}
-# Stage 2 first: stage 1 starts from its vision tower and Q-Former (why: stage1.yaml's comment).
-STAGE_ORDER = (2, 1)
+# The training runs in the order they run, each starting from the output of the one before (the YAMLs say
+# why); a run's name is its YAML's stem and its folder under OUT/runs.
+RUNS = ("warmup", "counting", "stage2", "stage1")
+# The checkpoints the build ships, by the run that exports them.
+EXPORTS = {"demo": "stage2", "demo-itm": "stage1"}
 # What a checkpoint directory ships (the training export may hold more, e.g. a training log).
 SHIPPED = ("*.json", "*.safetensors")
 
@@ -44,7 +49,9 @@ def has_data(folder: Path, count: int) -> bool:
         return False
     with open(truths) as f:
         rows = [json.loads(line) for line in f]
-    return [(r["split"], r["index"]) for r in rows] == [("train", i) for i in range(count)]
+    files = ("captions.jsonl", "vqa.jsonl", *make_data.EVERY_QUESTION)
+    complete = all((folder / name).is_file() for name in files)
+    return complete and [(r["split"], r["index"]) for r in rows] == [("train", i) for i in range(count)]
 
 
 def write_tokenizers(out: Path, scenes: int = 3000) -> dict[str, Path]:
@@ -79,13 +86,14 @@ def fresh_checkpoints(out: Path, tokenizers: dict[str, Path], seed: int = 0) -> 
     return {name: out / name for name in configs}
 
 
-def stage_config(stage: int, out: Path, overrides: dict[str, Any]) -> Path:
-    """Copy stage `stage`'s YAML into OUT with `overrides` applied; return the copy's path."""
+def run_config(run: str, out: Path, overrides: dict[str, Any]) -> Path:
+    """Copy run `run`'s YAML (one of RUNS) into OUT with `overrides` applied; return the copy's path."""
     import yaml  # type: ignore[import-untyped]
 
-    config = yaml.safe_load(STAGES[stage].read_text())
+    source = HERE / f"{run}.yaml"
+    config = yaml.safe_load(source.read_text())
     config.update(overrides)
-    path = out / STAGES[stage].name
+    path = out / source.name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -116,10 +124,11 @@ def write_samples() -> list[Path]:
 def build(
     out: Path,
     count: int = 20000,
-    overrides: dict[int, dict[str, Any]] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
     install_weights: bool = True,
 ) -> dict[str, Any]:
-    """Every step of the module docstring; returns the wall time of each (seconds)."""
+    """Every step of the module docstring; `overrides` maps a run's name to fields of its YAML to replace.
+    Returns the wall time of each step (seconds)."""
     from ..train import train
 
     out.mkdir(parents=True, exist_ok=True)
@@ -130,14 +139,13 @@ def build(
     tokenizers = write_tokenizers(out / "tokenizers")
     fresh_checkpoints(out / "init", tokenizers)
     times["prepare"] = time.perf_counter() - start
-    for stage in STAGE_ORDER:
+    for run in RUNS:
         start = time.perf_counter()
-        train(stage_config(stage, out, (overrides or {}).get(stage, {})))
-        times[f"stage{stage}"] = time.perf_counter() - start
-    exports = {"demo-itm": out / "runs" / "stage1" / "output", "demo": out / "runs" / "stage2" / "output"}
+        train(run_config(run, out, (overrides or {}).get(run, {})))
+        times[run] = time.perf_counter() - start
     if install_weights:
-        for name, export in exports.items():
-            install(export, name)
+        for name, run in EXPORTS.items():
+            install(out / "runs" / run / "output", name)
         write_samples()
     (out / "build.json").write_text(json.dumps({"count": count, "seconds": times}, indent=2) + "\n")
     return times
@@ -147,13 +155,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m blip2.demo.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="the work folder (data, checkpoints, runs)")
     parser.add_argument("--count", type=int, default=20000, help="training scenes (default 20000)")
-    parser.add_argument("--steps1", type=int, help="stage 1 steps (default: stage1.yaml's)")
+    parser.add_argument("--steps-warmup", type=int, help="warm-up steps (default: warmup.yaml's)")
+    parser.add_argument("--steps-counting", type=int, help="counting steps (default: counting.yaml's)")
     parser.add_argument("--steps2", type=int, help="stage 2 steps (default: stage2.yaml's)")
+    parser.add_argument("--steps1", type=int, help="stage 1 steps (default: stage1.yaml's)")
     parser.add_argument("--no-install", action="store_true", help="leave the package's weights as they are")
     args = parser.parse_args(argv)
-    overrides = {
-        stage: {"steps": steps} for stage, steps in ((1, args.steps1), (2, args.steps2)) if steps is not None
+    steps = {
+        "warmup": args.steps_warmup,
+        "counting": args.steps_counting,
+        "stage2": args.steps2,
+        "stage1": args.steps1,
     }
+    overrides = {run: {"steps": n} for run, n in steps.items() if n is not None}
     times = build(args.out, args.count, overrides, install_weights=not args.no_install)
     print(json.dumps({"seconds": times}, indent=2))
 

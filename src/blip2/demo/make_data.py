@@ -1,11 +1,15 @@
 """`python -m blip2.demo.make_data OUT --count N [--split train|heldout] [--questions K]`: write N scenes as an
 image folder and the JSONL files the training code reads.
 
-OUT/images/NNNNNN.png (64x64 RGB) and, one row per line, paths relative to OUT:
+OUT/images/NNNNNN.png (48x48 RGB, scenes.IMAGE_SIZE) and, one row per line, paths relative to OUT:
 - captions.jsonl: {"image", "caption"}, one row per image, its phrasing drawn per image (stage 1, and stage 2's
   captioning);
 - vqa.jsonl: {"image", "question", "answer"}, K questions per image, their kinds (colour, shape, count, count
   of a shape) drawn evenly, so that no kind is rare (stage 2);
+- shapes.jsonl: {"image", "question", "answer"}, every "what shape is the <colour> one?" of each image: the
+  warm-up that teaches the vision tower shapes (warmup.yaml);
+- counts.jsonl: the same with every count question of each image (how many shapes, how many of a shape):
+  with shapes.jsonl, the run that teaches it to count (counting.yaml);
 - scenes.jsonl: the ground truth of each image (its objects, background, style), for evaluation scripts.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,20 +26,34 @@ import numpy as np
 
 from . import scenes, texts
 
+# The files of every question of some kinds (the vision tower's warm-up runs), and their kinds.
+EVERY_QUESTION = {"shapes.jsonl": ("shape",), "counts.jsonl": ("count", "count_shape")}
 
-def rows(split: str, start: int, count: int, questions: int) -> Iterator[tuple[int, dict, list[dict], dict]]:
-    """For each scene: (index, caption row, question rows, ground-truth row); image paths are
-    images/NNNNNN.png. The text choices are drawn from the scene's own seed: a pure function of (split, i)."""
+
+def rows(
+    split: str, start: int, count: int, questions: int
+) -> Iterator[tuple[int, dict, list[dict], dict[str, list[dict]], dict]]:
+    """For each scene: (index, caption row, question rows, {file of EVERY_QUESTION: its question rows},
+    ground-truth row); image paths are images/NNNNNN.png. The text choices are drawn from the scene's own seed:
+    a pure function of (split, i)."""
     for i in range(start, start + count):
         s = scenes.scene(split, i)
         rng = np.random.default_rng([*s.seed, 2])
         image = f"images/{i:06d}.png"
         phrasings = texts.captions(s)
         caption = {"image": image, "caption": phrasings[int(rng.integers(len(phrasings)))]}
-        asked = pick_questions(texts.questions(s), questions, rng)
-        qa = [{"image": image, "question": q.question, "answer": q.answer} for q in asked]
+        every = texts.questions(s)
+        qa = [_qa_row(image, q) for q in pick_questions(every, questions, rng)]
+        warmup = {
+            name: [_qa_row(image, q) for q in every if q.kind in kinds]
+            for name, kinds in EVERY_QUESTION.items()
+        }
         truth = {"image": image, "index": i, "split": split, **asdict(s)}
-        yield i, caption, qa, truth
+        yield i, caption, qa, warmup, truth
+
+
+def _qa_row(image: str, q: texts.Question) -> dict:
+    return {"image": image, "question": q.question, "answer": q.answer}
 
 
 def pick_questions(
@@ -59,11 +78,15 @@ def write(out: Path, split: str = "train", count: int = 1000, start: int = 0, qu
         open(out / "captions.jsonl", "w") as captions,
         open(out / "vqa.jsonl", "w") as vqa,
         open(out / "scenes.jsonl", "w") as truths,
+        ExitStack() as stack,
     ):
-        for i, caption, qa, truth in rows(split, start, count, questions):
+        every = {name: stack.enter_context(open(out / name, "w")) for name in EVERY_QUESTION}
+        for i, caption, qa, warmup, truth in rows(split, start, count, questions):
             scenes.render(scenes.scene(split, i)).save(out / caption["image"])
             captions.write(json.dumps(caption) + "\n")
             vqa.writelines(json.dumps(row) + "\n" for row in qa)
+            for name, rows_of_kind in warmup.items():
+                every[name].writelines(json.dumps(row) + "\n" for row in rows_of_kind)
             truths.write(json.dumps(truth) + "\n")
     return out
 

@@ -1,0 +1,46 @@
+"""The demo build's recipe: its YAMLs are valid training configs and chain the runs in the order they run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blip2.demo import build
+from blip2.train import load_config
+
+pytest.importorskip("yaml")
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build")
+    return out, {run: load_config(build.run_config(run, out, {})) for run in build.RUNS}
+
+
+def test_every_run_starts_from_what_exists_before_it(configs):
+    out, runs = configs
+    made = {out / "init" / "demo", out / "init" / "demo-itm"}
+    for run, config in runs.items():
+        for start in (config.model, config.init_from):
+            assert start is None or start in made, (run, start)
+        assert config.run_dir == out / "runs" / run
+        made.add(config.output)
+    assert {name: runs[run].output for name, run in build.EXPORTS.items()} == {
+        "demo": out / "runs" / "stage2" / "output",
+        "demo-itm": out / "runs" / "stage1" / "output",
+    }
+
+
+def test_the_warmup_runs_train_the_vision_tower_and_the_later_runs_keep_it(configs):
+    _, runs = configs
+    assert [d.name for d in runs["warmup"].data] == ["shapes.jsonl"]
+    assert [d.name for d in runs["counting"].data] == ["shapes.jsonl", "counts.jsonl"]
+    assert all("vision" in runs[run].trainable for run in ("warmup", "counting"))
+    assert all("vision" not in runs[run].trainable for run in ("stage2", "stage1"))
+
+
+def test_overrides_replace_fields_of_the_copied_yaml(tmp_path):
+    config = load_config(build.run_config("stage1", tmp_path, {"steps": 7}))
+    assert config.steps == 7 and config.stage == 1
+    assert Path(tmp_path / "stage1.yaml").is_file()
