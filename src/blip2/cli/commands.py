@@ -80,13 +80,11 @@ def caption(
     ("shards/{00000..00099}.tar") or .parquet/.csv tables, and running the same command again finishes
     what a killed run left."""
     options = _task_options("caption", generation)
-    args = JobArgs(out, overwrite, chunk_size, column, keep, workers, engine, actors)
-    if out is None:
-        refuse_job_options(args, "without --out")
-    else:
+    if out is not None:
         from .job_commands import caption_job
 
         load = partial(_load, model, device, dtype, quantize, batch_size)
+        args = JobArgs(out, overwrite, chunk_size, column, keep, workers, engine, actors)
         caption_job(load, images, args, model, prompt, options)
     pipe = _load(model, device, dtype, quantize, batch_size)
 
@@ -143,13 +141,11 @@ def ask(
         if not q.strip():
             raise click.BadParameter("a question is empty", param_hint=hint)
     options = _task_options("ask", generation)
-    args = JobArgs(out, overwrite, chunk_size, column, keep, workers, engine, actors)
-    if out is None:
-        refuse_job_options(args, "without --out")
-    else:
+    if out is not None:
         from .job_commands import ask_job
 
         load = partial(_load, model, device, dtype, quantize, batch_size)
+        args = JobArgs(out, overwrite, chunk_size, column, keep, workers, engine, actors)
         ask_job(load, images, args, model, questions, template, options)
     pipe = _load(model, device, dtype, quantize, batch_size)
     answers = _one_image(
@@ -335,13 +331,11 @@ def classify(
     names = [label.strip() for label in labels.split(",") if label.strip()]
     if not names:
         raise click.BadParameter("no labels given", param_hint="--labels")
-    args = JobArgs(out, overwrite, chunk_size, column, keep, workers, engine, actors)
-    if out is None:
-        refuse_job_options(args, "without --out")
-    else:
+    if out is not None:
         from .job_commands import classify_job
 
         load = partial(_load, model, device, dtype, quantize, batch_size)
+        args = JobArgs(out, overwrite, chunk_size, column, keep, workers, engine, actors)
         classify_job(load, (image, *more_images), args, model, names, template, top_k, rerank)
     if more_images:
         raise click.BadParameter("one image, or give --out to classify many", param_hint="IMAGES")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import click
@@ -177,4 +178,19 @@ def job_options(func):
     ]
     for option in reversed(options):
         func = option(func)
-    return func
+    return _refusing_job_options_without_out(func)
+
+
+def _refusing_job_options_without_out(command):
+    """`command` that first refuses any job option given without --out (it would be silently ignored)."""
+
+    @functools.wraps(command)
+    def checked(*args, **kwargs):
+        if kwargs.get("out") is None:
+            from .job_commands import JobArgs, refuse_job_options
+
+            given = {field: kwargs[field] for field in JobArgs.__dataclass_fields__ if field in kwargs}
+            refuse_job_options(JobArgs(**given), "without --out")
+        return command(*args, **kwargs)
+
+    return checked
