@@ -41,6 +41,9 @@ REQUIRED = {"stage": 1, "model": "m", "data": "d", "run_dir": "r"}
         ({"learning_rate": 1e-4}, "learning_rate"),
         ({"cache_vision": True, "trainable": ["vision"]}, "cache_vision"),
         ({"gradient_checkpointing": "yes"}, "gradient_checkpointing"),
+        ({"init_from": "x", "init_parts": ["language_model"]}, "init_parts"),
+        ({"init_from": "x", "init_parts": []}, "init_parts"),
+        ({"init_parts": ["vision"]}, "init_parts"),  # nothing to copy from
     ],
 )
 def test_a_bad_field_is_named(change, field):
@@ -53,7 +56,7 @@ def test_defaults_follow_the_paper_and_paths_the_yaml_folder(tmp_path):
     file.parent.mkdir()
     file.write_text(yaml.safe_dump({**REQUIRED, "stage": 2, "data": ["a.jsonl", "/abs/b"]}))
     cfg = load_config(file)
-    assert cfg.trainable == ("qformer", "projections")
+    assert cfg.trainable == ("qformer", "projections") and cfg.init_parts == ("vision", "qformer")
     assert cfg.augment == "none" and cfg.lr == 1e-4 and cfg.weight_decay == 0.05
     assert cfg.model == file.parent / "m" and cfg.data == (file.parent / "a.jsonl", Path("/abs/b"))
     assert cfg.output == file.parent / "r" / "output"

@@ -10,6 +10,8 @@ file's folder, or to the working directory for a dict)::
     model: path/to/checkpoint    # a checkpoint directory in the Hugging Face layout (see new_checkpoint)
     init_from: path/to/stage1    # optional: take vision_model.*, query_tokens, qformer.* (and embeddings.*)
                                  # from this checkpoint (e.g. stage 1's output) where `model` has them
+    init_parts: [vision, qformer]    # which of those init_from copies: vision (vision_model.*), qformer
+                             # (query_tokens, qformer.*, embeddings.*). Default both
     data: path               # or a list of paths: a folder of images with same-stem .txt captions (one
                              # caption per non-empty line), or a .jsonl / .parquet file of rows
                              # {image, caption} or (stage 2) {image, question, answer}; image paths are
@@ -61,6 +63,7 @@ from typing import Any
 from ..errors import InputError
 
 PARTS = ("vision", "qformer", "projections", "language_model")
+INIT_PARTS = ("vision", "qformer")  # what init_from can copy
 DEFAULT_TRAINABLE = {1: ("qformer", "projections"), 2: ("qformer", "projections")}
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -76,6 +79,7 @@ class TrainConfig:
     data: tuple[Path, ...]
     run_dir: Path
     init_from: Path | None = None
+    init_parts: tuple[str, ...] = INIT_PARTS
     trainable: tuple[str, ...] = ()
     steps: int = 1000
     batch_size: int = 8
@@ -153,11 +157,12 @@ def _device(value: Any) -> str:
     return value
 
 
-def _trainable(value: Any) -> tuple[str, ...]:
+def _parts(field: str, value: Any, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """A non-empty list of `choices`, duplicates dropped (trainable, init_parts)."""
     if not isinstance(value, (list, tuple)) or not value:
-        raise _fail("trainable", f"must be a non-empty list of {', '.join(PARTS)}, got {value!r}")
+        raise _fail(field, f"must be a non-empty list of {', '.join(choices)}, got {value!r}")
     for part in value:
-        _choice("trainable", part, PARTS)
+        _choice(field, part, choices)
     return tuple(dict.fromkeys(value))
 
 
@@ -215,7 +220,8 @@ def parse_config(data: Mapping[str, Any], base: Path = Path(".")) -> TrainConfig
         "keep_checkpoints": lambda v: _int("keep_checkpoints", v, 1, 1000),
         "progress": lambda v: _bool("progress", v),
         "tensorboard": lambda v: _bool("tensorboard", v),
-        "trainable": _trainable,
+        "trainable": lambda v: _parts("trainable", v, PARTS),
+        "init_parts": lambda v: _parts("init_parts", v, INIT_PARTS),
     }
     fields = {name: check(data[name]) for name, check in checks.items() if data.get(name) is not None}
     fields.setdefault("trainable", DEFAULT_TRAINABLE[stage])
@@ -224,6 +230,8 @@ def parse_config(data: Mapping[str, Any], base: Path = Path(".")) -> TrainConfig
     ):
         raise _fail("cache_vision", "true needs a frozen vision tower and augment: none")
     init_from = data.get("init_from")
+    if init_from is None and data.get("init_parts") is not None:
+        raise _fail("init_parts", "needs init_from (the checkpoint to copy the parts from)")
     return TrainConfig(
         stage=stage,
         model=_path("model", data["model"], base),

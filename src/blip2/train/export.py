@@ -46,8 +46,9 @@ CARRIED_FILES = (
 )
 TOKENIZER_FILES = CARRIED_FILES[2:9]
 SUB_CONFIG_TYPES = {"vision_config": "blip_2_vision_model", "qformer_config": "blip_2_qformer"}
-# The pretrained parts stage 2 takes from stage 1 (`init_from`): all but the heads and the language model.
-SHARED_PREFIXES = ("vision_model.", "query_tokens", "qformer.", "embeddings.")
+# The pretrained parts stage 2 takes from stage 1 (`init_from`, `init_parts`): all but the heads and the
+# language model, by the part they belong to.
+SHARED_PREFIXES = {"vision": ("vision_model.",), "qformer": ("query_tokens", "qformer.", "embeddings.")}
 
 
 def complete_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -248,9 +249,13 @@ def write_preprocessor_config(source: Path, target: Path) -> None:
     (target / "preprocessor_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
-def copy_pretrained(model: nn.Module, source: Path) -> list[str]:
-    """Copy the vision tower, query tokens, Q-Former (and its text embeddings) of the checkpoint at `source`
-    into `model` where it has them; returns the names copied. A shape that differs is an InputError."""
+def copy_pretrained(
+    model: nn.Module, source: Path, parts: tuple[str, ...] = tuple(SHARED_PREFIXES)
+) -> list[str]:
+    """Copy the `parts` of the checkpoint at `source` into `model` where it has them: "vision" (the vision
+    tower), "qformer" (the query tokens, the Q-Former and its text embeddings); returns the names copied. A
+    shape that differs is an InputError."""
+    prefixes = tuple(prefix for part in parts for prefix in SHARED_PREFIXES[part])
     own = dict(model.state_dict(keep_vars=True))
     copied = []
     try:
@@ -260,7 +265,7 @@ def copy_pretrained(model: nn.Module, source: Path) -> list[str]:
     with torch.no_grad():
         for key, tensor in read_tensors(files, torch.device("cpu")):
             name = rename(key, HF_KEY_RULES)
-            if name is None or name not in own or not name.startswith(SHARED_PREFIXES):
+            if name is None or name not in own or not name.startswith(prefixes):
                 continue
             if tuple(tensor.shape) != tuple(own[name].shape):
                 raise InputError(
@@ -269,5 +274,5 @@ def copy_pretrained(model: nn.Module, source: Path) -> list[str]:
             own[name].copy_(tensor)
             copied.append(name)
     if not copied:
-        raise InputError(f"init_from: {source} has none of the model's vision, query or Q-Former weights")
+        raise InputError(f"init_from: {source} has none of the model's {' or '.join(parts)} weights")
     return copied

@@ -171,7 +171,7 @@ def prepare(config: TrainConfig, resume: bool) -> tuple[Run, state.Progress]:
     torch.manual_seed(config.seed)
     ckpt = load_directory(Path(config.model), device, torch.float32)
     if config.init_from is not None:
-        copy_pretrained(ckpt.model, Path(config.init_from))
+        copy_pretrained(ckpt.model, Path(config.init_from), config.init_parts)
     objective = build_objective(config, ckpt)
     trainable = set_trainable(objective, config.trainable)
     if config.gradient_checkpointing:
