@@ -36,8 +36,19 @@ def test_the_warmup_runs_train_the_vision_tower_and_the_later_runs_keep_it(confi
     _, runs = configs
     assert [d.name for d in runs["warmup"].data] == ["shapes.jsonl"]
     assert [d.name for d in runs["counting"].data] == ["shapes.jsonl", "counts.jsonl"]
-    assert all("vision" in runs[run].trainable for run in ("warmup", "counting"))
+    assert [d.name for d in runs["binding"].data] == ["shapes.jsonl", "counts.jsonl", "colors.jsonl"]
+    assert all("vision" in runs[run].trainable for run in ("warmup", "counting", "binding"))
     assert all("vision" not in runs[run].trainable for run in ("stage2", "stage1"))
+
+
+def test_each_run_after_the_warmup_takes_the_tower_under_fresh_heads(configs):
+    """Counting, binding and stage 2 start from the fresh checkpoint and copy the vision tower alone from the
+    run before: fresh heads learn more from the tower than the previous run's own."""
+    out, runs = configs
+    for before, run in (("warmup", "counting"), ("counting", "binding"), ("binding", "stage2")):
+        config = runs[run]
+        assert config.model == out / "init" / "demo" and config.init_parts == ("vision",)
+        assert config.init_from == runs[before].output
 
 
 def test_overrides_replace_fields_of_the_copied_yaml(tmp_path):

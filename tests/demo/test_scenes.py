@@ -132,6 +132,7 @@ def test_make_data_writes_images_and_rows(tmp_path):
     vqa = [json.loads(line) for line in (out / "vqa.jsonl").read_text().splitlines()]
     shapes = [json.loads(line) for line in (out / "shapes.jsonl").read_text().splitlines()]
     counts = [json.loads(line) for line in (out / "counts.jsonl").read_text().splitlines()]
+    colors = [json.loads(line) for line in (out / "colors.jsonl").read_text().splitlines()]
     truths = [json.loads(line) for line in (out / "scenes.jsonl").read_text().splitlines()]
     assert len(captions) == 12 and len(vqa) == 36 and len(truths) == 12
     assert captions[0]["image"] == "images/000005.png"
@@ -145,7 +146,8 @@ def test_make_data_writes_images_and_rows(tmp_path):
         s = scenes.scene("train", int(row["image"][7:13]))
         assert (row["question"], row["answer"]) in {(q.question, q.answer) for q in texts.questions(s)}
     # the warm-up rows: one "what shape is the <colour> one?" per group of every scene, answered by its shape;
-    # "how many <shape plural> are there?" per group and "how many shapes are there?" per scene
+    # "how many <shape plural> are there?" per group and "how many shapes are there?" per scene; one "what
+    # color is the <shape>?" per group
     written = [scenes.scene("train", i) for i in range(5, 17)]
     assert [(r["image"], r["question"], r["answer"]) for r in shapes] == [
         (f"images/{s.seed[1]:06d}.png", f"what shape is the {g.color} one?", g.shape)
@@ -158,6 +160,9 @@ def test_make_data_writes_images_and_rows(tmp_path):
         assert asked == {
             (f"how many {scenes.PLURALS[g.shape]} are there?", scenes.NUMBERS[g.count]) for g in s.groups
         } | {("how many shapes are there?", scenes.NUMBERS[len(s.things)])}
+        assert {(r["question"], r["answer"]) for r in colors if r["image"] == image} == {
+            (f"what color is the {g.shape}?", g.color) for g in s.groups
+        }
 
 
 def test_questions_are_balanced_by_kind():

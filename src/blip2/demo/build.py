@@ -34,7 +34,7 @@ SAMPLE_FOLDER = HERE / "samples"
 SAMPLES = (0, 1)  # held-out scenes shipped as PNGs for the quickstart: samples/scene-N.png
 # The training runs in the order they run, each starting from the output of the one before (the YAMLs say
 # why); a run's name is its YAML's stem and its folder under OUT/runs.
-RUNS = ("warmup", "counting", "stage2", "stage1")
+RUNS = ("warmup", "counting", "binding", "stage2", "stage1")
 # The checkpoints the build ships, by the run that exports them.
 EXPORTS = {"demo": "stage2", "demo-itm": "stage1"}
 # What a checkpoint directory ships (the training export may hold more, e.g. a training log).

@@ -10,6 +10,8 @@ OUT/images/NNNNNN.png (48x48 RGB, scenes.IMAGE_SIZE) and, one row per line, path
   warm-up that teaches the vision tower shapes (warmup.yaml);
 - counts.jsonl: the same with every count question of each image (how many shapes, how many of a shape):
   with shapes.jsonl, the run that teaches it to count (counting.yaml);
+- colors.jsonl: the same with every "what color is the <shape>?": with the two above, the run that teaches it
+  to bind a colour to its shape (binding.yaml);
 - scenes.jsonl: the ground truth of each image (its objects, background, style), for evaluation scripts.
 """
 
@@ -27,7 +29,11 @@ import numpy as np
 from . import scenes, texts
 
 # The files of every question of some kinds (the vision tower's warm-up runs), and their kinds.
-EVERY_QUESTION = {"shapes.jsonl": ("shape",), "counts.jsonl": ("count", "count_shape")}
+EVERY_QUESTION = {
+    "shapes.jsonl": ("shape",),
+    "counts.jsonl": ("count", "count_shape"),
+    "colors.jsonl": ("color",),
+}
 
 
 def rows(
