@@ -55,3 +55,27 @@ def test_overrides_replace_fields_of_the_copied_yaml(tmp_path):
     config = load_config(build.run_config("stage1", tmp_path, {"steps": 7}))
     assert config.steps == 7 and config.stage == 1
     assert Path(tmp_path / "stage1.yaml").is_file()
+
+
+def test_a_build_reruns_from_a_run_and_keeps_the_earlier_ones(tmp_path):
+    """`--from stage1`: stage 1 trains again over the earlier runs' outputs, which stay as they were."""
+    tiny = {"steps": 1, "batch_size": 2, "checkpoint_every": 1, "progress": False}
+    overrides = {run: tiny for run in build.RUNS}
+    out = tmp_path / "build"
+    assert set(build.build(out, 4, overrides, install_weights=False)) == {"prepare", *build.RUNS}
+    kept = out / "runs" / "stage2" / "output" / "model.safetensors"
+    before = (
+        kept.stat().st_mtime_ns,
+        (out / "runs" / "stage1" / "output" / "model.safetensors").stat().st_mtime_ns,
+    )
+    assert set(build.build(out, 4, overrides, install_weights=False, start_at="stage1")) == {"stage1"}
+    assert kept.stat().st_mtime_ns == before[0]
+    assert (out / "runs" / "stage1" / "output" / "model.safetensors").stat().st_mtime_ns != before[1]
+
+
+def test_a_rerun_names_what_the_earlier_build_lacks(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build.main([str(tmp_path / "empty"), "--from", "stage2", "--count", "4"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--from stage2" in err and "data" in err and str(Path("runs") / "binding" / "output") in err

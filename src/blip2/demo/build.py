@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
 from . import make_data, model
 
 HERE = Path(__file__).parent
@@ -98,6 +99,20 @@ def run_config(run: str, out: Path, overrides: dict[str, Any]) -> Path:
     return path
 
 
+def check_earlier_runs(out: Path, count: int, start_at: str) -> None:
+    """What a build from `start_at` needs of an earlier build in `out`: its data, fresh checkpoints and the
+    outputs of the runs before `start_at`; a missing one is an InputError that names it."""
+    if start_at not in RUNS:
+        raise InputError(f"--from: {start_at!r} is not one of the runs ({', '.join(RUNS)})")
+    needed = [out / "init" / "demo", out / "init" / "demo-itm"]
+    needed += [out / "runs" / run / "output" for run in RUNS[: RUNS.index(start_at)]]
+    missing = [str(path) for path in needed if not path.is_dir()]
+    if not has_data(out / "data", count):
+        missing.insert(0, f"{out / 'data'} ({count} scenes)")
+    if missing:
+        raise InputError(f"--from {start_at}: {out} lacks what the earlier runs write: {', '.join(missing)}")
+
+
 def install(export: Path, name: str) -> Path:
     """Replace blip2/demo/weights/NAME with the shipped files of a training export."""
     target = WEIGHTS / name
@@ -126,20 +141,29 @@ def build(
     count: int = 20000,
     overrides: dict[str, dict[str, Any]] | None = None,
     install_weights: bool = True,
+    start_at: str | None = None,
 ) -> dict[str, Any]:
     """Every step of the module docstring; `overrides` maps a run's name to fields of its YAML to replace.
+    `start_at` (one of RUNS) reruns that run and the ones after it over an earlier build in OUT: their folders
+    under OUT/runs are replaced, the earlier runs' outputs, data, tokenizers and fresh checkpoints are kept.
     Returns the wall time of each step (seconds)."""
     from ..train import train
 
+    runs = RUNS[RUNS.index(start_at) :] if start_at is not None else RUNS
+    if start_at is not None:
+        check_earlier_runs(out, count, start_at)
+        for run in runs:
+            shutil.rmtree(out / "runs" / run, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, Any] = {}
     start = time.perf_counter()
-    if not has_data(out / "data", count):
-        make_data.write(out / "data", "train", count, questions=2)
-    tokenizers = write_tokenizers(out / "tokenizers")
-    fresh_checkpoints(out / "init", tokenizers)
-    times["prepare"] = time.perf_counter() - start
-    for run in RUNS:
+    if start_at is None:
+        if not has_data(out / "data", count):
+            make_data.write(out / "data", "train", count, questions=2)
+        tokenizers = write_tokenizers(out / "tokenizers")
+        fresh_checkpoints(out / "init", tokenizers)
+        times["prepare"] = time.perf_counter() - start
+    for run in runs:
         start = time.perf_counter()
         train(run_config(run, out, (overrides or {}).get(run, {})))
         times[run] = time.perf_counter() - start
@@ -157,18 +181,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=20000, help="training scenes (default 20000)")
     parser.add_argument("--steps-warmup", type=int, help="warm-up steps (default: warmup.yaml's)")
     parser.add_argument("--steps-counting", type=int, help="counting steps (default: counting.yaml's)")
+    parser.add_argument("--steps-binding", type=int, help="binding steps (default: binding.yaml's)")
     parser.add_argument("--steps2", type=int, help="stage 2 steps (default: stage2.yaml's)")
     parser.add_argument("--steps1", type=int, help="stage 1 steps (default: stage1.yaml's)")
     parser.add_argument("--no-install", action="store_true", help="leave the package's weights as they are")
+    parser.add_argument(
+        "--from",
+        dest="start_at",
+        choices=RUNS,
+        help="rerun this run and the ones after it over an earlier build in OUT (their run folders are replaced)",
+    )
     args = parser.parse_args(argv)
     steps = {
         "warmup": args.steps_warmup,
         "counting": args.steps_counting,
+        "binding": args.steps_binding,
         "stage2": args.steps2,
         "stage1": args.steps1,
     }
     overrides = {run: {"steps": n} for run, n in steps.items() if n is not None}
-    times = build(args.out, args.count, overrides, install_weights=not args.no_install)
+    try:
+        times = build(args.out, args.count, overrides, not args.no_install, args.start_at)
+    except InputError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(json.dumps({"seconds": times}, indent=2))
 
 
