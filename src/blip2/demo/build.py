@@ -1,16 +1,18 @@
 """`python -m blip2.demo.build OUT`: rebuild the demo checkpoints from nothing, with blip2's training code.
 
-1. `OUT/data`: `--count` training scenes (images, captions.jsonl, vqa.jsonl, shapes.jsonl, counts.jsonl: see
-   make_data), unless it holds them already;
+1. `OUT/data`: `--count` training scenes (images, captions.jsonl, vqa.jsonl, shapes.jsonl, counts.jsonl,
+   colors.jsonl: see make_data), unless it holds them already;
 2. `OUT/tokenizers`: the two tokenizers, trained on the scenes' texts (see model.py);
 3. `OUT/init/demo-itm`, `OUT/init/demo`: fresh random checkpoints in the Hugging Face layout
    (`blip2.train.new_checkpoint`) of the shapes in model.py;
-4. four training runs, each from the one before (why: the YAMLs' comments): `warmup.yaml` (stage 2 on shape
-   questions alone, every part from scratch: it teaches the vision tower shapes), `counting.yaml` (shape and
-   count questions: it teaches it to count), `stage2.yaml` (the language-model loss on captions and
-   questions, the vision tower frozen) and `stage1.yaml` (ITC + ITM + ITG on stage 2's vision tower and
-   Q-Former). Each YAML is copied into OUT with the overrides given here, so that OUT holds the exact configs
-   of the build; the runs are in `OUT/runs/{warmup,counting,stage2,stage1}`;
+4. five training runs, in order (why: the YAMLs' comments): `warmup.yaml` (stage 2 on shape questions alone,
+   every part from scratch: it teaches the vision tower shapes), `counting.yaml` (shape and count questions:
+   it teaches it to count) and `binding.yaml` (shape, count and colour questions: a colour bound to its shape),
+   each of these two with a fresh Q-Former and language model over the tower of the run before; `stage2.yaml`
+   (the language-model loss on captions and questions, fresh heads again over binding's tower, frozen) and
+   `stage1.yaml` (ITC + ITM + ITG on stage 2's vision tower and Q-Former). Each YAML is copied into OUT with
+   the overrides given here, so that OUT holds the exact configs of the build; the runs are in
+   `OUT/runs/<run>`; `--from RUN` reruns RUN and the ones after it over an earlier build in OUT;
 5. unless `--no-install`, the two exports are copied into the package (blip2/demo/weights/demo-itm and
    demo), where `blip2.load("demo")` and `blip2.load("demo-itm")` find them.
 
