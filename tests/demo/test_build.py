@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from blip2.demo import build
+from blip2.errors import InputError
 from blip2.train import load_config
 
 pytest.importorskip("yaml")
@@ -32,13 +35,13 @@ def test_every_run_starts_from_what_exists_before_it(configs):
     }
 
 
-def test_the_warmup_runs_train_the_vision_tower_and_the_later_runs_keep_it(configs):
+def test_the_warmup_runs_train_the_vision_tower_and_stage_2_keeps_it(configs):
     _, runs = configs
     assert [d.name for d in runs["warmup"].data] == ["shapes.jsonl"]
     assert [d.name for d in runs["counting"].data] == ["shapes.jsonl", "counts.jsonl"]
     assert [d.name for d in runs["binding"].data] == ["shapes.jsonl", "counts.jsonl", "colors.jsonl"]
-    assert all("vision" in runs[run].trainable for run in ("warmup", "counting", "binding"))
-    assert all("vision" not in runs[run].trainable for run in ("stage2", "stage1"))
+    assert all("vision" in runs[run].trainable for run in ("warmup", "counting", "binding", "stage1"))
+    assert "vision" not in runs["stage2"].trainable  # demo keeps binding's tower
 
 
 def test_each_run_after_the_warmup_takes_the_tower_under_fresh_heads(configs):
@@ -79,3 +82,29 @@ def test_a_rerun_names_what_the_earlier_build_lacks(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--from stage2" in err and "data" in err and str(Path("runs") / "binding" / "output") in err
+
+
+def test_schedule_puts_runs_that_start_from_nothing_of_each_other_in_one_wave(tmp_path):
+    paths = {run: build.run_config(run, tmp_path, {}) for run in build.RUNS}
+    assert build.schedule(build.starts(tmp_path, paths)) == [
+        ["warmup"],
+        ["counting"],
+        ["binding"],
+        ["stage2", "stage1"],
+    ]
+    assert build.schedule({"a": set(), "b": {"c"}, "c": {"a"}}) == [["a"], ["c"], ["b"]]
+    with pytest.raises(InputError, match="a, b"):
+        build.schedule({"a": {"b"}, "b": {"a"}})
+
+
+def test_two_jobs_train_stage_2_and_stage_1_at_once_with_the_same_result(tmp_path):
+    """`--jobs 2`: the last wave in two processes; every run's weights equal those of a one-job build."""
+    tiny = {"steps": 2, "batch_size": 2, "checkpoint_every": 1, "progress": False}
+    overrides = {run: tiny for run in build.RUNS}
+    one, two = tmp_path / "one", tmp_path / "two"
+    build.build(one, 4, overrides, install_weights=False)
+    build.build(two, 4, overrides, install_weights=False, jobs=2)
+    for run in build.RUNS:
+        a = load_file(str(one / "runs" / run / "output" / "model.safetensors"))
+        b = load_file(str(two / "runs" / run / "output" / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run

@@ -22,9 +22,12 @@ Needs the `train` extra (pyyaml). On one quiet CPU core the defaults take about 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +104,47 @@ def run_config(run: str, out: Path, overrides: dict[str, Any]) -> Path:
     return path
 
 
+def starts(out: Path, paths: dict[str, Path]) -> dict[str, set[str]]:
+    """For each run (its copied YAML in `paths`), the runs among `paths` whose output it starts from (its
+    `model` or `init_from`)."""
+    from ..train import load_config
+
+    outputs = {out / "runs" / run / "output": run for run in paths}
+    found = {}
+    for run, path in paths.items():
+        config = load_config(path)
+        found[run] = {outputs[p] for p in (config.model, config.init_from) if p in outputs}
+    return found
+
+
+def schedule(starts: dict[str, set[str]]) -> list[list[str]]:
+    """The runs in waves, in their order: each wave holds the runs whose starts all trained in earlier waves
+    (so a wave's runs can train at the same time). A run that waits on itself or on a run after it is an
+    InputError."""
+    done: set[str] = set()
+    pending = list(starts)
+    waves = []
+    while pending:
+        wave = [run for run in pending if starts[run] <= done]
+        if not wave:
+            raise InputError(f"the runs {', '.join(pending)} start from each other's outputs")
+        waves.append(wave)
+        done.update(wave)
+        pending = [run for run in pending if run not in done]
+    return waves
+
+
+def train_timed(config: Path, progress: bool = True) -> float:
+    """Train the run of the YAML at `config`; its wall time in seconds."""
+    from ..train import load_config
+    from ..train.loop import run_training
+
+    start = time.perf_counter()
+    settings = load_config(config)
+    run_training(settings if progress else dataclasses.replace(settings, progress=False))
+    return time.perf_counter() - start
+
+
 def check_earlier_runs(out: Path, count: int, start_at: str) -> None:
     """What a build from `start_at` needs of an earlier build in `out`: its data, fresh checkpoints and the
     outputs of the runs before `start_at`; a missing one is an InputError that names it."""
@@ -144,13 +188,13 @@ def build(
     overrides: dict[str, dict[str, Any]] | None = None,
     install_weights: bool = True,
     start_at: str | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Every step of the module docstring; `overrides` maps a run's name to fields of its YAML to replace.
     `start_at` (one of RUNS) reruns that run and the ones after it over an earlier build in OUT: their folders
     under OUT/runs are replaced, the earlier runs' outputs, data, tokenizers and fresh checkpoints are kept.
-    Returns the wall time of each step (seconds)."""
-    from ..train import train
-
+    With `jobs` > 1, runs that start from nothing of each other (stage 2 and stage 1) train at the same time,
+    in up to `jobs` processes. Returns the wall time of each step (seconds)."""
     runs = RUNS[RUNS.index(start_at) :] if start_at is not None else RUNS
     if start_at is not None:
         check_earlier_runs(out, count, start_at)
@@ -165,10 +209,21 @@ def build(
         tokenizers = write_tokenizers(out / "tokenizers")
         fresh_checkpoints(out / "init", tokenizers)
         times["prepare"] = time.perf_counter() - start
-    for run in runs:
-        start = time.perf_counter()
-        train(run_config(run, out, (overrides or {}).get(run, {})))
-        times[run] = time.perf_counter() - start
+    paths = {run: run_config(run, out, (overrides or {}).get(run, {})) for run in runs}
+    for wave in schedule(starts(out, paths)):
+        if jobs == 1 or len(wave) == 1:
+            for run in wave:
+                times[run] = train_timed(paths[run])
+            continue
+        # Runs that start from nothing of each other train at once, one process each (one thread each, as
+        # the YAMLs say); their progress bars would overwrite each other, so each says when it ends.
+        print(f"training {' and '.join(wave)} at the same time", flush=True)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(wave)), mp_context=context) as pool:
+            futures = {run: pool.submit(train_timed, paths[run], False) for run in wave}
+            for run, future in futures.items():
+                times[run] = future.result()
+                print(f"{run}: {times[run]:.0f} s", flush=True)
     if install_weights:
         for name, run in EXPORTS.items():
             install(out / "runs" / run / "output", name)
@@ -193,7 +248,16 @@ def main(argv: list[str] | None = None) -> None:
         choices=RUNS,
         help="rerun this run and the ones after it over an earlier build in OUT (their run folders are replaced)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="train up to this many runs at once where they do not start from each other (2: stage 2 and "
+        "stage 1 together, one core each; default 1)",
+    )
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     steps = {
         "warmup": args.steps_warmup,
         "counting": args.steps_counting,
@@ -203,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     overrides = {run: {"steps": n} for run, n in steps.items() if n is not None}
     try:
-        times = build(args.out, args.count, overrides, not args.no_install, args.start_at)
+        times = build(args.out, args.count, overrides, not args.no_install, args.start_at, args.jobs)
     except InputError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(json.dumps({"seconds": times}, indent=2))
