@@ -133,6 +133,7 @@ def test_make_data_writes_images_and_rows(tmp_path):
     shapes = [json.loads(line) for line in (out / "shapes.jsonl").read_text().splitlines()]
     counts = [json.loads(line) for line in (out / "counts.jsonl").read_text().splitlines()]
     colors = [json.loads(line) for line in (out / "colors.jsonl").read_text().splitlines()]
+    queries = [json.loads(line) for line in (out / "queries.jsonl").read_text().splitlines()]
     truths = [json.loads(line) for line in (out / "scenes.jsonl").read_text().splitlines()]
     assert len(captions) == 12 and len(vqa) == 36 and len(truths) == 12
     assert captions[0]["image"] == "images/000005.png"
@@ -163,6 +164,10 @@ def test_make_data_writes_images_and_rows(tmp_path):
         assert {(r["question"], r["answer"]) for r in colors if r["image"] == image} == {
             (f"what color is the {g.shape}?", g.color) for g in s.groups
         }
+        # a search-like text naming two of its groups, for scenes with two or more
+        named = [texts.parse_groups(r["caption"]) for r in queries if r["image"] == image]
+        assert len(named) == (len(s.groups) > 1)
+        assert all(len(groups) == 2 and set(groups) <= set(s.groups) for groups in named)
 
 
 def test_questions_are_balanced_by_kind():

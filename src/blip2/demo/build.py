@@ -55,7 +55,7 @@ def has_data(folder: Path, count: int) -> bool:
         return False
     with open(truths) as f:
         rows = [json.loads(line) for line in f]
-    files = ("captions.jsonl", "vqa.jsonl", *make_data.EVERY_QUESTION)
+    files = ("captions.jsonl", "vqa.jsonl", "queries.jsonl", *make_data.EVERY_QUESTION)
     complete = all((folder / name).is_file() for name in files)
     return complete and [(r["split"], r["index"]) for r in rows] == [("train", i) for i in range(count)]
 

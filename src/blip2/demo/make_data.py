@@ -12,6 +12,10 @@ OUT/images/NNNNNN.png (48x48 RGB, scenes.IMAGE_SIZE) and, one row per line, path
   with shapes.jsonl, the run that teaches it to count (counting.yaml);
 - colors.jsonl: the same with every "what color is the <shape>?": with the two above, the run that teaches it
   to bind a colour to its shape (binding.yaml);
+- queries.jsonl: {"image", "caption"}, for each image with two or more groups a search-like text naming two
+  of them ("two red circles and a blue star"), drawn per image: stage 1's extra texts, so that ITC learns
+  partial descriptions (one-group texts are left out: true of many images, they would be false negatives in
+  the batch);
 - scenes.jsonl: the ground truth of each image (its objects, background, style), for evaluation scripts.
 """
 
@@ -38,10 +42,10 @@ EVERY_QUESTION = {
 
 def rows(
     split: str, start: int, count: int, questions: int
-) -> Iterator[tuple[int, dict, list[dict], dict[str, list[dict]], dict]]:
-    """For each scene: (index, caption row, question rows, {file of EVERY_QUESTION: its question rows},
-    ground-truth row); image paths are images/NNNNNN.png. The text choices are drawn from the scene's own seed:
-    a pure function of (split, i)."""
+) -> Iterator[tuple[int, dict, list[dict], dict[str, list[dict]], list[dict], dict]]:
+    """For each scene: (index, caption row, question rows, {file of EVERY_QUESTION: its question rows}, query
+    rows, ground-truth row); image paths are images/NNNNNN.png. The text choices are drawn from the scene's own
+    seed: a pure function of (split, i)."""
     for i in range(start, start + count):
         s = scenes.scene(split, i)
         rng = np.random.default_rng([*s.seed, 2])
@@ -55,7 +59,9 @@ def rows(
             for name, kinds in EVERY_QUESTION.items()
         }
         truth = {"image": image, "index": i, "split": split, **asdict(s)}
-        yield i, caption, qa, warmup, truth
+        pair = texts.query(s, np.random.default_rng([*s.seed, 3]), 2)
+        queries = [{"image": image, "caption": pair}] if len(s.groups) > 1 else []
+        yield i, caption, qa, warmup, queries, truth
 
 
 def _qa_row(image: str, q: texts.Question) -> dict:
@@ -84,15 +90,17 @@ def write(out: Path, split: str = "train", count: int = 1000, start: int = 0, qu
         open(out / "captions.jsonl", "w") as captions,
         open(out / "vqa.jsonl", "w") as vqa,
         open(out / "scenes.jsonl", "w") as truths,
+        open(out / "queries.jsonl", "w") as query_file,
         ExitStack() as stack,
     ):
         every = {name: stack.enter_context(open(out / name, "w")) for name in EVERY_QUESTION}
-        for i, caption, qa, warmup, truth in rows(split, start, count, questions):
+        for i, caption, qa, warmup, queries, truth in rows(split, start, count, questions):
             scenes.render(scenes.scene(split, i)).save(out / caption["image"])
             captions.write(json.dumps(caption) + "\n")
             vqa.writelines(json.dumps(row) + "\n" for row in qa)
             for name, rows_of_kind in warmup.items():
                 every[name].writelines(json.dumps(row) + "\n" for row in rows_of_kind)
+            query_file.writelines(json.dumps(row) + "\n" for row in queries)
             truths.write(json.dumps(truth) + "\n")
     return out
 

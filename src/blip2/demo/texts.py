@@ -80,10 +80,13 @@ def false_caption(s: Scene, rng: np.random.Generator) -> str:
     return TEMPLATES[0].format(objects=objects_phrase(groups), background=s.background)
 
 
-def query(s: Scene, rng: np.random.Generator) -> str:
-    """A search query true of the scene: one or two of its groups ("two red circles and a blue star")."""
+def query(s: Scene, rng: np.random.Generator, n: int | None = None) -> str:
+    """A search query true of the scene: `n` of its groups ("two red circles and a blue star"), by default
+    one or two (drawn); `n` is at most the number of groups."""
     groups = s.groups
-    n = 1 if len(groups) == 1 else int(rng.integers(1, 3))
+    if n is None:
+        n = 1 if len(groups) == 1 else int(rng.integers(1, 3))
+    n = min(n, len(groups))
     picked = sorted(rng.choice(len(groups), n, replace=False).tolist())
     return objects_phrase([groups[i] for i in picked])
 
