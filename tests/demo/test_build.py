@@ -40,6 +40,7 @@ def test_the_warmup_runs_train_the_vision_tower_and_stage_2_keeps_it(configs):
     assert [d.name for d in runs["warmup"].data] == ["shapes.jsonl"]
     assert [d.name for d in runs["counting"].data] == ["shapes.jsonl", "counts.jsonl"]
     assert [d.name for d in runs["binding"].data] == ["shapes.jsonl", "counts.jsonl", "colors.jsonl"]
+    assert [d.name for d in runs["stage1"].data] == ["captions.jsonl", "queries.jsonl"]
     assert all("vision" in runs[run].trainable for run in ("warmup", "counting", "binding", "stage1"))
     assert "vision" not in runs["stage2"].trainable  # demo keeps binding's tower
 
