@@ -41,15 +41,19 @@ def test_the_warmup_runs_train_the_vision_tower_and_stage_2_keeps_it(configs):
     assert [d.name for d in runs["counting"].data] == ["shapes.jsonl", "counts.jsonl"]
     assert [d.name for d in runs["binding"].data] == ["shapes.jsonl", "counts.jsonl", "colors.jsonl"]
     assert [d.name for d in runs["stage1"].data] == ["captions.jsonl", "queries.jsonl"]
-    assert all("vision" in runs[run].trainable for run in ("warmup", "counting", "binding", "stage1"))
-    assert "vision" not in runs["stage2"].trainable  # demo keeps binding's tower
+    assert [d.name for d in runs["shapes"].data] == ["shapes.jsonl"]
+    assert all(
+        "vision" in runs[run].trainable for run in ("warmup", "counting", "binding", "shapes", "stage1")
+    )
+    assert "vision" not in runs["stage2"].trainable  # demo keeps the shapes run's tower
 
 
 def test_each_run_after_the_warmup_takes_the_tower_under_fresh_heads(configs):
-    """Counting, binding and stage 2 start from the fresh checkpoint and copy the vision tower alone from the
+    """Counting, binding, shapes and stage 2 start from the fresh checkpoint and copy the vision tower alone from the
     run before: fresh heads learn more from the tower than the previous run's own."""
     out, runs = configs
-    for before, run in (("warmup", "counting"), ("counting", "binding"), ("binding", "stage2")):
+    pairs = (("warmup", "counting"), ("counting", "binding"), ("binding", "shapes"), ("shapes", "stage2"))
+    for before, run in pairs:
         config = runs[run]
         assert config.model == out / "init" / "demo" and config.init_parts == ("vision",)
         assert config.init_from == runs[before].output
@@ -85,21 +89,31 @@ def test_a_rerun_names_what_the_earlier_build_lacks(tmp_path, capsys):
     assert "--from stage2" in err and "data" in err and str(Path("runs") / "binding" / "output") in err
 
 
-def test_schedule_puts_runs_that_start_from_nothing_of_each_other_in_one_wave(tmp_path):
+def test_runs_wait_for_the_runs_they_start_from(tmp_path):
     paths = {run: build.run_config(run, tmp_path, {}) for run in build.RUNS}
-    assert build.schedule(build.starts(tmp_path, paths)) == [
-        ["warmup"],
-        ["counting"],
-        ["binding"],
-        ["stage2", "stage1"],
+    starts = build.starts(tmp_path, paths)
+    assert starts == {
+        "warmup": set(),
+        "counting": {"warmup"},
+        "binding": {"counting"},
+        "shapes": {"binding"},
+        "stage2": {"shapes"},
+        "stage1": {"binding"},
+    }
+    assert build.ready(starts, {"warmup", "counting", "binding"}, {"warmup", "counting", "binding"}) == [
+        "shapes",
+        "stage1",
     ]
-    assert build.schedule({"a": set(), "b": {"c"}, "c": {"a"}}) == [["a"], ["c"], ["b"]]
-    with pytest.raises(InputError, match="a, b"):
-        build.schedule({"a": {"b"}, "b": {"a"}})
+    assert build.ready(
+        starts, {"warmup", "counting", "binding"}, {"warmup", "counting", "binding", "shapes"}
+    ) == ["stage1"]
+    for jobs in (1, 2):
+        with pytest.raises(InputError, match="a, b wait on each other"):
+            build.train_all({"a": tmp_path, "b": tmp_path}, {"a": {"b"}, "b": {"a"}}, jobs)
 
 
-def test_two_jobs_train_stage_2_and_stage_1_at_once_with_the_same_result(tmp_path):
-    """`--jobs 2`: the last wave in two processes; every run's weights equal those of a one-job build."""
+def test_two_jobs_train_stage_1_beside_the_others_with_the_same_result(tmp_path):
+    """`--jobs 2`: the shapes run and stage 1 in two processes; every run's weights equal those of a one-job build."""
     tiny = {"steps": 2, "batch_size": 2, "checkpoint_every": 1, "progress": False}
     overrides = {run: tiny for run in build.RUNS}
     one, two = tmp_path / "one", tmp_path / "two"

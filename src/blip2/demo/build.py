@@ -5,20 +5,22 @@
 2. `OUT/tokenizers`: the two tokenizers, trained on the scenes' texts (see model.py);
 3. `OUT/init/demo-itm`, `OUT/init/demo`: fresh random checkpoints in the Hugging Face layout
    (`blip2.train.new_checkpoint`) of the shapes in model.py;
-4. five training runs, in order (why: the YAMLs' comments): `warmup.yaml` (stage 2 on shape questions alone,
+4. six training runs, in order (why: the YAMLs' comments): `warmup.yaml` (stage 2 on shape questions alone,
    every part from scratch: it teaches the vision tower shapes), `counting.yaml` (shape and count questions:
-   it teaches it to count) and `binding.yaml` (shape, count and colour questions: a colour bound to its shape),
-   each of these two with a fresh Q-Former and language model over the tower of the run before; `stage2.yaml`
-   (the language-model loss on captions and questions, fresh heads again over binding's tower, frozen) and
-   `stage1.yaml` (ITC + ITM + ITG on stage 2's vision tower and Q-Former). Each YAML is copied into OUT with
+   it teaches it to count), `binding.yaml` (shape, count and colour questions: a colour bound to its shape)
+   and `shapes.yaml` (shape questions again), each of these three with a fresh Q-Former and language model
+   over the tower of the run before; `stage2.yaml` (the language-model loss on captions and questions, fresh
+   heads again over the shapes run's tower, frozen) and `stage1.yaml` (ITC + ITM + ITG from binding's vision
+   tower and Q-Former, the tower training). Each YAML is copied into OUT with
    the overrides given here, so that OUT holds the exact configs of the build; the runs are in
    `OUT/runs/<run>`; `--from RUN` reruns RUN and the ones after it over an earlier build in OUT;
 5. unless `--no-install`, the two exports are copied into the package (blip2/demo/weights/demo-itm and
    demo), where `blip2.load("demo")` and `blip2.load("demo-itm")` find them.
 
-Needs the `train` extra (pyyaml). On one CPU core the defaults took 37 minutes (prepare 80 s, warm-up 282 s,
-counting 207 s, binding 185 s, stage 2 357 s, stage 1 1,092 s; the machine's other core busy); with `--jobs 2`
-stage 1 and stage 2 overlap: about 31 minutes on two cores.
+Needs the `train` extra (pyyaml). On one CPU core the defaults take about 40 minutes (measured run by run,
+the machine's other core busy: prepare 80 s, warm-up 282 s, counting 207 s, binding 185 s, shapes 171 s,
+stage 2 357 s, stage 1 1,028-1,092 s); with `--jobs 2` stage 1 trains beside the shapes run and stage 2: about
+30 minutes on two cores.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import json
 import multiprocessing
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ SAMPLE_FOLDER = HERE / "samples"
 SAMPLES = (0, 1)  # held-out scenes shipped as PNGs for the quickstart: samples/scene-N.png
 # The training runs in the order they run, each starting from the output of the one before (the YAMLs say
 # why); a run's name is its YAML's stem and its folder under OUT/runs.
-RUNS = ("warmup", "counting", "binding", "stage2", "stage1")
+RUNS = ("warmup", "counting", "binding", "shapes", "stage2", "stage1")
 # The checkpoints the build ships, by the run that exports them.
 EXPORTS = {"demo": "stage2", "demo-itm": "stage1"}
 # What a checkpoint directory ships (the training export may hold more, e.g. a training log).
@@ -119,21 +121,44 @@ def starts(out: Path, paths: dict[str, Path]) -> dict[str, set[str]]:
     return found
 
 
-def schedule(starts: dict[str, set[str]]) -> list[list[str]]:
-    """The runs in waves, in their order: each wave holds the runs whose starts all trained in earlier waves
-    (so a wave's runs can train at the same time). A run that waits on itself or on a run after it is an
-    InputError."""
-    done: set[str] = set()
-    pending = list(starts)
-    waves = []
-    while pending:
-        wave = [run for run in pending if starts[run] <= done]
-        if not wave:
-            raise InputError(f"the runs {', '.join(pending)} start from each other's outputs")
-        waves.append(wave)
-        done.update(wave)
-        pending = [run for run in pending if run not in done]
-    return waves
+def ready(starts: dict[str, set[str]], done: set[str], started: set[str]) -> list[str]:
+    """The runs not yet started whose starts have all trained, in their order."""
+    return [run for run, needs in starts.items() if run not in started and needs <= done]
+
+
+def train_all(paths: dict[str, Path], starts: dict[str, set[str]], jobs: int) -> dict[str, float]:
+    """Train every run of `paths` (run -> its copied YAML) after the runs it starts from; with `jobs` > 1, in up
+    to `jobs` processes at once, each run as soon as its starts are done. Returns each run's wall time. A run
+    that waits on itself or on a run that never trains is an InputError."""
+    times: dict[str, float] = {}
+    if jobs == 1:
+        while len(times) < len(paths):
+            runnable = ready(starts, set(times), set(times))
+            if not runnable:
+                raise InputError(
+                    f"the runs {', '.join(r for r in paths if r not in times)} wait on each other"
+                )
+            times[runnable[0]] = train_timed(paths[runnable[0]])
+        return times
+    # One process per run, one thread each (as the YAMLs say); progress bars from several processes would
+    # overwrite each other, so each run says when it starts and ends instead.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        running: dict[Future[float], str] = {}
+        while len(times) < len(paths):
+            for run in ready(starts, set(times), set(times) | set(running.values())):
+                print(f"{run}: training", flush=True)
+                running[pool.submit(train_timed, paths[run], False)] = run
+            if not running:
+                raise InputError(
+                    f"the runs {', '.join(r for r in paths if r not in times)} wait on each other"
+                )
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run = running.pop(future)
+                times[run] = future.result()
+                print(f"{run}: {times[run]:.0f} s", flush=True)
+    return times
 
 
 def train_timed(config: Path, progress: bool = True) -> float:
@@ -195,8 +220,8 @@ def build(
     """Every step of the module docstring; `overrides` maps a run's name to fields of its YAML to replace.
     `start_at` (one of RUNS) reruns that run and the ones after it over an earlier build in OUT: their folders
     under OUT/runs are replaced, the earlier runs' outputs, data, tokenizers and fresh checkpoints are kept.
-    With `jobs` > 1, runs that start from nothing of each other (stage 2 and stage 1) train at the same time,
-    in up to `jobs` processes. Returns the wall time of each step (seconds)."""
+    With `jobs` > 1, runs that start from nothing of each other (stage 1 beside the shapes run and stage 2)
+    train at the same time, in up to `jobs` processes. Returns the wall time of each step (seconds)."""
     runs = RUNS[RUNS.index(start_at) :] if start_at is not None else RUNS
     if start_at is not None:
         check_earlier_runs(out, count, start_at)
@@ -212,20 +237,7 @@ def build(
         fresh_checkpoints(out / "init", tokenizers)
         times["prepare"] = time.perf_counter() - start
     paths = {run: run_config(run, out, (overrides or {}).get(run, {})) for run in runs}
-    for wave in schedule(starts(out, paths)):
-        if jobs == 1 or len(wave) == 1:
-            for run in wave:
-                times[run] = train_timed(paths[run])
-            continue
-        # Runs that start from nothing of each other train at once, one process each (one thread each, as
-        # the YAMLs say); their progress bars would overwrite each other, so each says when it ends.
-        print(f"training {' and '.join(wave)} at the same time", flush=True)
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(jobs, len(wave)), mp_context=context) as pool:
-            futures = {run: pool.submit(train_timed, paths[run], False) for run in wave}
-            for run, future in futures.items():
-                times[run] = future.result()
-                print(f"{run}: {times[run]:.0f} s", flush=True)
+    times.update(train_all(paths, starts(out, paths), jobs))
     if install_weights:
         for name, run in EXPORTS.items():
             install(out / "runs" / run / "output", name)
@@ -241,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps-warmup", type=int, help="warm-up steps (default: warmup.yaml's)")
     parser.add_argument("--steps-counting", type=int, help="counting steps (default: counting.yaml's)")
     parser.add_argument("--steps-binding", type=int, help="binding steps (default: binding.yaml's)")
+    parser.add_argument("--steps-shapes", type=int, help="shapes steps (default: shapes.yaml's)")
     parser.add_argument("--steps2", type=int, help="stage 2 steps (default: stage2.yaml's)")
     parser.add_argument("--steps1", type=int, help="stage 1 steps (default: stage1.yaml's)")
     parser.add_argument("--no-install", action="store_true", help="leave the package's weights as they are")
@@ -254,8 +267,8 @@ def main(argv: list[str] | None = None) -> None:
         "--jobs",
         type=int,
         default=1,
-        help="train up to this many runs at once where they do not start from each other (2: stage 2 and "
-        "stage 1 together, one core each; default 1)",
+        help="train up to this many runs at once where they do not start from each other (2: stage 1 beside "
+        "the shapes run and stage 2, one core each; default 1)",
     )
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -264,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         "warmup": args.steps_warmup,
         "counting": args.steps_counting,
         "binding": args.steps_binding,
+        "shapes": args.steps_shapes,
         "stage2": args.steps2,
         "stage1": args.steps1,
     }
