@@ -17,10 +17,11 @@
 5. unless `--no-install`, the two exports are copied into the package (blip2/demo/weights/demo-itm and
    demo), where `blip2.load("demo")` and `blip2.load("demo-itm")` find them.
 
-Needs the `train` extra (pyyaml). On one CPU core the defaults take about 40 minutes (measured run by run,
-the machine's other core busy: prepare 80 s, warm-up 282 s, counting 207 s, binding 185 s, shapes 171 s,
-stage 2 357 s, stage 1 1,028-1,092 s); with `--jobs 2` stage 1 trains beside the shapes run and stage 2: about
-30 minutes on two cores.
+Needs the `train` extra (pyyaml). On one CPU core the defaults take about 42 minutes (two full builds, one
+job each, the machine's other core busy: prepare 53-80 s, warm-up 269-282 s, counting 184-207 s, binding
+178-185 s, shapes 171-211 s, stage 2 354-368 s, stage 1 1,028-1,302 s); with `--jobs 2` stage 1 trains beside
+the shapes run and stage 2: about 33 minutes on two cores. The runs are seeded and deterministic on the CPU:
+the two builds' weights were bitwise equal.
 """
 
 from __future__ import annotations
