@@ -265,8 +265,14 @@ def test_ctrl_c_during_a_row_waits_for_the_row(tmp_path, monkeypatch):
         write_row(self, path, vector)
 
     monkeypatch.setattr(type(writer), "_write", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        writer.append("a", rows(1)[0])
+    # Ctrl-C as a terminal delivers it: a test process a shell started in the background inherits SIGINT
+    # ignored (and Python keeps it so), where no KeyboardInterrupt would come at all.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            writer.append("a", rows(1)[0])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert writer.rows == 1  # the row was finished before the interrupt was raised
     writer.close()
     assert read_embeddings(tmp_path / "E.npy")[0] == ["a"]

@@ -422,6 +422,9 @@ def test_embed_ctrl_c_in_a_real_process(retrieval_checkpoints, photos, tmp_path)
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # SIGINT as a terminal's Ctrl-C delivers it, even where this test runs with it ignored (started in the
+        # background by a shell without job control), which the child would inherit
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     printed = [process.stdout.readline()]  # the first row is written: interrupt the run
     process.send_signal(signal.SIGINT)
