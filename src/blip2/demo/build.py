@@ -60,8 +60,7 @@ def has_data(folder: Path, count: int) -> bool:
         return False
     with open(truths) as f:
         rows = [json.loads(line) for line in f]
-    files = ("captions.jsonl", "vqa.jsonl", "queries.jsonl", *make_data.EVERY_QUESTION)
-    complete = all((folder / name).is_file() for name in files)
+    complete = all((folder / name).is_file() for name in make_data.FILES)
     return complete and [(r["split"], r["index"]) for r in rows] == [("train", i) for i in range(count)]
 
 
@@ -132,13 +131,15 @@ def train_all(paths: dict[str, Path], starts: dict[str, set[str]], jobs: int) ->
     to `jobs` processes at once, each run as soon as its starts are done. Returns each run's wall time. A run
     that waits on itself or on a run that never trains is an InputError."""
     times: dict[str, float] = {}
+
+    def stuck() -> InputError:
+        return InputError(f"the runs {', '.join(r for r in paths if r not in times)} wait on each other")
+
     if jobs == 1:
         while len(times) < len(paths):
             runnable = ready(starts, set(times), set(times))
             if not runnable:
-                raise InputError(
-                    f"the runs {', '.join(r for r in paths if r not in times)} wait on each other"
-                )
+                raise stuck()
             times[runnable[0]] = train_timed(paths[runnable[0]])
         return times
     # One process per run, one thread each (as the YAMLs say); progress bars from several processes would
@@ -151,9 +152,7 @@ def train_all(paths: dict[str, Path], starts: dict[str, set[str]], jobs: int) ->
                 print(f"{run}: training", flush=True)
                 running[pool.submit(train_timed, paths[run], False)] = run
             if not running:
-                raise InputError(
-                    f"the runs {', '.join(r for r in paths if r not in times)} wait on each other"
-                )
+                raise stuck()
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 run = running.pop(future)

@@ -38,14 +38,13 @@ EVERY_QUESTION = {
     "counts.jsonl": ("count", "count_shape"),
     "colors.jsonl": ("color",),
 }
+# Every file write() makes besides the images, one JSON row per line.
+FILES = ("captions.jsonl", "vqa.jsonl", *EVERY_QUESTION, "queries.jsonl", "scenes.jsonl")
 
 
-def rows(
-    split: str, start: int, count: int, questions: int
-) -> Iterator[tuple[int, dict, list[dict], dict[str, list[dict]], list[dict], dict]]:
-    """For each scene: (index, caption row, question rows, {file of EVERY_QUESTION: its question rows}, query
-    rows, ground-truth row); image paths are images/NNNNNN.png. The text choices are drawn from the scene's own
-    seed: a pure function of (split, i)."""
+def rows(split: str, start: int, count: int, questions: int) -> Iterator[tuple[int, dict[str, list[dict]]]]:
+    """For each scene: (index, {file of FILES: the scene's rows in it}); image paths are images/NNNNNN.png.
+    The text choices are drawn from the scene's own seed: a pure function of (split, i)."""
     for i in range(start, start + count):
         s = scenes.scene(split, i)
         rng = np.random.default_rng([*s.seed, 2])
@@ -58,10 +57,19 @@ def rows(
             name: [_qa_row(image, q) for q in every if q.kind in kinds]
             for name, kinds in EVERY_QUESTION.items()
         }
-        truth = {"image": image, "index": i, "split": split, **asdict(s)}
         pair = texts.query(s, np.random.default_rng([*s.seed, 3]), 2)
         queries = [{"image": image, "caption": pair}] if len(s.groups) > 1 else []
-        yield i, caption, qa, warmup, queries, truth
+        truth = {"image": image, "index": i, "split": split, **asdict(s)}
+        yield (
+            i,
+            {
+                "captions.jsonl": [caption],
+                "vqa.jsonl": qa,
+                **warmup,
+                "queries.jsonl": queries,
+                "scenes.jsonl": [truth],
+            },
+        )
 
 
 def _qa_row(image: str, q: texts.Question) -> dict:
@@ -86,22 +94,12 @@ def pick_questions(
 def write(out: Path, split: str = "train", count: int = 1000, start: int = 0, questions: int = 2) -> Path:
     """Write the scenes [start, start + count) of `split` to `out` (see the module docstring); return `out`."""
     (out / "images").mkdir(parents=True, exist_ok=True)
-    with (
-        open(out / "captions.jsonl", "w") as captions,
-        open(out / "vqa.jsonl", "w") as vqa,
-        open(out / "scenes.jsonl", "w") as truths,
-        open(out / "queries.jsonl", "w") as query_file,
-        ExitStack() as stack,
-    ):
-        every = {name: stack.enter_context(open(out / name, "w")) for name in EVERY_QUESTION}
-        for i, caption, qa, warmup, queries, truth in rows(split, start, count, questions):
-            scenes.render(scenes.scene(split, i)).save(out / caption["image"])
-            captions.write(json.dumps(caption) + "\n")
-            vqa.writelines(json.dumps(row) + "\n" for row in qa)
-            for name, rows_of_kind in warmup.items():
-                every[name].writelines(json.dumps(row) + "\n" for row in rows_of_kind)
-            query_file.writelines(json.dumps(row) + "\n" for row in queries)
-            truths.write(json.dumps(truth) + "\n")
+    with ExitStack() as stack:
+        files = {name: stack.enter_context(open(out / name, "w")) for name in FILES}
+        for i, by_file in rows(split, start, count, questions):
+            scenes.render(scenes.scene(split, i)).save(out / "images" / f"{i:06d}.png")
+            for name, lines in by_file.items():
+                files[name].writelines(json.dumps(row) + "\n" for row in lines)
     return out
 
 
