@@ -35,28 +35,34 @@ def test_every_run_starts_from_what_exists_before_it(configs):
     }
 
 
-def test_the_warmup_runs_train_the_vision_tower_and_stage_2_keeps_it(configs):
+def test_the_warmup_runs_and_stage_1_train_the_vision_tower_and_stage_2_keeps_it(configs):
     _, runs = configs
     assert [d.name for d in runs["warmup"].data] == ["shapes.jsonl"]
     assert [d.name for d in runs["counting"].data] == ["shapes.jsonl", "counts.jsonl"]
     assert [d.name for d in runs["binding"].data] == ["shapes.jsonl", "counts.jsonl", "colors.jsonl"]
     assert [d.name for d in runs["stage1"].data] == ["captions.jsonl", "queries.jsonl"]
-    assert [d.name for d in runs["shapes"].data] == ["shapes.jsonl"]
-    assert all(
-        "vision" in runs[run].trainable for run in ("warmup", "counting", "binding", "shapes", "stage1")
-    )
-    assert "vision" not in runs["stage2"].trainable  # demo keeps the shapes run's tower
+    assert [d.name for d in runs["stage2"].data] == ["captions.jsonl", "vqa.jsonl"]
+    assert all("vision" in runs[run].trainable for run in ("warmup", "counting", "binding", "stage1"))
+    assert "vision" not in runs["stage2"].trainable  # demo keeps stage 1's tower
 
 
-def test_each_run_after_the_warmup_takes_the_tower_under_fresh_heads(configs):
-    """Counting, binding, shapes and stage 2 start from the fresh checkpoint and copy the vision tower alone from the
-    run before: fresh heads learn more from the tower than the previous run's own."""
+def test_each_warmup_run_takes_the_tower_under_fresh_heads(configs):
+    """Counting and binding start from the fresh checkpoint and copy the vision tower alone from the run before:
+    fresh heads learn more from the tower than the previous run's own."""
     out, runs = configs
-    pairs = (("warmup", "counting"), ("counting", "binding"), ("binding", "shapes"), ("shapes", "stage2"))
-    for before, run in pairs:
+    for before, run in (("warmup", "counting"), ("counting", "binding")):
         config = runs[run]
         assert config.model == out / "init" / "demo" and config.init_parts == ("vision",)
         assert config.init_from == runs[before].output
+
+
+def test_stage_2_starts_from_stage_1s_tower_and_qformer_as_the_paper(configs):
+    out, runs = configs
+    assert runs["stage1"].init_from == runs["binding"].output
+    assert runs["stage1"].init_parts == ("vision", "qformer")
+    assert runs["stage2"].model == out / "init" / "demo"
+    assert runs["stage2"].init_from == runs["stage1"].output
+    assert runs["stage2"].init_parts == ("vision", "qformer")
 
 
 def test_overrides_replace_fields_of_the_copied_yaml(tmp_path):
@@ -66,19 +72,16 @@ def test_overrides_replace_fields_of_the_copied_yaml(tmp_path):
 
 
 def test_a_build_reruns_from_a_run_and_keeps_the_earlier_ones(tmp_path):
-    """`--from stage1`: stage 1 trains again over the earlier runs' outputs, which stay as they were."""
+    """`--from stage2`: stage 2 trains again over the earlier runs' outputs, which stay as they were."""
     tiny = {"steps": 1, "batch_size": 2, "checkpoint_every": 1, "progress": False}
     overrides = {run: tiny for run in build.RUNS}
     out = tmp_path / "build"
     assert set(build.build(out, 4, overrides, install_weights=False)) == {"prepare", *build.RUNS}
-    kept = out / "runs" / "stage2" / "output" / "model.safetensors"
-    before = (
-        kept.stat().st_mtime_ns,
-        (out / "runs" / "stage1" / "output" / "model.safetensors").stat().st_mtime_ns,
-    )
-    assert set(build.build(out, 4, overrides, install_weights=False, start_at="stage1")) == {"stage1"}
+    kept, rerun = (out / "runs" / run / "output" / "model.safetensors" for run in ("stage1", "stage2"))
+    before = kept.stat().st_mtime_ns, rerun.stat().st_mtime_ns
+    assert set(build.build(out, 4, overrides, install_weights=False, start_at="stage2")) == {"stage2"}
     assert kept.stat().st_mtime_ns == before[0]
-    assert (out / "runs" / "stage1" / "output" / "model.safetensors").stat().st_mtime_ns != before[1]
+    assert rerun.stat().st_mtime_ns != before[1]
 
 
 def test_a_rerun_names_what_the_earlier_build_lacks(tmp_path, capsys):
@@ -86,7 +89,7 @@ def test_a_rerun_names_what_the_earlier_build_lacks(tmp_path, capsys):
         build.main([str(tmp_path / "empty"), "--from", "stage2", "--count", "4"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "--from stage2" in err and "data" in err and str(Path("runs") / "binding" / "output") in err
+    assert "--from stage2" in err and "data" in err and str(Path("runs") / "stage1" / "output") in err
 
 
 def test_runs_wait_for_the_runs_they_start_from(tmp_path):
@@ -96,26 +99,26 @@ def test_runs_wait_for_the_runs_they_start_from(tmp_path):
         "warmup": set(),
         "counting": {"warmup"},
         "binding": {"counting"},
-        "shapes": {"binding"},
-        "stage2": {"shapes"},
         "stage1": {"binding"},
+        "stage2": {"stage1"},
     }
-    assert build.ready(starts, {"warmup", "counting", "binding"}, {"warmup", "counting", "binding"}) == [
-        "shapes",
-        "stage1",
-    ]
-    assert build.ready(
-        starts, {"warmup", "counting", "binding"}, {"warmup", "counting", "binding", "shapes"}
-    ) == ["stage1"]
+    assert build.ready(starts, {"warmup", "counting"}, {"warmup", "counting"}) == ["binding"]
+    assert build.ready(starts, {"warmup", "counting"}, {"warmup", "counting", "binding"}) == []
+    # runs that start from nothing of each other are ready together
+    side = {"a": set(), "b": {"a"}, "c": {"a"}, "d": {"b", "c"}}
+    assert build.ready(side, {"a"}, {"a"}) == ["b", "c"]
+    assert build.ready(side, {"a", "b"}, {"a", "b", "c"}) == []
     for jobs in (1, 2):
         with pytest.raises(InputError, match="a, b wait on each other"):
             build.train_all({"a": tmp_path, "b": tmp_path}, {"a": {"b"}, "b": {"a"}}, jobs)
 
 
-def test_two_jobs_train_stage_1_beside_the_others_with_the_same_result(tmp_path):
-    """`--jobs 2`: the shapes run and stage 1 in two processes; every run's weights equal those of a one-job build."""
+def test_two_jobs_train_runs_side_by_side_with_the_same_result(tmp_path):
+    """`--jobs 2`, with stage 1 started from the counting run (binding and stage 1 then start from nothing of
+    each other) in two processes: every run's weights equal those of a one-job build."""
     tiny = {"steps": 2, "batch_size": 2, "checkpoint_every": 1, "progress": False}
-    overrides = {run: tiny for run in build.RUNS}
+    overrides = {run: dict(tiny) for run in build.RUNS}
+    overrides["stage1"]["init_from"] = "runs/counting/output"
     one, two = tmp_path / "one", tmp_path / "two"
     build.build(one, 4, overrides, install_weights=False)
     build.build(two, 4, overrides, install_weights=False, jobs=2)

@@ -5,23 +5,23 @@
 2. `OUT/tokenizers`: the two tokenizers, trained on the scenes' texts (see model.py);
 3. `OUT/init/demo-itm`, `OUT/init/demo`: fresh random checkpoints in the Hugging Face layout
    (`blip2.train.new_checkpoint`) of the shapes in model.py;
-4. six training runs, in order (why: the YAMLs' comments): `warmup.yaml` (stage 2 on shape questions alone,
+4. five training runs, in order (why: the YAMLs' comments): `warmup.yaml` (stage 2 on shape questions alone,
    every part from scratch: it teaches the vision tower shapes), `counting.yaml` (shape and count questions:
-   it teaches it to count), `binding.yaml` (shape, count and colour questions: a colour bound to its shape)
-   and `shapes.yaml` (shape questions again), each of these three with a fresh Q-Former and language model
-   over the tower of the run before; `stage2.yaml` (the language-model loss on captions and questions, fresh
-   heads again over the shapes run's tower, frozen) and `stage1.yaml` (ITC + ITM + ITG from binding's vision
-   tower and Q-Former, the tower training). Each YAML is copied into OUT with
-   the overrides given here, so that OUT holds the exact configs of the build; the runs are in
-   `OUT/runs/<run>`; `--from RUN` reruns RUN and the ones after it over an earlier build in OUT;
+   it teaches it to count) and `binding.yaml` (shape, count and colour questions: a colour bound to its
+   shape), these two with a fresh Q-Former and language model over the tower of the run before;
+   `stage1.yaml` (ITC + ITM + ITG from binding's vision tower and Q-Former, the tower training) and
+   `stage2.yaml` (the language-model loss on captions and questions, a fresh language model over stage 1's
+   tower, frozen, and Q-Former). Each YAML is copied into OUT with the overrides given here, so that OUT holds
+   the exact configs of the build; the runs are in `OUT/runs/<run>`; `--from RUN` reruns RUN and the ones
+   after it over an earlier build in OUT;
 5. unless `--no-install`, the two exports are copied into the package (blip2/demo/weights/demo-itm and
    demo), where `blip2.load("demo")` and `blip2.load("demo-itm")` find them.
 
-Needs the `train` extra (pyyaml). On one CPU core the defaults take about 42 minutes (two full builds, one
-job each, the machine's other core busy: prepare 53-80 s, warm-up 269-282 s, counting 184-207 s, binding
-178-185 s, shapes 171-211 s, stage 2 354-368 s, stage 1 1,028-1,302 s); with `--jobs 2` stage 1 trains beside
-the shapes run and stage 2: about 33 minutes on two cores. The runs are seeded and deterministic on the CPU:
-the two builds' weights were bitwise equal.
+Needs the `train` extra (pyyaml). On one CPU core the defaults take about 37 minutes (from two session-7
+builds, one job each, the machine's other core busy: prepare 53-80 s, warm-up 269-282 s, counting 184-207 s,
+binding 178-185 s, stage 1 1,028-1,302 s; stage 2's 2,500 steps ~250 s): each run starts from the one before,
+so `--jobs` has nothing to run side by side in the default recipe. The runs are seeded and deterministic on
+the CPU: two builds' weights were bitwise equal.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ SAMPLE_FOLDER = HERE / "samples"
 SAMPLES = (0, 1)  # held-out scenes shipped as PNGs for the quickstart: samples/scene-N.png
 # The training runs in the order they run, each starting from the output of the one before (the YAMLs say
 # why); a run's name is its YAML's stem and its folder under OUT/runs.
-RUNS = ("warmup", "counting", "binding", "shapes", "stage2", "stage1")
+RUNS = ("warmup", "counting", "binding", "stage1", "stage2")
 # The checkpoints the build ships, by the run that exports them.
 EXPORTS = {"demo": "stage2", "demo-itm": "stage1"}
 # What a checkpoint directory ships (the training export may hold more, e.g. a training log).
@@ -220,8 +220,8 @@ def build(
     """Every step of the module docstring; `overrides` maps a run's name to fields of its YAML to replace.
     `start_at` (one of RUNS) reruns that run and the ones after it over an earlier build in OUT: their folders
     under OUT/runs are replaced, the earlier runs' outputs, data, tokenizers and fresh checkpoints are kept.
-    With `jobs` > 1, runs that start from nothing of each other (stage 1 beside the shapes run and stage 2)
-    train at the same time, in up to `jobs` processes. Returns the wall time of each step (seconds)."""
+    With `jobs` > 1, runs that start from nothing of each other train at the same time, in up to `jobs`
+    processes (none in the default recipe, a chain). Returns the wall time of each step (seconds)."""
     runs = RUNS[RUNS.index(start_at) :] if start_at is not None else RUNS
     if start_at is not None:
         check_earlier_runs(out, count, start_at)
@@ -253,7 +253,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps-warmup", type=int, help="warm-up steps (default: warmup.yaml's)")
     parser.add_argument("--steps-counting", type=int, help="counting steps (default: counting.yaml's)")
     parser.add_argument("--steps-binding", type=int, help="binding steps (default: binding.yaml's)")
-    parser.add_argument("--steps-shapes", type=int, help="shapes steps (default: shapes.yaml's)")
     parser.add_argument("--steps2", type=int, help="stage 2 steps (default: stage2.yaml's)")
     parser.add_argument("--steps1", type=int, help="stage 1 steps (default: stage1.yaml's)")
     parser.add_argument("--no-install", action="store_true", help="leave the package's weights as they are")
@@ -267,8 +266,8 @@ def main(argv: list[str] | None = None) -> None:
         "--jobs",
         type=int,
         default=1,
-        help="train up to this many runs at once where they do not start from each other (2: stage 1 beside "
-        "the shapes run and stage 2, one core each; default 1)",
+        help="train up to this many runs at once where they do not start from each other, one core each "
+        "(default 1; the default recipe is a chain: each run starts from the one before)",
     )
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -277,7 +276,6 @@ def main(argv: list[str] | None = None) -> None:
         "warmup": args.steps_warmup,
         "counting": args.steps_counting,
         "binding": args.steps_binding,
-        "shapes": args.steps_shapes,
         "stage2": args.steps2,
         "stage1": args.steps1,
     }
