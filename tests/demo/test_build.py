@@ -41,7 +41,7 @@ def test_the_warmup_runs_and_stage_1_train_the_vision_tower_and_stage_2_keeps_it
     assert [d.name for d in runs["counting"].data] == ["shapes.jsonl", "counts.jsonl"]
     assert [d.name for d in runs["binding"].data] == ["shapes.jsonl", "counts.jsonl", "colors.jsonl"]
     assert [d.name for d in runs["stage1"].data] == ["captions.jsonl", "queries.jsonl"]
-    assert [d.name for d in runs["stage2"].data] == ["captions.jsonl", "vqa.jsonl"]
+    assert [d.name for d in runs["stage2"].data] == ["captions.jsonl", "vqa.jsonl", "colors.jsonl"]
     assert all("vision" in runs[run].trainable for run in ("warmup", "counting", "binding", "stage1"))
     assert "vision" not in runs["stage2"].trainable  # demo keeps stage 1's tower
 

@@ -11,7 +11,7 @@
    shape), these two with a fresh Q-Former and language model over the tower of the run before;
    `stage1.yaml` (ITC + ITM + ITG from binding's vision tower and Q-Former, the tower training) and
    `stage2.yaml` (the language-model loss on captions and questions, a fresh language model over stage 1's
-   tower, frozen, and Q-Former). Each YAML is copied into OUT with the overrides given here, so that OUT holds
+   Q-Former and tower, frozen). Each YAML is copied into OUT with the overrides given here, so that OUT holds
    the exact configs of the build; the runs are in `OUT/runs/<run>`; `--from RUN` reruns RUN and the ones
    after it over an earlier build in OUT;
 5. unless `--no-install`, the two exports are copied into the package (blip2/demo/weights/demo-itm and
