@@ -17,11 +17,11 @@
 5. unless `--no-install`, the two exports are copied into the package (blip2/demo/weights/demo-itm and
    demo), where `blip2.load("demo")` and `blip2.load("demo-itm")` find them.
 
-Needs the `train` extra (pyyaml). On one CPU core the defaults take 40-48 minutes (a full build in session 8,
+Needs the `train` extra (pyyaml). On one CPU core the defaults take 40-50 minutes (a full build in session 8,
 one job, the machine's other core busy training throughout: prepare 71 s, warm-up 279 s, counting 181 s,
-binding 182 s, stage 1 1,470 s, stage 2 672 s: 47.6 minutes; stage 1 took 1,028-1,302 s in session 7's
-builds). Each run starts from the one before, so `--jobs` has nothing to run side by side in the default
-recipe. The runs are seeded and deterministic on the CPU: builds give bitwise-equal weights.
+binding 182 s, stage 1 1,470 s, stage 2 754 s: 49 minutes; stage 1 took 1,028-1,302 s in session 7's builds).
+Each run starts from the one before, so `--jobs` has nothing to run side by side in the default recipe. The
+runs are seeded and deterministic on the CPU: that build's weights were bitwise equal to the shipped ones.
 """
 
 from __future__ import annotations
