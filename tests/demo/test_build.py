@@ -126,3 +126,20 @@ def test_two_jobs_train_runs_side_by_side_with_the_same_result(tmp_path):
         a = load_file(str(one / "runs" / run / "output" / "model.safetensors"))
         b = load_file(str(two / "runs" / run / "output" / "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run
+
+
+def test_the_command_line_sets_steps_and_threads_of_the_runs(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def fake_build(out, count, overrides, install_weights, start_at, jobs):
+        seen.update(out=out, count=count, overrides=overrides, install=install_weights, jobs=jobs)
+        return {}
+
+    monkeypatch.setattr(build, "build", fake_build)
+    build.main([str(tmp_path), "--count", "8", "--steps1", "5", "--threads", "2", "--no-install"])
+    assert seen["count"] == 8 and seen["install"] is False and seen["jobs"] == 1
+    assert seen["overrides"]["stage1"] == {"steps": 5, "threads": 2}
+    assert all(seen["overrides"][run] == {"threads": 2} for run in build.RUNS if run != "stage1")
+    with pytest.raises(SystemExit):
+        build.main([str(tmp_path), "--threads", "0"])
+    assert "--threads must be at least 1" in capsys.readouterr().err
