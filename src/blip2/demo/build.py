@@ -20,8 +20,9 @@
 Needs the `train` extra (pyyaml). On one CPU core the defaults take 40-50 minutes (a full build in session 8,
 one job, the machine's other core busy training throughout: prepare 71 s, warm-up 279 s, counting 181 s,
 binding 182 s, stage 1 1,470 s, stage 2 754 s: 49 minutes; stage 1 took 1,028-1,302 s in session 7's builds).
-Each run starts from the one before, so `--jobs` has nothing to run side by side in the default recipe. The
-runs are seeded and deterministic on the CPU: that build's weights were bitwise equal to the shipped ones.
+Each run starts from the one before, so `--jobs` has nothing to run side by side in the default recipe;
+`--threads 2` on an idle 2-core machine took 27.7 minutes, with other weights (see its help). The runs are seeded
+and deterministic on the CPU: the 1-thread build's weights were bitwise equal to the shipped ones.
 """
 
 from __future__ import annotations
@@ -272,8 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        help="CPU threads per run (default: the YAMLs' 1). 2 on an idle 2-core machine: ~1.5x faster; the "
-        "weights then differ from the shipped ones (another float summation order)",
+        help="CPU threads per run (default: the YAMLs' 1). 2 on an idle 2-core machine: 28 instead of ~40 "
+        "minutes, but the weights differ from the shipped ones (another float summation order; one such build "
+        "searched at 0.89, under the 0.9 target)",
     )
     args = parser.parse_args(argv)
     if args.jobs < 1:
