@@ -289,13 +289,10 @@ def main(argv: list[str] | None = None) -> None:
         "stage2": args.steps2,
         "stage1": args.steps1,
     }
-    overrides: dict[str, dict[str, Any]] = {run: {} for run in RUNS}
-    for run, n in steps.items():
-        if n is not None:
-            overrides[run]["steps"] = n
-    if args.threads is not None:
-        for fields in overrides.values():
-            fields["threads"] = args.threads
+    overrides = {
+        run: {field: v for field, v in (("steps", steps[run]), ("threads", args.threads)) if v is not None}
+        for run in RUNS
+    }
     try:
         times = build(args.out, args.count, overrides, not args.no_install, args.start_at, args.jobs)
     except InputError as e:
