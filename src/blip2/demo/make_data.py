@@ -12,10 +12,10 @@ OUT/images/NNNNNN.png (48x48 RGB, scenes.IMAGE_SIZE) and, one row per line, path
   with shapes.jsonl, the run that teaches it to count (counting.yaml);
 - colors.jsonl: the same with every "what color is the <shape>?": with the two above, the run that teaches it
   to bind a colour to its shape (binding.yaml);
-- queries.jsonl: {"image", "caption"}, for each image with two or more groups a search-like text naming two
-  of them ("two red circles and a blue star"), drawn per image: stage 1's extra texts, so that ITC learns
-  partial descriptions (one-group texts are left out: true of many images, they would be false negatives in
-  the batch);
+- queries.jsonl: {"image", "caption"}, for each image with two or more groups two search-like texts, one
+  naming two of its groups ("two red circles and a blue star") and one naming one ("a blue star"), drawn per
+  image: stage 1's extra texts, so that ITC learns partial descriptions (with captions and two-group texts
+  alone, a one-group search for a group of a busier scene scored that scene no higher than any other);
 - scenes.jsonl: the ground truth of each image (its objects, background, style), for evaluation scripts.
 """
 
@@ -57,8 +57,11 @@ def rows(split: str, start: int, count: int, questions: int) -> Iterator[tuple[i
             name: [_qa_row(image, q) for q in every if q.kind in kinds]
             for name, kinds in EVERY_QUESTION.items()
         }
-        pair = texts.query(s, np.random.default_rng([*s.seed, 3]), 2)
-        queries = [{"image": image, "caption": pair}] if len(s.groups) > 1 else []
+        queries = [
+            {"image": image, "caption": texts.query(s, np.random.default_rng([*s.seed, salt]), n)}
+            for n, salt in ((2, 3), (1, 4))
+            if len(s.groups) > 1
+        ]
         truth = {"image": image, "index": i, "split": split, **asdict(s)}
         yield (
             i,
