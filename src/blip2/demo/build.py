@@ -17,12 +17,12 @@
 5. unless `--no-install`, the two exports are copied into the package (blip2/demo/weights/demo-itm and
    demo), where `blip2.load("demo")` and `blip2.load("demo-itm")` find them.
 
-Needs the `train` extra (pyyaml). On one CPU core the defaults take 40-50 minutes (a full build in session 8,
-one job, the machine's other core busy training throughout: prepare 71 s, warm-up 279 s, counting 181 s,
-binding 182 s, stage 1 1,470 s, stage 2 754 s: 49 minutes; stage 1 took 1,028-1,302 s in session 7's builds).
-Each run starts from the one before, so `--jobs` has nothing to run side by side in the default recipe;
-`--threads 2` on an idle 2-core machine took 27.7 minutes, with other weights (see its help). The runs are seeded
-and deterministic on the CPU: the 1-thread build's weights were bitwise equal to the shipped ones.
+Needs the `train` extra (pyyaml). Every run uses two CPU threads (the YAMLs' `threads: 2`): on an idle 2-core
+machine the defaults took 26.3 minutes (session 9: prepare 52 s, warm-up 214 s, counting 127 s, binding 138 s,
+stage 1 714 s, stage 2 331 s; peak RSS 0.6 GB). `--threads 1` (every run on one core) suits a machine whose
+other core is busy: 49 minutes in session 8, one core busy, with other weights (another float summation
+order). Each run starts from the one before, so `--jobs` has nothing to run side by side in the default
+recipe. The runs are seeded and deterministic on the CPU; the shipped weights are a default build's.
 """
 
 from __future__ import annotations
@@ -273,9 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        help="CPU threads per run (default: the YAMLs' 1). 2 on an idle 2-core machine: 28 instead of ~40 "
-        "minutes, but the weights differ from the shipped ones (another float summation order; one such build "
-        "searched at 0.89, under the 0.9 target)",
+        help="CPU threads per run (default: the YAMLs' 2, which built the shipped weights in 26 minutes on an idle "
+        "2-core machine). 1 on a machine whose other core is busy: slower, and weights that differ from the "
+        "shipped ones (another float summation order)",
     )
     args = parser.parse_args(argv)
     if args.jobs < 1:
