@@ -2,11 +2,11 @@
 
 Vision tower: a ViT on 48x48 images in 16x16 patches, one per cell of the scenes' 3x3 grid (9 patches + CLS),
 hidden 96, 3 layers. Q-Former: hidden 96, 2 layers, cross-attention in every layer, 8 query tokens. Language
-model: OPT-style, hidden 128, 2 layers. Sized to train on one CPU core in about half an hour.
-The vision tower is big enough to tell the six shapes apart: with a linear head on its cells' tokens and the
-shapes as labels, it learns them to 0.99 on held-out scenes in 800 steps (patches of 8 learned no faster). What
-it lacks is a training signal that gets through: hence the build's warm-up run on shape questions alone
-(warmup.yaml).
+model: OPT-style, hidden 128, 2 layers. Sized to train on a 2-core CPU in under half an hour (`build`: 26
+minutes). The vision tower is big enough to tell the six shapes apart: with a linear head on its cells' tokens
+and the shapes as labels, it learns them to 0.99 on held-out scenes in 800 steps (patches of 8 learned no
+faster). What it lacks is a training signal that gets through: hence the build's warm-up run on shape
+questions alone (warmup.yaml).
 The language model ends its texts with "\\n" as the released OPT BLIP-2 checkpoints do (their eos_token_id is
 "\\n"'s id). The tokenizers are trained on the scenes' own texts, so every word of a caption, question or
 answer is one token: a byte-level BPE with OPT's special tokens for the language model and a lowercasing
