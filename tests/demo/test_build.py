@@ -143,3 +143,22 @@ def test_the_command_line_sets_steps_and_threads_of_the_runs(tmp_path, monkeypat
     with pytest.raises(SystemExit):
         build.main([str(tmp_path), "--threads", "0"])
     assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+def test_a_rebuild_keeps_the_images_and_rewrites_the_texts(tmp_path, monkeypatch):
+    """Texts an older recipe drew are never trained on: a build over an earlier one (and `--from RUN`) writes
+    the JSONL files again, and keeps the images (a pure function of the scene's index)."""
+    data = tmp_path / "data"
+    build.write_data(data, 3)
+    image = data / "images" / "000001.png"
+    drawn = image.stat().st_mtime_ns
+    (data / "queries.jsonl").write_text('{"image": "images/000001.png", "caption": "an older recipe\'s"}\n')
+    rendered = []
+    monkeypatch.setattr(build.make_data.scenes, "render", lambda *a: rendered.append(a))
+    build.write_data(data, 3)
+    assert rendered == [] and image.stat().st_mtime_ns == drawn
+    assert "an older recipe" not in (data / "queries.jsonl").read_text()
+    image.unlink()  # an image missing: every image is drawn again
+    monkeypatch.undo()
+    build.write_data(data, 3)
+    assert image.is_file()

@@ -94,13 +94,23 @@ def pick_questions(
     return picked
 
 
-def write(out: Path, split: str = "train", count: int = 1000, start: int = 0, questions: int = 2) -> Path:
-    """Write the scenes [start, start + count) of `split` to `out` (see the module docstring); return `out`."""
+def write(
+    out: Path,
+    split: str = "train",
+    count: int = 1000,
+    start: int = 0,
+    questions: int = 2,
+    images: bool = True,
+) -> Path:
+    """Write the scenes [start, start + count) of `split` to `out` (see the module docstring); return `out`.
+    With `images=False`, only the JSONL files (the images already there are those scenes': they are a pure
+    function of the index)."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         files = {name: stack.enter_context(open(out / name, "w")) for name in FILES}
         for i, by_file in rows(split, start, count, questions):
-            scenes.render(scenes.scene(split, i)).save(out / "images" / f"{i:06d}.png")
+            if images:
+                scenes.render(scenes.scene(split, i)).save(out / "images" / f"{i:06d}.png")
             for name, lines in by_file.items():
                 files[name].writelines(json.dumps(row) + "\n" for row in lines)
     return out
