@@ -282,9 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        help="CPU threads per run (default: the YAMLs' 2, which built the shipped weights in 26 minutes on an idle "
-        "2-core machine). 1 on a machine whose other core is busy: slower, and weights that differ from the "
-        "shipped ones (another float summation order)",
+        help="CPU threads per run (default: the YAMLs' 2, which built the shipped weights in 26 minutes on an "
+        "idle 2-core machine). 1 on a machine whose other core is busy: slower, and weights that differ from "
+        "the shipped ones (another float summation order)",
     )
     args = parser.parse_args(argv)
     if args.jobs < 1:
