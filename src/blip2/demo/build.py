@@ -55,16 +55,16 @@ SHIPPED = ("*.json", "*.safetensors")
 
 
 def has_data(folder: Path, count: int) -> bool:
-    """Whether `folder` already holds the first `count` training scenes (a rebuild in the same OUT reuses their
-    images: they are a pure function of the index; `write_data` rewrites their texts)."""
+    """Whether `folder` already holds the images of the first `count` training scenes (a rebuild in the same OUT
+    reuses them: they are a pure function of the index; `write_data` rewrites their texts)."""
     truths = folder / "scenes.jsonl"
     if not truths.is_file():
         return False
     with open(truths) as f:
         rows = [json.loads(line) for line in f]
-    complete = all((folder / name).is_file() for name in make_data.FILES)
-    complete = complete and all((folder / f"images/{i:06d}.png").is_file() for i in range(count))
-    return complete and [(r["split"], r["index"]) for r in rows] == [("train", i) for i in range(count)]
+    if [(r["split"], r["index"]) for r in rows] != [("train", i) for i in range(count)]:
+        return False
+    return all((folder / f"images/{i:06d}.png").is_file() for i in range(count))
 
 
 def write_data(folder: Path, count: int) -> None:
@@ -229,20 +229,20 @@ def build(
 ) -> dict[str, Any]:
     """Every step of the module docstring; `overrides` maps a run's name to fields of its YAML to replace.
     `start_at` (one of RUNS) reruns that run and the ones after it over an earlier build in OUT: their folders
-    under OUT/runs are replaced, the earlier runs' outputs, data, tokenizers and fresh checkpoints are kept.
+    under OUT/runs are replaced, the earlier runs' outputs, the scenes' images, tokenizers and fresh checkpoints
+    are kept (the scenes' texts are written again).
     With `jobs` > 1, runs that start from nothing of each other train at the same time, in up to `jobs`
     processes (none in the default recipe, a chain). Returns the wall time of each step (seconds)."""
     runs = RUNS[RUNS.index(start_at) :] if start_at is not None else RUNS
     if start_at is not None:
         check_earlier_runs(out, count, start_at)
-        write_data(out / "data", count)
         for run in runs:
             shutil.rmtree(out / "runs" / run, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, Any] = {}
     start = time.perf_counter()
+    write_data(out / "data", count)  # today's texts, over an earlier build too
     if start_at is None:
-        write_data(out / "data", count)
         tokenizers = write_tokenizers(out / "tokenizers")
         fresh_checkpoints(out / "init", tokenizers)
         times["prepare"] = time.perf_counter() - start
